@@ -41,6 +41,8 @@ class FundusGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         debug = debug_enabled(argv)
+        if "--debug" in argv:  # accepted anywhere on the line, handled as the global option
+            argv = ["--debug", *[a for a in argv if a != "--debug"]]
         try:
             rv = super().main(
                 args=argv, prog_name=prog_name or "fundus-edge", standalone_mode=False, **extra

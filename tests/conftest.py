@@ -1,0 +1,34 @@
+"""Shared test fixtures. Tests run on a 2-core CPU: keep torch to the cores we have."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def cli_exe() -> list[str]:
+    """The installed console script when present (it is, after `make`), else ``python -m``."""
+    exe = Path(sys.executable).with_name("fundus-edge")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fundus_edge"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
