@@ -73,7 +73,7 @@ import cv2
 import numpy as np
 
 from fundus_edge.errors import UserError
-from fundus_edge.fileio import atomic_write_json, atomic_write_text
+from fundus_edge.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger, progress
 
 __all__ = [
@@ -1060,21 +1060,10 @@ def _encode_png(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Atomic (temporary file, then rename) but not fsynced, unlike :mod:`fundus_edge.fileio`.
-
-    A reader never sees half a file. Durability comes from one ``os.sync`` after the last image:
-    an fsync per file costs tens of milliseconds on ordinary disks, more than drawing the image,
-    and a data set that is reproduced byte for byte from its seed does not need it.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_file_nosync(path: Path, data: bytes) -> None:
+    # Atomic but not fsynced: an fsync per file costs more than drawing the image; one
+    # os.sync() follows the last image, and the set is reproducible from its seed anyway.
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _write_one(task: _Task) -> tuple[str, int, list[int]]:
@@ -1085,12 +1074,12 @@ def _write_one(task: _Task) -> tuple[str, int, list[int]]:
     set_dir, img_dir, _ = SPLIT_LAYOUT[task.split]
     root = Path(task.out) / set_dir
     iid = task.index
-    _write_file(root / img_dir / f"{iid}.png", _encode_png(image))
+    _write_file_nosync(root / img_dir / f"{iid}.png", _encode_png(image))
     mask_paths = {}
     for name in LABELS:
         if name in masks:
             rel = f"Masks/{iid}_{name}.png"
-            _write_file(root / rel, _encode_png(masks[name]))
+            _write_file_nosync(root / rel, _encode_png(masks[name]))
             mask_paths[name] = f"{set_dir}/{rel}"
     record = {
         "id": iid,
@@ -1101,7 +1090,7 @@ def _write_one(task: _Task) -> tuple[str, int, list[int]]:
         **meta,
     }
     text = json.dumps(record, indent=2, default=_json_default) + "\n"
-    _write_file(root / "Meta" / f"{iid}.json", text.encode("utf-8"))
+    _write_file_nosync(root / "Meta" / f"{iid}.json", text.encode("utf-8"))
     row = [int(bool(labels))] + [int(k in labels) for k in LABELS]
     return task.split, iid, row
 
