@@ -1,0 +1,518 @@
+"""``fundus-edge run``: capture -> preprocess + quality gate -> infer -> postprocess -> render -> sinks.
+
+Threads and bounded queues let the stages overlap, so a slow window or disk never stalls
+inference and memory stays flat however long the run:
+
+    capture thread --inbox--> inference thread --records--> log thread (JSONL, --capture)
+                                               \\--visual---> main thread (render, window,
+                                                              video, image folder)
+
+A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
+inbox blocks, so every frame is processed. The log gets every processed frame; visual
+sinks drop frames only behind a live source. SIGINT/SIGTERM stop capture, let the
+queued outputs drain, and close every sink, so the log ends on a whole line and the
+video is playable.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fundus_edge.errors import UserError
+from fundus_edge.log import get_logger
+from fundus_edge.runtime.predictor import Predictor
+from fundus_edge.runtime.render import render
+from fundus_edge.runtime.sinks import (
+    CaptureSink,
+    DirSink,
+    JsonlSink,
+    Output,
+    Sink,
+    VideoSink,
+    WindowSink,
+    display_available,
+)
+from fundus_edge.runtime.sources import Frame, Skipped, Source, open_source
+
+__all__ = ["RunConfig", "RunSummary", "make_record", "run"]
+
+log = get_logger("run")
+
+# Live video: each new frame counts 40 % (about 2 frames' memory); files are independent images.
+LIVE_SMOOTHING = 0.6
+STAGES = ("preprocess", "quality", "infer", "postprocess")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``fundus-edge run`` takes; see ``fundus-edge run --help``."""
+
+    model: str | Path
+    source: str | int | Source  # what open_source() takes, or a ready Source
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    loop: bool = False
+    reconnect: float = 10.0
+    provider: str | None = None
+    device: str | None = None
+    cuda_graph: bool = False
+    headless: bool = False
+    save_video: Path | None = None
+    save_dir: Path | None = None
+    jsonl: Path | None = None
+    capture: Path | None = None
+    capture_window: int = 10
+    strict: bool = False
+    gate: bool = True
+    smoothing: float | None = None  # None: LIVE_SMOOTHING for live sources, 0 for files
+    map: str = "auto"
+    alpha: float = 0.5
+    max_frames: int | None = None
+    queue_size: int = 4
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the closing report and for callers of :func:`run`."""
+
+    source: str
+    model: str
+    backend: str = ""
+    device: str = ""
+    live: bool = False
+    frames_read: int = 0
+    frames_processed: int = 0
+    frames_inferred: int = 0
+    frames_gated: int = 0
+    frames_dropped: int = 0  # live frames replaced by a newer one before inference
+    frames_not_drawn: int = 0  # outputs a lossy visual sink skipped to keep up
+    skipped: list[Skipped] = field(default_factory=list)
+    positives: dict[str, int] = field(default_factory=dict)
+    stage_ms: dict[str, float] = field(default_factory=dict)  # mean per processed frame
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+    interrupted: bool = False
+    reconnects: int = 0
+    outputs: list[str] = field(default_factory=list)
+    captured: bool | None = None  # None: no --capture
+
+    @property
+    def fps(self) -> float:
+        return self.frames_processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["fps"] = round(self.fps, 3)
+        return d
+
+    def lines(self) -> list[str]:
+        """The closing report, a few lines of plain text."""
+        out = [
+            f"source {self.source}: {self.stop_reason or 'done'}"
+            + (f" after {self.reconnects} reconnect(s)" if self.reconnects else ""),
+            f"model {self.model} on {self.backend} ({self.device})",
+            f"frames: {self.frames_read} read, {self.frames_processed} processed, "
+            f"{self.frames_inferred} inferred, {self.frames_gated} failed the quality gate"
+            + (f", {self.frames_dropped} dropped to stay live" if self.frames_dropped else "")
+            + (f", {self.frames_not_drawn} not drawn" if self.frames_not_drawn else ""),
+            f"time: {self.elapsed_s:.1f} s, {self.fps:.1f} FPS; per frame "
+            + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
+            + " ms",
+        ]
+        found = ", ".join(f"{k} {v}" for k, v in self.positives.items() if v)
+        out.append(f"positive frames: {found or 'none'}")
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)}:")
+            out.extend(f"  {s.item}: {s.reason}" for s in self.skipped)
+        out.extend(f"wrote {o}" for o in self.outputs)
+        return out
+
+
+def make_record(frame: Frame, source: str, prediction: Any) -> dict[str, Any]:
+    """The JSONL record of one frame (schema in ``fundus-edge run --help``)."""
+    record: dict[str, Any] = {
+        "source": source,
+        "frame": frame.index,
+        "timestamp": round(frame.timestamp, 6),
+        "image": frame.path,
+        "position_s": None if frame.position_s is None else round(frame.position_s, 4),
+    }
+    record.update(prediction.to_record())
+    return record
+
+
+class _Channel:
+    """A bounded queue between two threads.
+
+    ``latest=True``: a full channel drops its oldest item (live video); otherwise ``put``
+    waits for room. ``close`` ends the stream after the queued items; ``cancel`` ends it now
+    (an error elsewhere) and releases a waiting producer.
+    """
+
+    def __init__(self, maxsize: int, latest: bool) -> None:
+        self._items: collections.deque = collections.deque()
+        self._max = max(1, maxsize)
+        self._latest = latest
+        self._cond = threading.Condition()
+        self._closed = False
+        self._cancelled = False
+        self.dropped = 0
+
+    def put(self, item: Any) -> bool:
+        with self._cond:
+            if self._latest:
+                while len(self._items) >= self._max:
+                    self._items.popleft()
+                    self.dropped += 1
+            else:
+                while len(self._items) >= self._max and not self._cancelled:
+                    self._cond.wait(0.1)
+            if self._cancelled:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self) -> Any | None:
+        with self._cond:
+            while not self._items and not self._closed and not self._cancelled:
+                # A timed wait keeps the main thread responsive to signals.
+                self._cond.wait(0.1)
+            if self._cancelled or not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._items.clear()
+            self._cond.notify_all()
+
+
+class _Run:
+    """One run's threads, channels and counters (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        source: Source,
+        predictor: Predictor,
+        sinks: list[Sink],
+        on_output: Callable[[Output], None] | None,
+    ) -> None:
+        self.cfg, self.source, self.predictor, self.sinks = cfg, source, predictor, sinks
+        self.on_output = on_output
+        self.visual = [s for s in sinks if s.visual]
+        self.logs = [s for s in sinks if not s.visual]
+        live = source.live
+        self.inbox = _Channel(1 if live else cfg.queue_size, latest=live)
+        self.records = _Channel(max(64, cfg.queue_size), latest=False)
+        lossy = live and all(s.lossy for s in self.visual)
+        self.drawings = _Channel(2 if lossy else cfg.queue_size, latest=lossy)
+        self.stop = threading.Event()
+        self.interrupted = False
+        self.errors: list[BaseException] = []
+        self.summary = RunSummary(
+            source=source.description,
+            model=str(predictor.backend.path),
+            backend=predictor.backend.name,
+            device=predictor.backend.device,
+            live=live,
+            positives=dict.fromkeys(predictor.label_names, 0),
+        )
+        self._ms: dict[str, float] = dict.fromkeys((*STAGES, "render"), 0.0)
+        self._rendered = 0
+
+    # -- control ------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str, interrupted: bool = False) -> None:
+        if not self.stop.is_set():
+            self.summary.stop_reason = reason
+        self.interrupted = self.interrupted or interrupted
+        self.stop.set()
+        self.source.interrupt.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+        self.source.interrupt.set()
+        for ch in (self.inbox, self.records, self.drawings):
+            ch.cancel()
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def capture(self) -> None:
+        try:
+            limit = self.cfg.max_frames
+            while not self.stop.is_set():
+                if limit is not None and self.summary.frames_read >= limit:
+                    self.request_stop(f"stopped after {limit} frames")
+                    break
+                frame = self.source.read()
+                if frame is None:
+                    if not self.stop.is_set():
+                        self.summary.stop_reason = self.source.end_reason
+                    break
+                self.summary.frames_read += 1
+                if not self.inbox.put(frame):
+                    break
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self.inbox.close()
+
+    def infer(self) -> None:
+        try:
+            while (frame := self.inbox.get()) is not None:
+                if self.interrupted:
+                    break  # leave queued frames: the user wants out now
+                prepared = self.predictor.prepare(frame.image)
+                (raw,) = self.predictor.infer([prepared])
+                pred = self.predictor.finish(prepared, raw)
+                pred.timings["latency"] = (time.time() - frame.timestamp) * 1e3
+                out = Output(frame, pred, make_record(frame, self.source.description, pred))
+                self._count(out)
+                if not self.records.put(out):
+                    break
+                if self.visual and not self.drawings.put(out):
+                    break
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self.records.close()
+            self.drawings.close()
+
+    def _count(self, out: Output) -> None:
+        s, pred = self.summary, out.prediction
+        s.frames_processed += 1
+        if pred.inferred:
+            s.frames_inferred += 1
+            for name in pred.positive:
+                s.positives[name] += 1
+        else:
+            s.frames_gated += 1
+        for k in STAGES:
+            self._ms[k] += pred.timings.get(k, 0.0)
+
+    def write_logs(self) -> None:
+        try:
+            while (out := self.records.get()) is not None:
+                for sink in self.logs:
+                    sink.write(out)
+                    if sink.done:
+                        self.request_stop("captured")
+                if self.on_output is not None:
+                    self.on_output(out)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def draw(self) -> None:
+        """Main thread: render and feed the visual sinks (GUI toolkits want the main thread)."""
+        last = None
+        fps = None
+        try:
+            while (out := self.drawings.get()) is not None:
+                now = time.perf_counter()
+                if last is not None:
+                    inst = 1.0 / max(now - last, 1e-6)
+                    fps = inst if fps is None else 0.9 * fps + 0.1 * inst
+                last = now
+                t0 = time.perf_counter()
+                out.rendered = render(
+                    out.frame.image,
+                    out.prediction,
+                    which=self.cfg.map,
+                    alpha=self.cfg.alpha,
+                    fps=fps,
+                )
+                self._ms["render"] += (time.perf_counter() - t0) * 1e3
+                self._rendered += 1
+                for sink in self.visual:
+                    sink.write(out)
+                    if sink.done:
+                        self.request_stop("closed by the user")
+        except BaseException as exc:
+            self._fail(exc)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def execute(self) -> RunSummary:
+        t0 = time.perf_counter()
+        threads = [
+            threading.Thread(target=self.capture, name="fe-capture", daemon=True),
+            threading.Thread(target=self.infer, name="fe-infer", daemon=True),
+            threading.Thread(target=self.write_logs, name="fe-log", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            if self.visual:
+                self.draw()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.1)  # timed: signals reach the main thread meanwhile
+        finally:
+            self.source.close()
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except BaseException as exc:
+                    self.errors.append(exc)
+        s = self.summary
+        s.elapsed_s = time.perf_counter() - t0
+        s.interrupted = self.interrupted
+        s.frames_dropped = self.inbox.dropped
+        s.frames_not_drawn = self.drawings.dropped
+        s.skipped = list(self.source.skipped)
+        s.reconnects = getattr(self.source, "reconnects", 0)
+        n = max(s.frames_processed, 1)
+        s.stage_ms = {k: round(self._ms[k] / n, 3) for k in STAGES}
+        if self._rendered:
+            s.stage_ms["render"] = round(self._ms["render"] / self._rendered, 3)
+        s.outputs = [sink.describe() for sink in self.sinks if not isinstance(sink, WindowSink)]
+        captures = [sink for sink in self.sinks if isinstance(sink, CaptureSink)]
+        if captures:
+            s.captured = captures[0].saved
+        if self.errors:
+            raise self.errors[0]
+        return s
+
+
+def _make_sinks(cfg: RunConfig, source: Source) -> list[Sink]:
+    sinks: list[Sink] = []
+    try:
+        if cfg.jsonl is not None:
+            sinks.append(JsonlSink(cfg.jsonl))
+        if cfg.capture is not None:
+            sinks.append(CaptureSink(cfg.capture, cfg.capture_window))
+        if cfg.save_video is not None:
+            fps = cfg.fps or source.nominal_fps or (10.0 if not source.live else 25.0)
+            sinks.append(VideoSink(cfg.save_video, fps=fps, lossy=source.live))
+        if cfg.save_dir is not None:
+            sinks.append(DirSink(cfg.save_dir, lossy=source.live))
+        if not cfg.headless:
+            ok, why = display_available()
+            if ok:
+                sinks.append(WindowSink(f"fundus-edge: {source.description}"))
+            else:
+                log.info("no window (%s); running headless", why)
+    except BaseException:
+        for s in sinks:
+            s.close()
+        raise
+    return sinks
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    predictor: Predictor | None = None,
+    on_output: Callable[[Output], None] | None = None,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Run a model over a source until it ends, is interrupted, or ``--capture`` is done.
+
+    Args:
+        cfg: the run's options.
+        predictor: an already built predictor (default: one from ``cfg.model``).
+        on_output: called with every processed frame's :class:`Output` (log thread).
+        handle_signals: turn SIGINT/SIGTERM into a clean stop (main thread only).
+
+    Returns:
+        The :class:`RunSummary`; ``interrupted`` tells a signal stopped it.
+
+    Raises:
+        UserError: a bad source, model or option (one line).
+    """
+    if cfg.max_frames is not None and cfg.max_frames < 1:
+        raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
+    if predictor is None and not Path(cfg.model).is_file():
+        raise UserError(f"{cfg.model}: no such model file")
+    if isinstance(cfg.source, Source):
+        source = cfg.source
+    else:
+        source = open_source(
+            cfg.source,
+            width=cfg.width,
+            height=cfg.height,
+            fps=cfg.fps,
+            loop=cfg.loop,
+            reconnect=cfg.reconnect,
+        )
+    # The source first: a missing camera is reported in a second, before a model loads.
+    source.open()
+    own_predictor = predictor is None
+    sinks: list[Sink] = []
+    try:
+        if predictor is None:
+            predictor = Predictor(
+                cfg.model,
+                provider=cfg.provider,
+                device=cfg.device,
+                cuda_graph=cfg.cuda_graph,
+                gate=cfg.gate,
+            )
+        if cfg.map not in ("auto", "attention", "none") and cfg.map not in predictor.label_names:
+            raise UserError(
+                f"--map {cfg.map}: not a label of this model "
+                f"(use auto, attention, none or one of {', '.join(predictor.label_names)})"
+            )
+        smoothing = cfg.smoothing
+        if smoothing is None:
+            smoothing = LIVE_SMOOTHING if source.live else 0.0
+        if not 0.0 <= smoothing < 1.0:
+            raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+        predictor.smoothing = smoothing
+        predictor.reset()
+        sinks = _make_sinks(cfg, source)
+        job = _Run(cfg, source, predictor, sinks, on_output)
+        sinks = []  # the run closes them from here on
+        with _signals_stop(job, handle_signals):
+            return job.execute()
+    finally:
+        for s in sinks:
+            s.close()
+        source.close()
+        if own_predictor and predictor is not None:
+            predictor.close()
+
+
+class _signals_stop:
+    """SIGINT/SIGTERM -> a clean stop; a second SIGINT interrupts for real."""
+
+    def __init__(self, job: _Run, enabled: bool) -> None:
+        self.job = job
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.job.interrupted and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.job.request_stop(f"interrupted ({signal.Signals(signum).name})", interrupted=True)
+
+    def __enter__(self) -> _signals_stop:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,326 @@
+"""One frame in, one typed result out: the Python API that ``fundus-edge run`` is built on.
+
+Example:
+    >>> from fundus_edge.runtime.predictor import Predictor
+    >>> with Predictor("model.onnx") as predictor:          # doctest: +SKIP
+    ...     result = predictor.predict(rgb_frame)
+    ...     print(result.positive, result.quality.reason)
+    ...     heat = result.map_on_frame(result.top_label)      # (H, W) on the camera frame
+
+Stages, each timed: preprocess (FOV crop and resize, from the artifact's metadata) ->
+quality gate -> inference (any :class:`~fundus_edge.backends.Backend`) -> postprocess
+(thresholds from the metadata, optional exponential smoothing over a live stream).
+The pipeline calls :meth:`Predictor.prepare`, :meth:`Predictor.infer` and
+:meth:`Predictor.finish` in separate steps, :meth:`Predictor.predict` chains them: both
+paths share every line of code, so the CLI and the API cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fundus_edge.backends import Backend, load_backend
+from fundus_edge.errors import UserError
+from fundus_edge.preprocess import (
+    Geometry,
+    PreprocessConfig,
+    Preprocessed,
+    as_rgb_uint8,
+    preprocess,
+)
+from fundus_edge.quality import Quality, QualityConfig, assess_quality
+
+__all__ = ["Prediction", "Predictor", "Prepared"]
+
+_EPS = 1e-7
+
+
+@dataclass
+class Prepared:
+    """A frame after preprocessing and the quality gate, ready for inference."""
+
+    frame: np.ndarray  # (H, W, 3) uint8 RGB, the original
+    pre: Preprocessed  # .image (S, S, 3) uint8, .geometry
+    quality: Quality
+    timings: dict[str, float] = field(default_factory=dict)  # ms per stage
+
+
+@dataclass
+class Prediction:
+    """What the model says about one frame.
+
+    Attributes:
+        label_names: the artifact's labels, in output order.
+        thresholds: (C,) decision thresholds from the artifact.
+        quality: the quality verdict on the frame.
+        geometry: where the model input came from in the frame (FOV circle, crop square).
+        inferred: False when the quality gate stopped the frame before inference; then the
+            probabilities and maps are None and ``positive`` is empty.
+        probabilities: (C,) float32 in [0, 1] (smoothed over time when smoothing is on).
+        raw_probabilities: (C,) the model's output for this frame alone.
+        positive: labels whose probability reaches their threshold.
+        screening_label: the artifact's "any disease" label, if it has one.
+        maps: (C, h, w) class maps, each member's map scaled to max 1 then averaged over
+            members; on the model input (use :meth:`map_on_frame` for the camera frame).
+        cams: (M, C, h, w) per-member raw class maps as the model gave them.
+        attention: (h, w) the map that drove the model's enhancement step.
+        timings: milliseconds per stage (``preprocess``, ``quality``, ``infer``,
+            ``postprocess``).
+    """
+
+    label_names: list[str]
+    thresholds: np.ndarray
+    quality: Quality
+    geometry: Geometry
+    inferred: bool = False
+    probabilities: np.ndarray | None = None
+    raw_probabilities: np.ndarray | None = None
+    positive: list[str] = field(default_factory=list)
+    screening_label: str | None = None
+    maps: np.ndarray | None = None
+    cams: np.ndarray | None = None
+    attention: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def probability(self, label: str) -> float | None:
+        """The probability of ``label`` (None when the frame was not inferred)."""
+        if self.probabilities is None:
+            return None
+        return float(self.probabilities[self._index(label)])
+
+    @property
+    def screening_positive(self) -> bool | None:
+        """The screening label's verdict; None without one or without inference."""
+        if self.screening_label is None or not self.inferred:
+            return None
+        return self.screening_label in self.positive
+
+    @property
+    def top_label(self) -> str | None:
+        """The most probable positive finding, leaving out the screening label; else None."""
+        if self.probabilities is None:
+            return None
+        best, best_p = None, -1.0
+        for name, p in zip(self.label_names, self.probabilities, strict=True):
+            if name in self.positive and name != self.screening_label and p > best_p:
+                best, best_p = name, float(p)
+        return best
+
+    def map_on_frame(self, which: str) -> np.ndarray | None:
+        """A map resized onto the original camera frame, min-max normalised to [0, 1].
+
+        Args:
+            which: a label name, or ``"attention"``.
+
+        Returns:
+            (H, W) float32, zeros outside the crop square; None without maps.
+        """
+        if which == "attention":
+            m = self.attention
+        else:
+            m = None if self.maps is None else self.maps[self._index(which)]
+        if m is None:
+            return None
+        m = m - m.min()
+        m = m / (m.max() + _EPS)
+        return self.geometry.map_to_frame(m)
+
+    def _index(self, label: str) -> int:
+        try:
+            return self.label_names.index(label)
+        except ValueError:
+            raise UserError(
+                f"unknown label {label!r} (labels: {', '.join(self.label_names)})"
+            ) from None
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON-able summary written per frame by ``run --jsonl``."""
+        probs = None
+        if self.probabilities is not None:
+            probs = {
+                n: round(float(p), 6)
+                for n, p in zip(self.label_names, self.probabilities, strict=True)
+            }
+        c = self.geometry.circle
+        return {
+            "quality": {
+                k: (round(v, 6) if isinstance(v, float) else v)
+                for k, v in self.quality.to_dict().items()
+            },
+            "inferred": self.inferred,
+            "probabilities": probs,
+            "positive": list(self.positive),
+            "screening": self.screening_positive,
+            "fov": {
+                "cx": round(c.cx, 2),
+                "cy": round(c.cy, 2),
+                "r": round(c.r, 2),
+                "found": c.found,
+            },
+            "ms": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+class Predictor:
+    """A model plus everything its artifact says about using it.
+
+    Args:
+        model: a model file (``.onnx``, ``.engine``/``.plan``, ``.safetensors``/``.pt``) or an
+            already loaded :class:`~fundus_edge.backends.Backend`.
+        provider: ONNX Runtime execution provider (``tensorrt``, ``cuda``, ``cpu``).
+        device: PyTorch device for checkpoints.
+        cuda_graph: replay CUDA graphs (TensorRT engines).
+        gate: skip inference on frames that fail the quality gate.
+        smoothing: exponential smoothing of probabilities over successive frames, in
+            [0, 1): 0 = none, 0.6 = each new frame counts 40 %. For live video.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Backend,
+        *,
+        provider: str | None = None,
+        device: str | None = None,
+        cuda_graph: bool = False,
+        gate: bool = True,
+        smoothing: float = 0.0,
+    ) -> None:
+        if not 0.0 <= smoothing < 1.0:
+            raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+        if isinstance(model, Backend):
+            self.backend = model
+        else:
+            self.backend = load_backend(
+                model, provider=provider, device=device, cuda_graph=cuda_graph
+            )
+        meta = self.backend.metadata
+        source = str(self.backend.path)
+        try:
+            self.preprocess_config = PreprocessConfig.from_dict(meta["preprocess"])
+            self.quality_config = QualityConfig.from_dict(meta.get("quality") or {})
+        except UserError as exc:
+            raise UserError(f"{source}: model metadata: {exc}") from None
+        if self.preprocess_config.size != self.backend.input_size:
+            raise UserError(
+                f"{source}: metadata preprocess size {self.preprocess_config.size} differs from "
+                f"input_size {self.backend.input_size}"
+            )
+        self.label_names: list[str] = list(meta["label_names"])
+        self.thresholds = np.asarray(meta["thresholds"], dtype=np.float32)
+        self.screening_label: str | None = meta.get("screening_label")
+        self.gate = gate
+        self.smoothing = smoothing
+        self._ema: np.ndarray | None = None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The artifact's contract dict."""
+        return self.backend.metadata
+
+    def reset(self) -> None:
+        """Forget the smoothing state (a new patient, a new stream)."""
+        self._ema = None
+
+    def prepare(self, frame: np.ndarray) -> Prepared:
+        """Preprocess one full camera frame and grade its quality.
+
+        Args:
+            frame: (H, W, 3) uint8 RGB (grey and RGBA are accepted too).
+        """
+        frame = as_rgb_uint8(frame)
+        t0 = time.perf_counter()
+        pre = preprocess(frame, self.preprocess_config)
+        t1 = time.perf_counter()
+        quality = assess_quality(frame, pre.circle, self.quality_config)
+        t2 = time.perf_counter()
+        return Prepared(
+            frame, pre, quality, {"preprocess": (t1 - t0) * 1e3, "quality": (t2 - t1) * 1e3}
+        )
+
+    def infer(self, prepared: Sequence[Prepared]) -> list[dict[str, np.ndarray] | None]:
+        """Run the model on the frames that pass the gate, in one batch.
+
+        Returns:
+            Per frame: its outputs with the batch axis removed, or None when gated out.
+        """
+        todo = [i for i, p in enumerate(prepared) if p.quality.passed or not self.gate]
+        results: list[dict[str, np.ndarray] | None] = [None] * len(prepared)
+        if not todo:
+            return results
+        batch = np.stack([prepared[i].pre.image for i in todo])  # (N, S, S, 3) uint8
+        t0 = time.perf_counter()
+        out = self.backend.infer(batch)
+        ms = (time.perf_counter() - t0) * 1e3 / len(todo)
+        for j, i in enumerate(todo):
+            results[i] = {k: v[j] for k, v in out.items()}
+            prepared[i].timings["infer"] = ms
+        return results
+
+    def finish(self, prepared: Prepared, raw: dict[str, np.ndarray] | None) -> Prediction:
+        """Thresholds, smoothing and maps: the model's outputs as a :class:`Prediction`."""
+        t0 = time.perf_counter()
+        result = Prediction(
+            label_names=self.label_names,
+            thresholds=self.thresholds,
+            quality=prepared.quality,
+            geometry=prepared.pre.geometry,
+            screening_label=self.screening_label,
+            timings=prepared.timings,
+        )
+        if raw is not None:
+            probs = np.asarray(raw["probs"], dtype=np.float32)  # (C,)
+            if probs.shape != (len(self.label_names),):
+                raise UserError(
+                    f"{self.backend.path}: model gives {probs.shape} probabilities for "
+                    f"{len(self.label_names)} labels in its metadata"
+                )
+            smooth = probs
+            if self.smoothing > 0.0:
+                prev = self._ema if self._ema is not None else probs
+                smooth = self.smoothing * prev + (1.0 - self.smoothing) * probs
+                self._ema = smooth
+            result.inferred = True
+            result.raw_probabilities = probs
+            result.probabilities = smooth
+            result.positive = [
+                n
+                for n, p, t in zip(self.label_names, smooth, self.thresholds, strict=True)
+                if p >= t
+            ]
+            if "cams" in raw:
+                cams = np.asarray(raw["cams"], dtype=np.float32)  # (M, C, h, w)
+                result.cams = cams
+                # Members' maps live on different scales: bring each to max 1 before averaging.
+                peak = cams.max(axis=(2, 3), keepdims=True)
+                result.maps = (cams / (peak + _EPS)).mean(axis=0)  # (C, h, w)
+            if "attention" in raw:
+                result.attention = np.asarray(raw["attention"], dtype=np.float32)[0]  # (h, w)
+        result.timings["postprocess"] = (time.perf_counter() - t0) * 1e3
+        return result
+
+    def predict(self, frame: np.ndarray) -> Prediction:
+        """Everything for one full camera frame (RGB uint8)."""
+        prepared = self.prepare(frame)
+        (raw,) = self.infer([prepared])
+        return self.finish(prepared, raw)
+
+    def predict_batch(self, frames: Sequence[np.ndarray]) -> list[Prediction]:
+        """Several frames in one inference batch (smoothing runs in the given order)."""
+        prepared = [self.prepare(f) for f in frames]
+        raws = self.infer(prepared)
+        return [self.finish(p, r) for p, r in zip(prepared, raws, strict=True)]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,499 @@
+"""Where frames come from: cameras, streams, video files, images. One interface for all.
+
+``open_source(spec)`` reads what the user typed: a camera index (``0``), a V4L2 device
+(``/dev/video0``), a Jetson CSI camera (``csi://0``), a stream (``rtsp://``, ``http://``), a
+video file, an image file, a folder of images or a glob. Every frame is RGB uint8.
+
+Live sources (cameras, streams) reconnect with backoff when the device drops out; file
+sources list what they could not read in :attr:`Source.skipped` and carry on.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from fundus_edge.errors import DataError, UserError
+from fundus_edge.log import get_logger
+from fundus_edge.preprocess import as_rgb_uint8, read_image
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CameraSource",
+    "CsiSource",
+    "Frame",
+    "ImageFilesSource",
+    "Skipped",
+    "Source",
+    "StreamSource",
+    "VideoFileSource",
+    "csi_pipeline",
+    "open_source",
+]
+
+log = get_logger("sources")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+OPEN_TIMEOUT_S = 5.0
+# A video this many unreadable frames in a row is over, not damaged.
+MAX_BAD_FRAMES_IN_A_ROW = 25
+
+
+@dataclass
+class Frame:
+    """One captured frame.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB, the full camera frame.
+        index: position in the source (0-based; counts on across loops and reconnects).
+        timestamp: wall-clock capture time, UNIX seconds.
+        name: the image file for image sources, else the source's description.
+        position_s: the frame's time in a video file (None for live sources and images).
+        path: the image file it was read from (image sources only).
+    """
+
+    image: np.ndarray
+    index: int
+    timestamp: float
+    name: str
+    position_s: float | None = None
+    path: str | None = None
+
+
+@dataclass
+class Skipped:
+    """Something a source could not read: a file, or frame N of a video."""
+
+    item: str
+    reason: str
+
+
+class Source(ABC):
+    """A stream of :class:`Frame` objects.
+
+    Attributes:
+        live: a camera or stream (keep only the newest frame) rather than a file
+            (process every frame).
+        description: what the user gave, for records and messages.
+        skipped: files or frames that could not be read.
+        end_reason: why :meth:`read` returned None (``"end of source"``, ``"camera lost"``...).
+        interrupt: set it to make a blocking read or a reconnect wait give up early.
+    """
+
+    live: bool = False
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.nominal_fps: float | None = None  # what the device or file says, once open
+        self.skipped: list[Skipped] = []
+        self.end_reason = "end of source"
+        self.interrupt = threading.Event()
+        self._index = 0
+
+    @abstractmethod
+    def open(self) -> None:
+        """Open the device or files; raise :class:`UserError` in one line when it cannot."""
+
+    @abstractmethod
+    def read(self) -> Frame | None:
+        """The next frame, or None at the end (see :attr:`end_reason`)."""
+
+    def close(self) -> None:  # noqa: B027  (file sources hold nothing open)
+        """Release the device. Safe to call twice."""
+
+    def _frame(
+        self, image: np.ndarray, path: str | None = None, position_s: float | None = None
+    ) -> Frame:
+        frame = Frame(image, self._index, time.time(), path or self.description, position_s, path)
+        self._index += 1
+        return frame
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Live sources: one OpenCV VideoCapture, reopened with backoff when it drops out
+# ----------------------------------------------------------------------------------------------
+
+
+class _CaptureSource(Source):
+    """Common code of cameras and streams: open, read, reconnect."""
+
+    live = True
+
+    def __init__(
+        self,
+        description: str,
+        width: int | None = None,
+        height: int | None = None,
+        fps: float | None = None,
+        reconnect: float = 10.0,
+    ) -> None:
+        super().__init__(description)
+        self.width, self.height, self.fps = width, height, fps
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self._cap: Any = None
+
+    @abstractmethod
+    def _capture(self) -> Any:
+        """A new ``cv2.VideoCapture`` (opened or not)."""
+
+    def _check(self) -> None:
+        """Fail fast, before OpenCV tries, when the device clearly cannot open."""
+
+    def _configure(self, cap: Any) -> None:
+        if self.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        if self.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        if self.fps:
+            cap.set(cv2.CAP_PROP_FPS, self.fps)
+        # One buffered frame: a live view must show now, not what queued up during a slow step.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+
+    def open(self) -> None:
+        self._check()
+        cap = self._capture()
+        if not cap.isOpened():
+            cap.release()
+            raise UserError(f"{self.description}: cannot open ({self._hint()})")
+        self._configure(cap)
+        self._cap = cap
+        self.nominal_fps = cap.get(cv2.CAP_PROP_FPS) or self.fps
+        w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        if self.width and self.height and (int(w), int(h)) != (self.width, self.height):
+            log.warning(
+                "%s: asked for %dx%d, the device gives %dx%d",
+                self.description,
+                self.width,
+                self.height,
+                int(w),
+                int(h),
+            )
+
+    def _hint(self) -> str:
+        return "check the address and that nothing else is using it"
+
+    def read(self) -> Frame | None:
+        while not self.interrupt.is_set():
+            ok, image = (False, None) if self._cap is None else self._cap.read()
+            if ok and image is not None and image.size:
+                return self._frame(as_rgb_uint8(image, bgr=True))
+            if not self._reconnect():
+                return None
+        self.end_reason = "interrupted"
+        return None
+
+    def _reconnect(self) -> bool:
+        """Reopen with exponential backoff for up to :attr:`reconnect` seconds."""
+        log.warning("%s: lost; reconnecting for up to %.0f s", self.description, self.reconnect)
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+        deadline = time.monotonic() + self.reconnect
+        delay = 0.2
+        while time.monotonic() < deadline:
+            if self.interrupt.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                self.end_reason = "interrupted"
+                return False
+            try:
+                self._check()
+                cap = self._capture()
+            except UserError:
+                cap = None
+            if cap is not None and cap.isOpened():
+                self._configure(cap)
+                self._cap = cap
+                self.reconnects += 1
+                log.info("%s: reconnected", self.description)
+                return True
+            if cap is not None:
+                cap.release()
+            delay = min(delay * 2, 2.0)
+        self.end_reason = f"camera lost (no frames for {self.reconnect:g} s)"
+        return False
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class CameraSource(_CaptureSource):
+    """A V4L2 camera by index (``0``) or device path (``/dev/video0``)."""
+
+    def __init__(self, device: int | str, **kwargs: Any) -> None:
+        self.device = f"/dev/video{device}" if isinstance(device, int) else str(device)
+        super().__init__(f"camera {device}" if isinstance(device, int) else self.device, **kwargs)
+        self._index_arg = (
+            device if isinstance(device, int) else int(re.findall(r"\d+$", self.device)[0])
+        )
+
+    def _check(self) -> None:
+        # Linux only: elsewhere OpenCV's own open is the only check there is.
+        if not Path("/dev").is_dir() or os.name != "posix":
+            return
+        if not os.path.exists(self.device):
+            found = sorted(globlib.glob("/dev/video*"))
+            raise UserError(
+                f"{self.description}: no such camera ({self.device} does not exist; "
+                f"cameras here: {', '.join(found) or 'none'})"
+            )
+        if not os.access(self.device, os.R_OK | os.W_OK):
+            raise UserError(
+                f"{self.description}: no permission to open {self.device} "
+                "(add the user to the 'video' group, then log in again)"
+            )
+
+    def _capture(self) -> Any:
+        return cv2.VideoCapture(self._index_arg, cv2.CAP_V4L2)
+
+    def _hint(self) -> str:
+        return f"{self.device} exists but does not deliver video; is another program using it?"
+
+
+def csi_pipeline(
+    sensor_id: int,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+) -> str:
+    """The GStreamer pipeline for a Jetson CSI camera (``nvarguscamerasrc``) into OpenCV (BGR).
+
+    Args:
+        sensor_id: the CSI port (``csi://0`` -> 0).
+        width, height: capture size (default 1920x1080).
+        fps: frame rate (default 30).
+    """
+    w, h, f = width or 1920, height or 1080, fps or 30
+    return (
+        f"nvarguscamerasrc sensor-id={sensor_id} ! "
+        f"video/x-raw(memory:NVMM), width={w}, height={h}, framerate={round(f)}/1, format=NV12 ! "
+        "nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
+        "appsink drop=true max-buffers=1 sync=false"
+    )
+
+
+def _opencv_has_gstreamer() -> bool:
+    info = cv2.getBuildInformation()
+    m = re.search(r"GStreamer:\s*(\w+)", info)
+    return bool(m and m.group(1).upper() == "YES")
+
+
+class CsiSource(_CaptureSource):
+    """A Jetson CSI camera (``csi://N``) through GStreamer's ``nvarguscamerasrc``."""
+
+    def __init__(self, sensor_id: int, **kwargs: Any) -> None:
+        super().__init__(f"csi://{sensor_id}", **kwargs)
+        self.sensor_id = sensor_id
+
+    def _check(self) -> None:
+        if not _opencv_has_gstreamer():
+            raise UserError(
+                f"{self.description}: this OpenCV ({cv2.__version__}) has no GStreamer support; "
+                "CSI cameras need JetPack's OpenCV (apt python3-opencv), not the PyPI wheel"
+            )
+
+    def _capture(self) -> Any:
+        # The pipeline sets size and rate itself; CAP_PROP_* do nothing on appsink.
+        return cv2.VideoCapture(
+            csi_pipeline(self.sensor_id, self.width, self.height, self.fps), cv2.CAP_GSTREAMER
+        )
+
+    def _configure(self, cap: Any) -> None:
+        """Size and rate are in the pipeline."""
+
+    def _hint(self) -> str:
+        return "is nvargus-daemon running and the camera seated? try: gst-launch-1.0 nvarguscamerasrc ! fakesink"
+
+
+class StreamSource(_CaptureSource):
+    """A network stream (``rtsp://``, ``http://`` MJPEG, ...) through FFmpeg."""
+
+    def _capture(self) -> Any:
+        ms = int(OPEN_TIMEOUT_S * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        return cv2.VideoCapture(self.description, cv2.CAP_FFMPEG, params)
+
+    def _configure(self, cap: Any) -> None:
+        # A stream's size and rate are the sender's; only keep the buffer short.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+
+    def _hint(self) -> str:
+        return f"no stream answered within {OPEN_TIMEOUT_S:g} s; check the URL and the network"
+
+
+# ----------------------------------------------------------------------------------------------
+# File sources: every frame, in order
+# ----------------------------------------------------------------------------------------------
+
+
+class VideoFileSource(Source):
+    """A video file; every decodable frame in order. Broken frames are skipped and listed."""
+
+    def __init__(self, path: str | os.PathLike, loop: bool = False) -> None:
+        super().__init__(str(path))
+        self.path = Path(path)
+        self.loop = loop
+        self._cap: Any = None
+        self._pos = 0  # frame number within the current pass
+        self._count = 0
+
+    def open(self) -> None:
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            cap.release()
+            raise UserError(f"{self.path}: cannot open as a video or read as an image")
+        self._cap = cap
+        self.nominal_fps = cap.get(cv2.CAP_PROP_FPS) or None
+        self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self._pos = 0
+
+    def read(self) -> Frame | None:
+        bad = 0
+        while not self.interrupt.is_set():
+            ok, image = self._cap.read()
+            if ok and image is not None and image.size:
+                pos = self._pos
+                self._pos += 1
+                fps = self._cap.get(cv2.CAP_PROP_FPS) or 0.0
+                return self._frame(
+                    as_rgb_uint8(image, bgr=True), position_s=pos / fps if fps > 0 else None
+                )
+            # Past the container's frame count (or no count at all): the end, not damage.
+            if self._count <= 0 or self._pos >= self._count - 1 or bad >= MAX_BAD_FRAMES_IN_A_ROW:
+                if bad >= MAX_BAD_FRAMES_IN_A_ROW:
+                    self.skipped.append(
+                        Skipped(
+                            f"{self.path}#{self._pos}", f"{bad} unreadable frames in a row; stopped"
+                        )
+                    )
+                if self.loop and self._index > 0:
+                    self._cap.release()
+                    self.open()
+                    bad = 0
+                    continue
+                return None
+            self.skipped.append(Skipped(f"{self.path}#{self._pos}", "frame cannot be decoded"))
+            self._pos += 1
+            bad += 1
+        self.end_reason = "interrupted"
+        return None
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class ImageFilesSource(Source):
+    """Image files (one, a folder's or a glob's), in sorted order.
+
+    Files that cannot be read (corrupt, not images) are skipped and listed in
+    :attr:`skipped`; hidden files and sub-folders are ignored.
+    """
+
+    def __init__(self, paths: list[Path], description: str, loop: bool = False) -> None:
+        super().__init__(description)
+        self.paths = paths
+        self.loop = loop
+        self._next = 0
+        self._good = 0
+
+    def open(self) -> None:
+        if not self.paths:
+            raise UserError(f"{self.description}: no files found")
+
+    def read(self) -> Frame | None:
+        while not self.interrupt.is_set():
+            if self._next >= len(self.paths):
+                if not (self.loop and self._good):
+                    return None
+                self._next = 0
+            path = self.paths[self._next]
+            self._next += 1
+            try:
+                image = read_image(path)
+            except DataError as exc:
+                if not any(s.item == str(path) for s in self.skipped):
+                    self.skipped.append(Skipped(str(path), str(exc).split(": ", 1)[-1]))
+                continue
+            self._good += 1
+            return self._frame(image, path=str(path))
+        self.end_reason = "interrupted"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the user typed -> a source
+# ----------------------------------------------------------------------------------------------
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def open_source(
+    spec: str | int,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+    loop: bool = False,
+    reconnect: float = 10.0,
+) -> Source:
+    """Build the :class:`Source` that ``spec`` names (not yet opened).
+
+    Args:
+        spec: camera index (int or ``"0"``), ``/dev/videoN``, ``csi://N``, ``rtsp://...``,
+            ``http(s)://...``, a video file, an image file, a folder or a glob pattern.
+        width, height, fps: requested capture size and rate (cameras; CSI pipelines).
+        loop: start files over at the end.
+        reconnect: seconds a live source keeps trying to reconnect after losing the device.
+
+    Raises:
+        UserError: the spec names nothing that exists, or options that do not apply.
+    """
+    live_opts = {"width": width, "height": height, "fps": fps, "reconnect": reconnect}
+    text = str(spec).strip()
+    if isinstance(spec, int) or text.isdigit():
+        return CameraSource(int(text), **live_opts)
+    if re.fullmatch(r"/dev/video\d+", text):
+        return CameraSource(text, **live_opts)
+    m = re.fullmatch(r"csi://(\d+)", text)
+    if m:
+        return CsiSource(int(m.group(1)), **live_opts)
+    if text.startswith("csi://"):
+        raise UserError(f"{text}: a CSI camera is csi://N with N the sensor id, e.g. csi://0")
+    if text.lower().startswith(STREAM_SCHEMES):
+        return StreamSource(text, **live_opts)
+    if any(ch in text for ch in "*?["):
+        paths = sorted(Path(p) for p in globlib.glob(text, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise UserError(f"{text}: the pattern matches no files")
+        return ImageFilesSource(paths, text, loop=loop)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ImageFilesSource(_list_folder(path), str(path), loop=loop)
+    if not path.exists():
+        raise UserError(f"{text}: no such file, folder or camera")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageFilesSource([path], str(path), loop=loop)
+    return VideoFileSource(path, loop=loop)

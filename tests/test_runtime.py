@@ -1,0 +1,510 @@
+"""``fundus-edge run``: sources, the Predictor, rendering, sinks, the threaded pipeline,
+faults (missing camera, lost camera, bad files, signals) and a 10,000-frame soak."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+# pytest puts tests/ on sys.path (rootdir conftest, no package): share the model builders.
+from test_backends import LABELS, make_metadata, make_onnx_model
+from typer.testing import CliRunner
+
+import fundus_edge.cli.cmd_run  # noqa: F401  (registers `run` before the lead does)
+from fundus_edge.backends import Backend
+from fundus_edge.cli.app import app
+from fundus_edge.errors import UserError
+from fundus_edge.runtime import Predictor, RunConfig, open_source, run
+from fundus_edge.runtime.pipeline import _Channel
+from fundus_edge.runtime.render import render
+from fundus_edge.runtime.sources import (
+    CameraSource,
+    CsiSource,
+    Frame,
+    ImageFilesSource,
+    Source,
+    StreamSource,
+    VideoFileSource,
+    csi_pipeline,
+)
+
+runner = CliRunner()
+RUN = [
+    sys.executable,
+    "-c",
+    "import fundus_edge.cli.cmd_run; from fundus_edge.cli.app import app; app()",
+]
+
+
+@pytest.fixture(scope="module")
+def retina() -> np.ndarray:
+    skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test fundus")
+    return cv2.resize(skdata.retina(), (320, 320), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    return make_onnx_model(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+@pytest.fixture
+def folder(tmp_path, retina) -> Path:
+    """Two good images, a dark one (fails the gate), a corrupt PNG and a text file."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), retina[:, :, ::-1])
+    cv2.imwrite(str(d / "b.jpg"), np.ascontiguousarray(retina[:, ::-1, ::-1]))
+    cv2.imwrite(str(d / "c_dark.png"), (retina // 20)[:, :, ::-1])
+    (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (d / "notes.txt").write_text("hello")
+    return d
+
+
+class FakeBackend(Backend):
+    """Fast, deterministic: DR positive with its map hot at one cell of an 8x8 grid."""
+
+    name = "fake"
+
+    def __init__(self, meta: dict, hot: tuple[int, int] = (2, 5), grid: int = 8) -> None:
+        self.path = Path("fake-model.onnx")
+        self.metadata = meta
+        self.hot, self.grid = hot, grid
+        self.calls = 0
+
+    def _infer(self, batch):
+        self.calls += 1
+        n, c, g = len(batch), len(self.metadata["label_names"]), self.grid
+        probs = np.tile(np.array([0.9, 0.8, 0.1], np.float32)[:c], (n, 1))
+        cams = np.zeros((n, 1, c, g, g), np.float32)
+        cams[:, :, :, self.hot[0], self.hot[1]] = 2.0
+        return {"probs": probs, "cams": cams, "attention": cams[:, :, 0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+
+def write_video(path: Path, n: int, size=(96, 64), fps=10.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened()
+    for i in range(n):
+        img = np.zeros((size[1], size[0], 3), np.uint8)
+        img[..., 2] = 200  # BGR red
+        img[: 2 + i, :, 1] = 100
+        writer.write(img)
+    writer.release()
+    return path
+
+
+def drain(src: Source, limit: int = 1000) -> list[Frame]:
+    frames = []
+    with src:
+        while len(frames) < limit and (f := src.read()) is not None:
+            frames.append(f)
+    return frames
+
+
+def test_video_file_every_frame_rgb_and_loop(tmp_path):
+    path = write_video(tmp_path / "v.avi", 12)
+    src = open_source(str(path))
+    assert isinstance(src, VideoFileSource) and not src.live
+    frames = drain(src)
+    assert [f.index for f in frames] == list(range(12))
+    assert frames[0].image.shape == (64, 96, 3)
+    assert frames[0].image[..., 0].mean() > 150 > frames[0].image[..., 2].mean()  # RGB order
+    assert frames[3].position_s == pytest.approx(0.3)
+    looped = drain(open_source(str(path), loop=True), limit=30)
+    assert len(looped) == 30 and looped[-1].index == 29
+
+
+def test_folder_skips_corrupt_and_non_images(folder):
+    src = open_source(str(folder))
+    assert isinstance(src, ImageFilesSource)
+    frames = drain(src)
+    assert [Path(f.name).name for f in frames] == ["a.png", "b.jpg", "c_dark.png"]
+    skipped = {Path(s.item).name: s.reason for s in src.skipped}
+    assert set(skipped) == {"d_corrupt.png", "notes.txt"}
+    assert "cannot read image" in skipped["notes.txt"]
+
+
+def test_glob_and_single_image(folder, retina):
+    frames = drain(open_source(str(folder / "*.png")))
+    assert [Path(f.name).name for f in frames] == ["a.png", "c_dark.png"]
+    one = drain(open_source(str(folder / "a.png")))
+    assert len(one) == 1 and one[0].image.shape == retina.shape
+    np.testing.assert_array_equal(one[0].image, retina)
+
+
+def test_source_spec_dispatch_and_errors(tmp_path):
+    assert isinstance(open_source(0), CameraSource)
+    assert isinstance(open_source("3"), CameraSource)
+    assert isinstance(open_source("/dev/video2"), CameraSource)
+    assert isinstance(open_source("csi://1"), CsiSource)
+    assert isinstance(open_source("rtsp://10.0.0.9/stream"), StreamSource)
+    assert isinstance(open_source("http://cam.local/mjpg"), StreamSource)
+    with pytest.raises(UserError, match="no such file, folder or camera"):
+        open_source(str(tmp_path / "missing.mp4"))
+    with pytest.raises(UserError, match="matches no files"):
+        open_source(str(tmp_path / "*.png"))
+    with pytest.raises(UserError, match="csi://N"):
+        open_source("csi://front")
+    pipe = csi_pipeline(1, 1280, 720, 60)
+    assert (
+        "nvarguscamerasrc sensor-id=1" in pipe and "width=1280, height=720, framerate=60/1" in pipe
+    )
+    assert pipe.rstrip().endswith("sync=false")
+
+
+def test_missing_camera_is_one_line_fast():
+    t0 = time.monotonic()
+    src = open_source(57)
+    with pytest.raises(UserError, match=r"camera 57: no such camera \(/dev/video57 does not exist"):
+        src.open()
+    assert time.monotonic() - t0 < 5.0
+
+
+class FlakyCapture:
+    """A cv2.VideoCapture stand-in that delivers ``n`` frames then fails."""
+
+    def __init__(self, n, opens=True):
+        self.n, self.opens = n, opens
+
+    def isOpened(self):
+        return self.opens
+
+    def read(self):
+        if self.n <= 0:
+            return False, None
+        self.n -= 1
+        return True, np.full((24, 32, 3), 120, np.uint8)
+
+    def set(self, *a):
+        return True
+
+    def get(self, prop):
+        return 0.0
+
+    def release(self):
+        pass
+
+
+class FlakyStream(StreamSource):
+    def __init__(self, plan, **kw):
+        super().__init__("rtsp://flaky", **kw)
+        self.plan = list(plan)  # frames per (re)connection; then connections fail
+
+    def _capture(self):
+        return FlakyCapture(self.plan.pop(0)) if self.plan else FlakyCapture(0, opens=False)
+
+
+def test_live_source_reconnects_then_gives_up():
+    src = FlakyStream([3, 2], reconnect=0.6)
+    t0 = time.monotonic()
+    frames = drain(src)
+    assert len(frames) == 5 and src.reconnects == 1
+    assert src.end_reason.startswith("camera lost")
+    assert 0.5 < time.monotonic() - t0 < 3.0
+
+
+def test_latest_channel_keeps_newest_and_bounded_channel_blocks():
+    ch = _Channel(1, latest=True)
+    for i in range(5):
+        assert ch.put(i)
+    assert ch.get() == 4 and ch.dropped == 4
+    bounded = _Channel(2, latest=False)
+    bounded.put(1)
+    bounded.put(2)
+    t = threading.Thread(target=bounded.put, args=(3,))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waits for room
+    assert bounded.get() == 1
+    t.join(2)
+    bounded.close()
+    assert [bounded.get(), bounded.get(), bounded.get()] == [2, 3, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictor and rendering
+# ------------------------------------------------------------------------------------------------
+
+
+def test_predictor_on_real_onnx_and_fundus(onnx_model, retina):
+    with Predictor(onnx_model) as p:
+        assert p.label_names == LABELS and p.backend.name == "onnxruntime"
+        res = p.predict(retina)
+    assert res.inferred and res.quality.passed and res.geometry.circle.found
+    assert res.probabilities.shape == (3,) and np.all(
+        (res.probabilities > 0) & (res.probabilities < 1)
+    )
+    assert res.positive == [n for n, q in zip(LABELS, res.probabilities, strict=True) if q >= 0.5]
+    assert res.maps.shape == (3, 8, 8) and res.attention.shape == (8, 8)
+    assert res.cams.shape == (1, 3, 8, 8)
+    assert set(res.timings) >= {"preprocess", "quality", "infer", "postprocess"}
+    heat = res.map_on_frame("DR")
+    assert heat.shape == retina.shape[:2] and heat.min() >= 0.0 and heat.max() <= 1.0 + 1e-6
+    rec = res.to_record()
+    assert set(rec["probabilities"]) == set(LABELS) and rec["quality"]["passed"] is True
+    json.dumps(rec, allow_nan=False)
+
+
+def test_quality_gate_and_smoothing(retina):
+    meta = make_metadata()
+    p = Predictor(FakeBackend(meta), smoothing=0.5)
+    dark = p.predict(retina // 20)
+    assert (
+        not dark.inferred and dark.quality.reason == "underexposed" and dark.probabilities is None
+    )
+    assert p.backend.calls == 0  # the gate saved an inference
+    ungated = Predictor(FakeBackend(meta), gate=False).predict(retina // 20)
+    assert ungated.inferred
+    first = p.predict(retina)
+    np.testing.assert_allclose(first.probabilities, [0.9, 0.8, 0.1])
+    p.backend.metadata = meta  # same model; now feed a different output through finish()
+    prep = p.prepare(retina)
+    second = p.finish(prep, {"probs": np.array([0.1, 0.0, 0.9], np.float32)})
+    np.testing.assert_allclose(second.probabilities, [0.5, 0.4, 0.5])  # 0.5 * old + 0.5 * new
+    np.testing.assert_allclose(second.raw_probabilities, [0.1, 0.0, 0.9])
+    assert second.positive == ["Disease_Risk", "ARMD"]
+
+
+def test_overlay_drawn_at_the_right_place(retina):
+    # A non-square frame: the fundus sits 100 px from the left, so the crop is offset.
+    frame = np.zeros((320, 520, 3), np.uint8)
+    frame[:, 100:420] = retina
+    meta = make_metadata()
+    res = Predictor(FakeBackend(meta, hot=(2, 5))).predict(frame)
+    assert res.top_label == "DR"
+    g = res.geometry
+    s = g.size
+    # Centre of map cell (row 2, col 5) of an 8x8 map on the model input, then on the frame.
+    (ex, ey) = g.to_frame(np.array([(5 + 0.5) * s / 8 - 0.5, (2 + 0.5) * s / 8 - 0.5]))
+    heat = res.map_on_frame("DR")
+    py, px = np.unravel_index(np.argmax(heat), heat.shape)
+    cell = g.side / 8
+    assert abs(px - ex) < cell / 2 and abs(py - ey) < cell / 2
+    assert 250 < ex < 400  # really offset by the frame's left band
+    out = render(frame, res, which="auto")
+    diff = np.abs(out.astype(int) - frame.astype(int)).sum(axis=2)
+    r = 4
+    assert diff[round(ey) - r : round(ey) + r, round(ex) - r : round(ex) + r].mean() > 60
+    # Mirror cell (row 5, col 2): no heat there, no text, away from the FOV circle.
+    (mx, my) = g.to_frame(np.array([(2 + 0.5) * s / 8 - 0.5, (5 + 0.5) * s / 8 - 0.5]))
+    assert diff[round(my) - r : round(my) + r, round(mx) - r : round(mx) + r].max() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline and the CLI
+# ------------------------------------------------------------------------------------------------
+
+RECORD_KEYS = {
+    "source", "frame", "timestamp", "image", "position_s", "quality", "inferred",
+    "probabilities", "positive", "screening", "fov", "ms",
+}  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_folder_jsonl_savedir_and_strict(onnx_model, folder, tmp_path):
+    log = tmp_path / "out.jsonl"
+    cfg = RunConfig(
+        model=onnx_model, source=str(folder), headless=True, jsonl=log, save_dir=tmp_path / "vis"
+    )
+    summary = run(cfg, handle_signals=False)
+    recs = read_jsonl(log)
+    assert len(recs) == 3 == summary.frames_processed
+    for i, rec in enumerate(recs):
+        assert set(rec) == RECORD_KEYS and rec["frame"] == i
+        assert set(rec["ms"]) >= {"preprocess", "quality", "postprocess"}
+    assert recs[0]["inferred"] and set(recs[0]["probabilities"]) == set(LABELS)
+    assert Path(recs[0]["image"]).name == "a.png" and recs[0]["source"] == str(folder)
+    assert recs[2]["quality"]["reason"] == "underexposed" and recs[2]["probabilities"] is None
+    assert summary.frames_gated == 1 and len(summary.skipped) == 2
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.png", "b.png", "c_dark.png"]
+
+    res = runner.invoke(
+        app, ["run", str(onnx_model), str(folder), "--headless", "--strict"], catch_exceptions=False
+    )
+    assert res.exit_code == 2, res.output
+    assert "2 item(s) skipped under --strict" in res.output
+    assert "d_corrupt.png" in res.output  # the summary lists what was skipped
+
+
+def test_run_video_save_video_playable(onnx_model, tmp_path, retina):
+    src = tmp_path / "in.avi"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 8.0, (320, 320))
+    for i in range(9):
+        writer.write(np.roll(retina, i, axis=1)[:, :, ::-1].copy())
+    writer.release()
+    out = tmp_path / "out.mp4"
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(onnx_model),
+            str(src),
+            "--headless",
+            "--save-video",
+            str(out),
+            "--jsonl",
+            str(tmp_path / "l.jsonl"),
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "9 read, 9 processed" in res.output
+    cap = cv2.VideoCapture(str(out))
+    assert cap.isOpened()
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    assert n == 9
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_capture_saves_best_passing_frame(tmp_path, folder):
+    shot = tmp_path / "shot.png"
+    cfg = RunConfig(model="x", source=str(folder), headless=True, capture=shot, capture_window=5)
+    summary = run(cfg, predictor=Predictor(FakeBackend(make_metadata())), handle_signals=False)
+    assert summary.captured and summary.stop_reason in ("captured", "end of source")
+    rec = json.loads(shot.with_name("shot.png.json").read_text())
+    assert rec["quality"]["passed"] and Path(rec["image"]).name in ("a.png", "b.jpg")
+    assert cv2.imread(str(shot)).shape == (320, 320, 3)
+    # Nothing passes: exit 2 with the reason.
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    cv2.imwrite(str(dark / "x.png"), np.full((64, 64, 3), 3, np.uint8))
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(make_onnx_model(tmp_path / "m.onnx")),
+            str(dark),
+            "--headless",
+            "--capture",
+            str(shot),
+        ],
+    )
+    assert res.exit_code == 2 and "no frame passed the quality gate" in res.output
+
+
+def test_cli_missing_camera_exit_2_one_line(onnx_model):
+    t0 = time.monotonic()
+    res = runner.invoke(app, ["run", str(onnx_model), "--camera", "57", "--headless"])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "camera 57: no such camera" in lines[0], res.output
+    assert time.monotonic() - t0 < 5.0
+    res = runner.invoke(app, ["run", str(onnx_model), "--headless"])
+    assert res.exit_code == 2 and "give exactly one source" in res.output
+
+
+def test_cli_model_problems_are_one_line(tmp_path, folder):
+    res = runner.invoke(app, ["run", str(tmp_path / "none.onnx"), str(folder), "--headless"])
+    assert res.exit_code == 2 and "none.onnx: no such model file" in res.output
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"x")
+    res = runner.invoke(app, ["run", str(engine), str(folder), "--headless"])
+    assert res.exit_code == 2 and "m.engine.json" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+
+
+def test_subprocess_missing_camera_and_sigterm_flushes(onnx_model, folder, tmp_path):
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [*RUN, "run", str(onnx_model), "--camera", "57"], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 2 and time.monotonic() - t0 < 10  # includes interpreter start
+    assert res.stderr.strip().count("\n") == 0 and "no such camera" in res.stderr
+
+    log, video = tmp_path / "live.jsonl", tmp_path / "live.avi"
+    cmd = [*RUN, "run", str(onnx_model), str(folder / "*.png"), "--loop", "--no-gate",
+           "--headless", "--jsonl", str(log), "--save-video", str(video)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 5):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    recs = read_jsonl(log)  # every line is valid JSON: the log ends on a whole line
+    assert len(recs) >= 5 and [r["frame"] for r in recs] == list(range(len(recs)))
+    assert "interrupted (SIGTERM)" in out and f"{len(recs)} processed" in out
+    cap = cv2.VideoCapture(str(video))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == len(recs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Soak: memory stays flat over 10,000 frames
+# ------------------------------------------------------------------------------------------------
+
+
+class SyntheticSource(Source):
+    def __init__(self, image: np.ndarray, n: int) -> None:
+        super().__init__("synthetic")
+        self.image, self.n = image, n
+
+    def open(self) -> None:
+        pass
+
+    def read(self):
+        if self._index >= self.n:
+            return None
+        img = self.image.copy()
+        img[0, 0, 0] = self._index % 256
+        return self._frame(img)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc for RSS")
+def test_soak_10000_frames_memory_flat(tmp_path, retina):
+    from fundus_edge.quality import QualityConfig
+
+    meta = make_metadata(size=16, quality=QualityConfig(analysis_size=32).to_dict())
+    tiny = cv2.resize(retina, (24, 24), interpolation=cv2.INTER_AREA)
+    predictor = Predictor(FakeBackend(meta, hot=(1, 1), grid=4), gate=False)
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            samples.append(_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.monotonic()
+    cfg = RunConfig(
+        model="fake", source=SyntheticSource(tiny, 10_000), headless=True,
+        jsonl=tmp_path / "soak.jsonl", save_video=tmp_path / "soak.avi",
+    )  # fmt: skip
+    summary = run(cfg, predictor=predictor, handle_signals=False)
+    done.set()
+    sampler.join()
+    elapsed = time.monotonic() - t0
+    assert summary.frames_processed == 10_000 and elapsed < 30
+    assert (tmp_path / "soak.jsonl").read_text().count("\n") == 10_000
+    warm = samples[len(samples) // 5 :]  # after the first fifth: allocators warmed up
+    assert len(warm) >= 5
+    print(f"soak: {elapsed:.1f} s, RSS {warm[0]:.1f} -> {max(warm):.1f} MB")
+    assert max(warm) - warm[0] < 25.0, (warm[0], max(warm))
