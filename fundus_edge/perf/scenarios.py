@@ -1,0 +1,823 @@
+"""The ``bench/`` suite: side-by-side ratios, each measured in one run with interleaved variants.
+
+Every scenario times two or more variants in rounds (A, B, A, B ... with the order reversed
+every other round), so machine noise - other processes, thermal drift, turbo - hits every
+variant alike. A ratio is the ratio of median latencies with the 95% bootstrap interval of
+:func:`fundus_edge.perf.stats.speedup`. Scenarios (names as in the suite YAML):
+
+* ``fused_vs_user``: the fused ONNX graph (ONNX Runtime) vs what a user would write today:
+  eager torchvision members (PyTorch) + the ``grad-cam`` package's GradCAM for the top-k labels
+  of each member + the weight-enhanced second pass. Target: >= 3x.
+* ``cam_overhead``: the fused graph vs the same two passes without maps
+  (``FusedModel(with_maps=False)``, exported the same way). Target: <= 1.05x.
+* ``precision``: FP16 and INT8 (static Q/DQ) vs FP32 on ONNX Runtime. INT8 target: >= 3x.
+* ``pipelined``: ``runtime.run`` on a video of synthetic frames vs a plain
+  read -> predict -> render -> write loop, and vs model-only inference. Target: pipelined
+  FPS >= 0.9x model-only FPS.
+* ``training``: a CAM-augmented training step (forward with maps, enhancement, loss and
+  backward on both views) vs a plain step on the doubled batch (target <= 1.15x) and vs the
+  same step with maps from the ``grad-cam`` package (target >= 1.5x faster).
+
+Models are randomly initialised: latency does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fundus_edge.errors import UserError
+from fundus_edge.log import get_logger
+from fundus_edge.perf.device import device_record
+from fundus_edge.perf.report import BenchResult, BenchRow
+from fundus_edge.perf.stats import LatencyStats, Ratio, speedup
+from fundus_edge.perf.suite import (
+    calibration_images,
+    device_slug,
+    export_onnx,
+    synthetic_frames,
+    write_outputs,
+)
+from fundus_edge.perf.timer import measure
+
+__all__ = [
+    "SCENARIOS",
+    "ScenarioResult",
+    "SuiteConfig",
+    "Workspace",
+    "interleave",
+    "load_suite",
+    "main",
+    "plot_ratios",
+    "run_suite",
+    "run_suite_files",
+]
+
+log = get_logger("perf.suite")
+
+SUITE_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+@dataclass
+class SuiteConfig:
+    """A suite: the model all scenarios share and each scenario's settings.
+
+    Attributes:
+        name: suite name (results go to ``bench/results/<device>/<name>/``).
+        members: ensemble backbones.
+        member_head: ``native`` or ``gap``.
+        num_classes: C.
+        image_size: model input side.
+        threads: torch and ONNX Runtime intra-op threads (0: their defaults).
+        seed: seed of the generated images.
+        scenarios: scenario name -> its options (``rounds``, ``iters``, ``warmup`` and
+            scenario-specific keys; see :data:`SCENARIOS`). Runs in the given order.
+        description: free text for the report.
+    """
+
+    name: str = "full"
+    members: tuple[str, ...] = ("vgg19", "resnet50")
+    member_head: str = "gap"
+    num_classes: int = 28
+    image_size: int = 224
+    threads: int = 0
+    seed: int = 0
+    scenarios: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.members = tuple(self.members)
+        unknown = [s for s in self.scenarios if s not in SCENARIOS]
+        if unknown:
+            raise UserError(
+                f"suite {self.name!r}: unknown scenario {unknown[0]!r} "
+                f"(known: {', '.join(SCENARIOS)})"
+            )
+        for name, opts in self.scenarios.items():
+            if not isinstance(opts, dict):
+                raise UserError(
+                    f"suite {self.name!r}: scenario {name!r} needs a mapping of options"
+                )
+            for key in ("rounds", "iters"):
+                if int(opts.get(key, 1)) < 1:
+                    raise UserError(f"suite {self.name!r}: {name}.{key} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "members": list(self.members),
+            "member_head": self.member_head,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "threads": self.threads,
+            "seed": self.seed,
+            "scenarios": self.scenarios,
+        }
+
+
+def load_suite(path: str | os.PathLike) -> SuiteConfig:
+    """Read a suite YAML (keys of :class:`SuiteConfig`; ``model:`` holds the model keys)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--suite {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a suite must be a mapping")
+    model = data.pop("model", {}) or {}
+    known = set(SuiteConfig.__dataclass_fields__)
+    unknown = sorted((set(data) | set(model)) - known)
+    if unknown:
+        raise UserError(f"{p}: unknown suite key(s): {', '.join(unknown)}")
+    return SuiteConfig(**model, **data)
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def interleave(
+    variants: Mapping[str, Callable[[], object]],
+    rounds: int,
+    iters: int = 1,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Time variants in alternating rounds; per variant, every timed call's latency in ms.
+
+    Each variant is warmed up first (``warmup`` untimed calls). Round r times ``iters`` calls
+    of every variant, in the given order for even r and reversed for odd r (A,B then B,A),
+    so slow drifts of the machine affect all variants alike.
+    """
+    if rounds < 1 or iters < 1:
+        raise UserError(f"rounds and iters must be >= 1, got {rounds} and {iters}")
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            m = measure(variants[name], warmup_iters=0, iters=iters)
+            samples[name] += m.samples_ms
+    return samples
+
+
+@dataclass
+class ScenarioResult:
+    """Rows, ratios and target checks of one scenario."""
+
+    name: str
+    rows: list[BenchRow] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(
+        self,
+        variant: str,
+        backend: str,
+        samples: Sequence[float],
+        precision: str = "fp32",
+        **kw: Any,
+    ) -> BenchRow:
+        r = BenchRow(
+            backend=backend,
+            precision=precision,
+            batch=int(kw.pop("batch", 1)),
+            name=f"{self.name}: {variant}",
+            stats=LatencyStats.from_samples(samples, batch=int(kw.get("stats_batch", 1))),
+            samples_ms=[float(s) for s in samples],
+            **{k: v for k, v in kw.items() if k != "stats_batch"},
+        )
+        self.rows.append(r)
+        return r
+
+    def compare(
+        self,
+        baseline: BenchRow,
+        candidate: BenchRow,
+        label: str,
+        target: str | None = None,
+        *,
+        invert: bool = False,
+    ) -> Ratio:
+        """Ratio of median latencies, baseline / candidate (``invert``: candidate / baseline).
+
+        ``target`` is ``">= X"`` or ``"<= X"`` on the reported value.
+        """
+        a, b = (candidate, baseline) if invert else (baseline, candidate)
+        assert a.samples_ms is not None and b.samples_ms is not None
+        q = speedup(a.samples_ms, b.samples_ms, baseline=a.name, candidate=b.name)
+        self.ratios.append(q)
+        met = None
+        if target:
+            op, value = target.split()
+            met = q.speedup >= float(value) if op == ">=" else q.speedup <= float(value)
+        self.targets.append(
+            {
+                "scenario": self.name,
+                "ratio": label,
+                "value": q.speedup,
+                "ci_low": q.ci_low,
+                "ci_high": q.ci_high,
+                "target": target,
+                "met": met,
+                "samples": [len(a.samples_ms), len(b.samples_ms)],
+            }
+        )
+        return q
+
+
+# ---------------------------------------------------------------------------- shared state
+
+
+class Workspace:
+    """The model and artifacts the scenarios share, built on first use in ``root``."""
+
+    def __init__(self, cfg: SuiteConfig, root: Path) -> None:
+        self.cfg = cfg
+        self.root = root
+        self._pool: np.ndarray | None = None
+
+    @cached_property
+    def ensemble_and_meta(self) -> tuple[Any, dict[str, Any], Path]:
+        from fundus_edge.models import (
+            EnsembleConfig,
+            build_ensemble,
+            read_checkpoint_meta,
+            save_checkpoint,
+        )
+
+        mc = EnsembleConfig(
+            members=self.cfg.members,
+            num_classes=self.cfg.num_classes,
+            member_head=self.cfg.member_head,
+            image_size=self.cfg.image_size,
+        )
+        from fundus_edge.preprocess import PreprocessConfig
+
+        ens = build_ensemble(mc).eval()
+        pre = PreprocessConfig(size=self.cfg.image_size).to_dict()
+        path = save_checkpoint(self.root / "suite.safetensors", ens, extra={"preprocess": pre})
+        return ens, read_checkpoint_meta(path), path
+
+    @property
+    def ensemble(self) -> Any:
+        return self.ensemble_and_meta[0]
+
+    def _export(self, name: str, **kw: Any) -> Path:
+        ens, meta, ckpt = self.ensemble_and_meta
+        t0 = time.perf_counter()
+        path = export_onnx(ckpt, self.root / name, ensemble=ens, meta=meta, **kw)
+        log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
+        return path
+
+    @cached_property
+    def fused_onnx(self) -> Path:
+        return self._export("fused.onnx")
+
+    @cached_property
+    def nomaps_onnx(self) -> Path:
+        return self._export("nomaps.onnx", with_maps=False)
+
+    @cached_property
+    def preprocess_config(self) -> Any:
+        from fundus_edge.artifact import read_metadata
+        from fundus_edge.preprocess import PreprocessConfig
+
+        return PreprocessConfig.from_dict(read_metadata(self.fused_onnx)["preprocess"])
+
+    def images(self, n: int) -> np.ndarray:
+        """``n`` preprocessed synthetic fundus images, uint8 (n, S, S, 3) (generated once)."""
+        if self._pool is None or len(self._pool) < n:
+            pre = self.preprocess_config
+            self._pool = calibration_images(None, pre, max(n, 4), self.cfg.seed)[0]
+        return self._pool[:n]
+
+    def ort(self, path: Path) -> Any:
+        from fundus_edge.backends import load_backend
+
+        return load_backend(path, provider="cpu", threads=self.cfg.threads or None)
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def _opt(opts: Mapping[str, Any], key: str, default: Any) -> Any:
+    return type(default)(opts.get(key, default))
+
+
+class _UserPipeline:
+    """What a user would write today: eager torchvision members, the ``grad-cam`` package's
+    GradCAM for each member's top-k labels, weight enhancement, a second pass."""
+
+    def __init__(self, members: Sequence[str], num_classes: int, top_k: int, lam: float) -> None:
+        import torchvision
+        from pytorch_grad_cam import GradCAM
+
+        self.nets = [
+            torchvision.models.get_model(m, weights=None, num_classes=num_classes).eval()
+            for m in members
+        ]
+        # The recommended layers (DESIGN.md sec. 2): ResNet layer4[-1], VGG features[-1].
+        layers = [n.layer4[-1] if hasattr(n, "layer4") else n.features[-1] for n in self.nets]
+        self.cams = [
+            GradCAM(model=n, target_layers=[t]) for n, t in zip(self.nets, layers, strict=True)
+        ]
+        self.top_k = top_k
+        self.lam = lam
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        with torch.no_grad():
+            probs = [torch.sigmoid(n(x)) for n in self.nets]  # M x (1,C)
+        maps, weights = [], []
+        for p, cam in zip(probs, self.cams, strict=True):
+            top = torch.topk(p[0], self.top_k)
+            for c, w in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                g = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])  # (1,H,W) numpy
+                maps.append(torch.from_numpy(g)[:, None] * w)
+                weights.append(w)
+        att = torch.stack(maps).sum(0) / (sum(weights) + 1e-7)  # (1,1,H,W)
+        att = (att - att.amin()) / (att.amax() - att.amin() + 1e-7)
+        x2 = x * (self.lam + (1.0 - self.lam) * att)
+        with torch.no_grad():
+            probs2 = [torch.sigmoid(n(x2)) for n in self.nets]
+        return 0.5 * (torch.stack(probs).mean(0) + torch.stack(probs2).mean(0))
+
+    def close(self) -> None:
+        for cam in self.cams:
+            cam.activations_and_grads.release()
+
+
+def _to_input(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Any:
+    import torch
+
+    x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0  # (N,3,H,W)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def scenario_fused_vs_user(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    res = ScenarioResult("fused_vs_user")
+    img = ws.images(1)
+    fused = ws.ort(ws.fused_onnx)
+    cfg = ws.ensemble.config
+    user = _UserPipeline(cfg.members, cfg.num_classes, _opt(opts, "top_k", 3), cfg.enhance.lam)
+    x = _to_input(img, cfg.mean, cfg.std)
+    try:
+        s = interleave(
+            {"user": lambda: user(x), "fused": lambda: fused.infer(img)},
+            _opt(opts, "rounds", 4),
+            _opt(opts, "iters", 1),
+            _opt(opts, "warmup", 1),
+        )
+    finally:
+        user.close()
+        fused.close()
+    k = _opt(opts, "top_k", 3)
+    a = res.row(f"torchvision + grad-cam top-{k} + 2nd pass", "torch+grad-cam", s["user"])
+    b = res.row("fused graph", "onnxruntime-cpu", s["fused"], size_mb=_mb(ws.fused_onnx))
+    res.compare(a, b, "fused speed-up over the user pipeline", opts.get("target", ">= 3"))
+    res.notes.append(
+        f"fused_vs_user: batch 1; the user pipeline computes GradCAM for the top-{k} labels of "
+        "each member (one forward + backward each) where the fused graph computes all "
+        f"{cfg.num_classes} classes' maps forward-only."
+    )
+    return res
+
+
+def scenario_cam_overhead(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    res = ScenarioResult("cam_overhead")
+    img = ws.images(1)
+    fused, plain = ws.ort(ws.fused_onnx), ws.ort(ws.nomaps_onnx)
+    try:
+        s = interleave(
+            {"fused": lambda: fused.infer(img), "nomaps": lambda: plain.infer(img)},
+            _opt(opts, "rounds", 10),
+            _opt(opts, "iters", 3),
+            _opt(opts, "warmup", 2),
+        )
+    finally:
+        fused.close()
+        plain.close()
+    a = res.row("fused graph (maps + enhancement)", "onnxruntime-cpu", s["fused"])
+    b = res.row("same two passes, no maps", "onnxruntime-cpu", s["nomaps"])
+    res.compare(a, b, "fused / no-maps latency", opts.get("target", "<= 1.05"))
+    return res
+
+
+def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    from fundus_edge.convert.quantize import onnx_to_fp16, onnx_to_int8
+    from fundus_edge.perf.suite import parity_record
+
+    res = ScenarioResult("precision")
+    n_cal = _opt(opts, "calib_images", 8)
+    method = str(opts.get("calib_method", "minmax"))
+    calib = ws.images(max(n_cal, 4))
+    paths = {"fp32": ws.fused_onnx}
+    p16 = ws.root / "fused.fp16.onnx"
+    onnx_to_fp16(ws.fused_onnx, p16)
+    paths["fp16"] = p16
+    t0 = time.perf_counter()
+    p8 = ws.root / "fused.int8.onnx"
+    onnx_to_int8(ws.fused_onnx, p8, calib[:n_cal], method)
+    paths["int8"] = p8
+    res.notes.append(
+        f"precision: INT8 = static Q/DQ (ONNX Runtime, per-channel, {method} calibration on "
+        f"{n_cal} generated synthetic fundus images, not real data; quantised in "
+        f"{time.perf_counter() - t0:.0f} s). DESIGN.md's 3.7x INT8 figure was for the "
+        "single-pass classification graph; this is the full fused graph (maps, attention, "
+        "enhanced second pass), whose map arithmetic stays in float."
+    )
+    backends = {p: ws.ort(path) for p, path in paths.items()}
+    img = calib[:1]
+    try:
+        ref = backends["fp32"].infer(calib[:4])
+        thr = backends["fp32"].metadata["thresholds"]
+        parity = {
+            p: parity_record(
+                ref, b.infer(calib[:4]), thr, reference_name="onnxruntime-cpu fp32", tolerance=None
+            )
+            for p, b in backends.items()
+        }
+        s = interleave(
+            {p: (lambda b=b: b.infer(img)) for p, b in backends.items()},
+            _opt(opts, "rounds", 6),
+            _opt(opts, "iters", 3),
+            _opt(opts, "warmup", 2),
+        )
+    finally:
+        for b in backends.values():
+            b.close()
+    rows = {
+        p: res.row(
+            f"fused graph {p}",
+            "onnxruntime-cpu",
+            s[p],
+            precision=p,
+            size_mb=_mb(paths[p]),
+            parity=parity[p],
+            metric={"name": "label agreement vs fp32", "value": parity[p]["label_agreement"]},
+        )
+        for p in paths
+    }
+    res.compare(rows["fp32"], rows["fp16"], "FP16 speed-up over FP32 (ORT CPU)")
+    res.compare(
+        rows["fp32"], rows["int8"], "INT8 speed-up over FP32 (ORT CPU)", opts.get("target", ">= 3")
+    )
+    return res
+
+
+def _write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 10.0) -> Path:
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not vw.isOpened():
+        raise UserError(f"{path}: OpenCV cannot write an mp4v video here")
+    for f in frames:
+        vw.write(np.ascontiguousarray(f[:, :, ::-1]))
+    vw.release()
+    return path
+
+
+def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    from fundus_edge.runtime import Predictor, RunConfig, run
+    from fundus_edge.runtime.render import render
+    from fundus_edge.runtime.sinks import Output, VideoSink
+    from fundus_edge.runtime.sources import VideoFileSource
+
+    res = ScenarioResult("pipelined")
+    n = _opt(opts, "frames", 12)
+    size = _opt(opts, "frame_size", 512)
+    video = _write_video(ws.root / "frames.mp4", synthetic_frames(n, size, ws.cfg.seed + 3))
+    predictor = Predictor(ws.ort(ws.fused_onnx), gate=False)
+    img = ws.images(1)
+
+    def pipelined() -> None:
+        cfg = RunConfig(
+            model=ws.fused_onnx, source=str(video), headless=True, save_video=ws.root / "p.mp4"
+        )
+        s = run(cfg, predictor=predictor, handle_signals=False)
+        if s.frames_processed != n:
+            raise UserError(f"pipelined run processed {s.frames_processed} of {n} frames")
+
+    def sequential() -> None:
+        src = VideoFileSource(video)
+        src.open()
+        sink = VideoSink(ws.root / "s.mp4", fps=10.0)
+        try:
+            while (frame := src.read()) is not None:
+                pred = predictor.predict(frame.image)
+                out = Output(frame, pred, {})
+                out.rendered = render(frame.image, pred)
+                sink.write(out)
+        finally:
+            src.close()
+            sink.close()
+
+    def model_only() -> None:
+        for _ in range(n):
+            predictor.backend.infer(img)
+
+    try:
+        s = interleave(
+            {"pipelined": pipelined, "sequential": sequential, "model": model_only},
+            _opt(opts, "rounds", 3),
+            1,
+            _opt(opts, "warmup", 1),
+        )
+    finally:
+        predictor.close()
+    # One sample per round and variant: ms per frame over the whole video.
+    per = {k: [v / n for v in vs] for k, vs in s.items()}
+    a = res.row("runtime.run (threads)", "onnxruntime-cpu", per["pipelined"])
+    b = res.row("plain loop read-predict-render-write", "onnxruntime-cpu", per["sequential"])
+    c = res.row("model only (infer)", "onnxruntime-cpu", per["model"])
+    res.compare(b, a, "pipelined speed-up over the sequential loop")
+    res.compare(c, a, "pipelined FPS / model-only FPS", opts.get("target", ">= 0.9"))
+    res.notes.append(
+        f"pipelined: {n} synthetic {size}x{size} frames per round from an mp4 video, every "
+        "frame rendered and written to an mp4 in both loops; samples are ms per frame of one "
+        "whole pass."
+    )
+    return res
+
+
+def _bce(logits: Any, targets: Any) -> Any:
+    import torch.nn.functional as F
+
+    t = targets[:, None, :].expand_as(logits)  # (N,M',C)
+    return F.binary_cross_entropy_with_logits(logits, t)
+
+
+def _gradcam_attention(ens: Any, x: Any, targets: Any) -> Any:
+    """Attention from the ``grad-cam`` package's maps for every class present in the batch."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from torch import nn
+
+    class _MeanLogits(nn.Module):
+        def __init__(self, ensemble: Any) -> None:
+            super().__init__()
+            self.ensemble = ensemble
+
+        def forward(self, z: Any) -> Any:
+            return self.ensemble.head_logits(z).mean(dim=1)  # (N,C)
+
+    n, _, h, w = x.shape
+    c = targets.shape[1]
+    maps = torch.zeros(n, len(ens.members), c, h, w)  # (N,M,C,H,W)
+    view = _MeanLogits(ens)
+    active = [j for j in range(c) if float(targets[:, j].sum()) > 0]
+    for mi, member in enumerate(ens.members):
+        with GradCAM(model=view, target_layers=[member.target_layer]) as cam:
+            for j in active:
+                g = cam(input_tensor=x, targets=[ClassifierOutputTarget(j)] * n)  # (N,H,W)
+                maps[:, mi, j] = torch.from_numpy(np.ascontiguousarray(g))
+    ens.train()  # the package switched the model to eval mode
+    return ens.attention_from(maps, targets)
+
+
+def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    import torch
+
+    res = ScenarioResult("training")
+    batch = _opt(opts, "batch", 2)
+    per_image = _opt(opts, "labels_per_image", 2)
+    ens = copy.deepcopy(ws.ensemble).train()
+    cfg = ens.config
+    x = _to_input(ws.images(batch), cfg.mean, cfg.std)  # (N,3,S,S)
+    targets = torch.zeros(batch, cfg.num_classes)
+    rng = np.random.default_rng(ws.cfg.seed)
+    for i in range(batch):
+        targets[i, rng.choice(cfg.num_classes, per_image, replace=False)] = 1.0
+    opt = torch.optim.SGD(ens.parameters(), lr=1e-5)
+
+    def step(loss_fn: Callable[[], Any]) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+
+    def cam_step() -> None:
+        def loss() -> Any:
+            out = ens(x, targets)  # maps forward-only, enhancement, both views
+            return _bce(out["logits"], targets) + _bce(out["logits_enhanced"], targets)
+
+        step(loss)
+
+    x2 = torch.cat([x, x.flip(-1)])  # (2N,3,S,S): as many images as the two views
+    t2 = torch.cat([targets, targets])
+
+    def plain_step() -> None:
+        step(lambda: _bce(ens.head_logits(x2), t2))
+
+    def gradcam_step() -> None:
+        def loss() -> Any:
+            att = _gradcam_attention(ens, x, targets)
+            enh = ens.enhance(x, att)
+            return _bce(ens.head_logits(x), targets) + _bce(ens.head_logits(enh), targets)
+
+        step(loss)
+
+    s = interleave(
+        {"cam": cam_step, "plain": plain_step, "gradcam": gradcam_step},
+        _opt(opts, "rounds", 3),
+        _opt(opts, "iters", 1),
+        _opt(opts, "warmup", 1),
+    )
+    a = res.row("CAM-augmented step (kernel maps)", "torch-cpu", s["cam"], batch=batch)
+    b = res.row("plain step on the doubled batch", "torch-cpu", s["plain"], batch=2 * batch)
+    c = res.row("CAM step with grad-cam package maps", "torch+grad-cam", s["gradcam"], batch=batch)
+    res.compare(a, b, "CAM step / plain 2N step", opts.get("target_plain", "<= 1.15"))
+    res.compare(c, a, "CAM step speed-up over grad-cam maps", opts.get("target_gradcam", ">= 1.5"))
+    res.notes.append(
+        f"training: batch {batch} ({per_image} positive labels per image, "
+        f"{int((targets.sum(0) > 0).sum())} classes present: grad-cam runs once per member and "
+        "class present); forward, BCE on both views, backward and an SGD step. Implemented "
+        "against the models directly (fundus_edge.trainer exposes no public step function)."
+    )
+    return res
+
+
+SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] = {
+    "fused_vs_user": scenario_fused_vs_user,
+    "cam_overhead": scenario_cam_overhead,
+    "precision": scenario_precision,
+    "pipelined": scenario_pipelined,
+    "training": scenario_training,
+}
+
+
+def _mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 2)
+
+
+# ---------------------------------------------------------------------------- the suite
+
+
+def run_suite(
+    cfg: SuiteConfig, work_dir: str | os.PathLike | None = None, roofline: bool = True
+) -> BenchResult:
+    """Run every scenario of ``cfg`` in order; one result with all rows, ratios and targets."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result = BenchResult(device=device_record())
+    targets: list[dict[str, Any]] = []
+    notes = [
+        f"Model: {' + '.join(cfg.members)} (member head {cfg.member_head}), {cfg.num_classes} "
+        f"classes, {cfg.image_size}x{cfg.image_size}, random initialisation (latency does not "
+        "depend on weight values). Variants interleaved in rounds (A,B / B,A); ratios are "
+        "ratios of medians with 95% bootstrap intervals.",
+    ]
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="fe-suite-", dir=work_dir) as tmp:
+        ws = Workspace(cfg, Path(tmp))
+        for name, opts in cfg.scenarios.items():
+            log.info("scenario %s", name)
+            t0 = time.perf_counter()
+            res = SCENARIOS[name](ws, opts or {})
+            timings[name] = round(time.perf_counter() - t0, 1)
+            for r in res.rows:
+                result.add(r)
+            result.ratios += res.ratios
+            targets += res.targets
+            notes += res.notes
+        if roofline:
+            from fundus_edge.perf.roofline import roofline as _roofline
+
+            result.roofline = _roofline(ws.fused_onnx, batch=1, input_size=cfg.image_size)
+            result.roofline["model"] = "fused graph (" + " + ".join(cfg.members) + ")"
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = None
+    result.config = {
+        "suite": cfg.to_dict(),
+        "targets": targets,
+        "notes": notes,
+        "scenario_seconds": timings,
+        "load_average_at_end": load,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return result
+
+
+def plot_ratios(result: BenchResult, path: str | os.PathLike) -> Path:
+    """Horizontal bars of each scenario ratio with its 95% interval and target marker."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fundus_edge.fileio import atomic_write_bytes
+
+    targets = result.config.get("targets") or []
+    if not targets:
+        raise UserError("no scenario ratios to plot")
+    fig = Figure(figsize=(8.0, 0.5 * len(targets) + 1.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ys = np.arange(len(targets))[::-1]
+    vals = [t["value"] for t in targets]
+    lo = [t["value"] - (t["ci_low"] if t["ci_low"] is not None else t["value"]) for t in targets]
+    hi = [(t["ci_high"] if t["ci_high"] is not None else t["value"]) - t["value"] for t in targets]
+    colours = [
+        "tab:green" if t["met"] else "tab:red" if t["met"] is False else "tab:gray" for t in targets
+    ]
+    for y, v, el, eh, col in zip(ys, vals, lo, hi, colours, strict=True):
+        ax.errorbar([v], [y], xerr=[[el], [eh]], fmt="o", color=col, capsize=4, markersize=7)
+    for y, t in zip(ys, targets, strict=True):
+        if t.get("target"):
+            ax.plot([float(t["target"].split()[1])] * 2, [y - 0.4, y + 0.4], "k--", lw=1)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f"{t['scenario']}: {t['ratio']}" for t in targets], fontsize="small")
+    ax.set_xscale("log")  # ratios from 0.5x to 100x stay readable side by side
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("ratio of medians (log scale); whiskers: 95% CI; dashed: target")
+    ax.grid(axis="x", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _ratio_plot(result: BenchResult, out: Path) -> dict[str, Path]:
+    return (
+        {"ratios_png": plot_ratios(result, out / "ratios.png")}
+        if result.config.get("targets")
+        else {}
+    )
+
+
+def run_suite_files(
+    suite: str | os.PathLike | None = None,
+    *,
+    quick: bool = False,
+    out: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    md_path: str | os.PathLike | None = None,
+    only: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Load a suite YAML (default ``bench/scenarios/full.yaml``, or ``quick.yaml``), run it and
+    write ``result.json``, ``report.md`` and PNGs to ``out`` (default
+    ``bench/results/<device>/<suite name>/``). Returns the paths written."""
+    if suite is None:
+        suite = SUITE_DIR / "scenarios" / ("quick.yaml" if quick else "full.yaml")
+    cfg = load_suite(suite)
+    if only:
+        missing = [s for s in only if s not in cfg.scenarios]
+        if missing:
+            raise UserError(f"--only {missing[0]}: not a scenario of {suite}")
+        cfg.scenarios = {k: v for k, v in cfg.scenarios.items() if k in only}
+    t0 = time.perf_counter()
+    result = run_suite(cfg)
+    result.config["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    result.config["suite_file"] = str(suite)
+    if out is None and json_path is None and md_path is None:
+        out = SUITE_DIR / "results" / device_slug(result.device) / cfg.name
+    return write_outputs(
+        result,
+        out,
+        json_path=json_path,
+        md_path=md_path,
+        title=f"fundus-edge benchmark suite: {cfg.name}",
+        extra_plots=_ratio_plot,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bench/run_suite.py``."""
+    ap = argparse.ArgumentParser(description="Run the fundus-edge benchmark suite.")
+    ap.add_argument("--suite", help="suite YAML [bench/scenarios/full.yaml]")
+    ap.add_argument("--quick", action="store_true", help="the short suite (quick.yaml, < 60 s)")
+    ap.add_argument("--out", help="output folder [bench/results/<device>/<suite name>]")
+    ap.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these scenarios")
+    args = ap.parse_args(argv)
+    from fundus_edge.log import setup_logging
+
+    setup_logging()
+    paths = run_suite_files(args.suite, quick=args.quick, out=args.out, only=args.only)
+    for kind, p in paths.items():
+        print(f"wrote {kind}: {p}")
+    return 0
