@@ -1,0 +1,140 @@
+"""``fundus-edge export``: checkpoint -> one fused ONNX graph -> TensorRT engine / Triton repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fundus_edge.cli.app import app
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Checkpoint (.safetensors) written by train."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder [default: exports/<checkpoint stem>]."
+    ),
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help="onnx | engine | triton [default: engine where TensorRT imports, else onnx].",
+    ),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="FP16 engine (TensorRT) or FP16 ONNX with float32 I/O."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="INT8 through static Q/DQ quantisation (needs --calib)."
+    ),
+    calib: Path | None = typer.Option(
+        None, "--calib", help="Fundus images or a dataset for calibration and checks."
+    ),
+    calib_count: int | None = typer.Option(
+        None, "--calib-count", help="Images used for INT8 calibration [64]."
+    ),
+    calib_method: str | None = typer.Option(
+        None, "--calib-method", help="percentile | minmax | entropy."
+    ),
+    profile: str | None = typer.Option(
+        None,
+        "--profile",
+        "-p",
+        help="An export profile: a YAML file or a name in export/ (e.g. jetson-orin-nano-fp16).",
+    ),
+    verify: bool | None = typer.Option(
+        None, "--verify/--no-verify", help="Parity checks (default on)."
+    ),
+    workspace: int | None = typer.Option(
+        None, "--workspace", help="TensorRT workspace in MB [1024]."
+    ),
+    batch: str | None = typer.Option(
+        None, "--batch", help="TensorRT batch profile min,opt,max [1,1,4]."
+    ),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset [17]."),
+    simplify: bool | None = typer.Option(
+        None, "--simplify/--no-simplify", help="Try onnxslim / ORT basic."
+    ),
+    rebuild: str | None = typer.Option(
+        None, "--rebuild", help="Existing engine: stale | always | never."
+    ),
+    triton_backend: str | None = typer.Option(
+        None, "--triton-backend", help="Triton: onnx | engine."
+    ),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Triton max_batch_size [8]."),
+    name: str | None = typer.Option(None, "--name", help="Artifact / Triton model name [model]."),
+) -> None:
+    """Fuse both backbones, their CAM kernels and the enhancement into one ONNX graph; verify parity.
+
+    Writes OUT/<name>.onnx (FP32), OUT/<name>.fp16.onnx or OUT/<name>.int8.onnx when asked,
+    a TensorRT engine with a sidecar JSON (--format engine, on the device), a Triton
+    repository (--format triton), and OUT/export_report.json with every check's figures.
+    """
+    from fundus_edge.convert.pipeline import (
+        ExportConfig,
+        _tensorrt_available,
+        export_model,
+        load_profile,
+    )
+    from fundus_edge.errors import UserError
+
+    if fp16 and int8:
+        raise UserError("--fp16 and --int8 exclude each other; pick one precision")
+    values: dict = load_profile(profile) if profile else {}
+    given = {
+        "out": str(out) if out else None,
+        "format": fmt,
+        "calib": str(calib) if calib else None,
+        "calib_count": calib_count,
+        "calib_method": calib_method,
+        "verify": verify,
+        "workspace_mb": workspace,
+        "opset": opset,
+        "simplify": simplify,
+        "rebuild": rebuild,
+        "triton_backend": triton_backend,
+        "triton_max_batch": max_batch,
+        "name": name,
+    }
+    if fp16 or int8:
+        given["precision"] = "fp16" if fp16 else "int8"
+    if batch:
+        try:
+            given["batch"] = tuple(int(b) for b in batch.split(","))
+        except ValueError:
+            raise UserError(f"--batch {batch!r}: expected three integers like 1,1,4") from None
+    values.update({k: v for k, v in given.items() if v is not None})
+    values["model"] = str(model)
+    values.setdefault("out", str(Path("exports") / model.stem))
+    values.setdefault("format", "engine" if _tensorrt_available() else "onnx")
+    report = export_model(ExportConfig(**values))
+    _summary(report, Path(values["out"]))
+
+
+def _summary(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"export -> {out}")
+    t.add_column("check")
+    t.add_column("result")
+    t.add_column("figures")
+    for name, rec in report["checks"].items():
+        status = {True: "pass", False: "FAIL", None: "reported"}[rec.get("passed")]
+        figs = []
+        for key in ("probs_max_abs", "logits_max_abs", "max_abs", "min_correlation"):
+            if rec.get(key) is not None:
+                figs.append(f"{key}={rec[key]:.3g}")
+        if "cams_correlation" in rec and rec["cams_correlation"].get("overall") is not None:
+            figs.append(f"map corr={rec['cams_correlation']['overall']:.5f}")
+        if isinstance(rec.get("auroc"), dict) and rec["auroc"].get("change") is not None:
+            figs.append(f"AUROC change={rec['auroc']['change']:+.4f}")
+        t.add_row(name, status, ", ".join(figs))
+    console.print(t)
+    for kind, art in report["artifacts"].items():
+        size = f" ({art['size_mb']} MB)" if "size_mb" in art else ""
+        console.print(f"{kind}: {out / art['path']}{size}")
+    console.print(f"report: {out / 'export_report.json'}")

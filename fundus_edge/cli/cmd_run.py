@@ -1,0 +1,132 @@
+"""``fundus-edge run``: live fundus-camera inference with maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fundus_edge.cli.app import app
+
+_JSONL_HELP = (
+    "Write one JSON record per processed frame: source, frame, timestamp, image, position_s, "
+    "quality{score,passed,reason,sharpness,underexposed,overexposed,fov_found}, inferred, "
+    "probabilities{label: p} (null when the quality gate stopped the frame), positive[labels], "
+    "screening, fov{cx,cy,r,found}, ms{preprocess,quality,infer,postprocess,latency}."
+)
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(
+        ..., help="Exported model: .onnx, .engine/.plan (+ .json sidecar), or a checkpoint."
+    ),
+    source: str | None = typer.Argument(
+        None,
+        help="Video file, image, folder, glob ('imgs/*.png'), /dev/videoN, csi://N, rtsp://, http://.",
+    ),
+    camera: int | None = typer.Option(None, "--camera", "-c", help="V4L2 camera index."),
+    width: int | None = typer.Option(None, "--width", help="Requested capture width (cameras)."),
+    height: int | None = typer.Option(None, "--height", help="Requested capture height (cameras)."),
+    fps: float | None = typer.Option(
+        None, "--fps", help="Requested capture frame rate; also the --save-video rate."
+    ),
+    loop: bool = typer.Option(False, "--loop", help="Start a file source over at its end."),
+    reconnect: float = typer.Option(
+        10.0, "--reconnect", help="Seconds to keep reconnecting a lost camera or stream."
+    ),
+    provider: str | None = typer.Option(
+        None, "--provider", help="ONNX Runtime provider: tensorrt, cuda, cpu (default: best)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="PyTorch device for checkpoints."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="Replay CUDA graphs (TensorRT engines)."
+    ),
+    headless: bool = typer.Option(False, "--headless", help="No window."),
+    save_video: Path | None = typer.Option(
+        None, "--save-video", help="Write the annotated frames as a video (.mp4, .avi, .mkv)."
+    ),
+    save_dir: Path | None = typer.Option(
+        None, "--save-dir", help="Write each annotated frame as an image into this folder."
+    ),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help=_JSONL_HELP),
+    capture: Path | None = typer.Option(
+        None,
+        "--capture",
+        help="Save the best frame once the quality gate passes (the original frame, + .json), then stop.",
+    ),
+    capture_window: int = typer.Option(
+        10, "--capture-window", help="Frames watched after the first good one for --capture."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 2 when any file or frame had to be skipped."
+    ),
+    no_gate: bool = typer.Option(
+        False, "--no-gate", help="Infer on frames that fail the quality gate too."
+    ),
+    smoothing: float | None = typer.Option(
+        None,
+        "--smoothing",
+        help="Exponential smoothing of probabilities in [0, 1) (default 0.6 live, 0 for files).",
+    ),
+    map_: str = typer.Option(
+        "auto", "--map", help="Map to draw: auto (top finding), attention, none, or a label."
+    ),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Stop after this many frames."
+    ),
+    summary_json: Path | None = typer.Option(
+        None, "--summary-json", help="Also write the run summary as JSON."
+    ),
+) -> int:
+    """Run a model on a camera, stream, video or images: maps, labels, quality gate, logs.
+
+    Exit codes: 0 done (also after a lost camera, see the summary); 2 bad input, or
+    skipped files/frames with --strict, or nothing captured with --capture; 130 interrupted
+    (outputs are complete).
+    """
+    from fundus_edge.errors import EXIT_INTERRUPTED, DataError, UserError
+    from fundus_edge.fileio import atomic_write_json
+    from fundus_edge.runtime.pipeline import RunConfig
+    from fundus_edge.runtime.pipeline import run as run_pipeline
+
+    if (source is None) == (camera is None):
+        raise UserError("give exactly one source: a SOURCE argument or --camera N")
+    cfg = RunConfig(
+        model=model,
+        source=camera if camera is not None else source,  # type: ignore[arg-type]
+        width=width,
+        height=height,
+        fps=fps,
+        loop=loop,
+        reconnect=reconnect,
+        provider=provider,
+        device=device,
+        cuda_graph=cuda_graph,
+        headless=headless,
+        save_video=save_video,
+        save_dir=save_dir,
+        jsonl=jsonl,
+        capture=capture,
+        capture_window=capture_window,
+        strict=strict,
+        gate=not no_gate,
+        smoothing=smoothing,
+        map=map_,
+        max_frames=max_frames,
+    )
+    summary = run_pipeline(cfg)
+    for line in summary.lines():
+        typer.echo(line)
+    if summary_json is not None:
+        atomic_write_json(summary_json, summary.to_dict())
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if strict and summary.skipped:
+        first = summary.skipped[0]
+        raise DataError(
+            f"{len(summary.skipped)} item(s) skipped under --strict, first {first.item}: {first.reason}"
+        )
+    if summary.captured is False:
+        raise DataError(f"{summary.source}: no frame passed the quality gate; nothing captured")
+    return 0
