@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from fundus_edge.errors import DataError, UserError
+from fundus_edge.options import options_from_dict
 
 __all__ = [
     "CONTRASTS",
@@ -397,13 +398,7 @@ class PreprocessConfig:
         Raises:
             UserError: a key that is not an option, or a bad value.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise UserError(
-                    f"unknown preprocess option {key!r} (known: {', '.join(sorted(names))})"
-                )
-        return cls(**d)
+        return options_from_dict(cls, d, "preprocess")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from fundus_edge.errors import UserError
+from fundus_edge.options import options_from_dict
 from fundus_edge.preprocess import Circle, as_rgb_uint8, crop_square, square_around
 
 __all__ = ["REASONS", "Quality", "QualityConfig", "assess_quality"]
@@ -79,13 +80,7 @@ class QualityConfig:
         Raises:
             UserError: a key that is not an option, or a bad value.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise UserError(
-                    f"unknown quality option {key!r} (known: {', '.join(sorted(names))})"
-                )
-        return cls(**d)
+        return options_from_dict(cls, d, "quality")
 
 
 @dataclass

@@ -357,3 +357,11 @@ def test_onnx_export_matches_onnxruntime(head: str, member_head: str, op: str) -
     assert np.abs(att - ref[2].numpy()).max() <= 1e-3
     assert cams.shape == tuple(ref[1].shape)
     assert np.allclose(cams, ref[1].numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_enhance_config_unknown_key_is_a_user_error() -> None:
+    from fundus_edge.errors import UserError
+    from fundus_edge.models import EnhanceConfig
+
+    with pytest.raises(UserError, match="'strength'"):
+        EnhanceConfig.from_dict({"op": "weight", "strength": 2})

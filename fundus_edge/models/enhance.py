@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fundus_edge.errors import UserError
 from fundus_edge.models.cam import minmax
+from fundus_edge.options import options_from_dict
 
 __all__ = [
     "ATTENTIONS",
@@ -83,7 +84,8 @@ class EnhanceConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EnhanceConfig:
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; unknown keys are a user error naming them."""
+        return options_from_dict(cls, d, "enhance")
 
 
 def attention_from(

@@ -17,6 +17,7 @@ from fundus_edge.models.enhance import EnhanceConfig, apply_enhancement
 from fundus_edge.models.enhance import attention_from as _attention_from
 from fundus_edge.models.members import MEMBER_HEADS, Member, build_member
 from fundus_edge.models.registry import get_backbone
+from fundus_edge.options import options_from_dict
 
 __all__ = ["HEADS", "VIEWS", "Ensemble", "EnsembleConfig", "build_ensemble"]
 
@@ -100,11 +101,7 @@ class EnsembleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EnsembleConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a user error naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return options_from_dict(cls, d, "model config")
 
 
 class Ensemble(nn.Module):
