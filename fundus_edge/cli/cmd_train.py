@@ -1,0 +1,172 @@
+"""``fundus-edge train`` and ``fundus-edge eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fundus_edge.cli.app import app
+
+_ENHANCE = ("weight", "crop", "drop", "none")
+
+
+@app.command()
+def train(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML recipe (training/*.yaml); options below override it."
+    ),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Dataset folder."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/NAME)."),
+    name: str | None = typer.Option(None, "--name", help="Run name (default from the recipe)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Total epochs."),
+    members: str | None = typer.Option(
+        None, "--members", help="Comma-separated backbones, e.g. vgg19,resnet50."
+    ),
+    weights: str | None = typer.Option(None, "--weights", help="imagenet | none | PATH."),
+    enhance: str | None = typer.Option(None, "--enhance", help="weight | crop | drop | none."),
+    head: str | None = typer.Option(None, "--head", help="average | fusion."),
+    member_head: str | None = typer.Option(None, "--member-head", help="native | gap."),
+    cam_method: str | None = typer.Option(
+        None, "--cam-method", help="kernel (fast) or a grad-cam method: gradcam, gradcam++, ..."
+    ),
+    image_size: int | None = typer.Option(None, "--image-size", help="Model input side."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Training batch size."),
+    lr: float | None = typer.Option(None, "--lr", help="Head learning rate."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    stop_after: int | None = typer.Option(
+        None, "--stop-after", help="Stop (resumably) after this many epochs."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Any config key: --set optim.lr=1e-3 --set data.sampler=label_aware."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    ablation: Path | None = typer.Option(
+        None,
+        "--ablation",
+        help="Train every variant this YAML lists (training/ablation.yaml) and write the "
+        "table ablation.md / ablation.json in --out.",
+    ),
+) -> None:
+    """Train the ensemble (CAM-guided enhancement, weighted losses, resumable runs)."""
+    from fundus_edge.config import load_config
+    from fundus_edge.errors import UserError
+
+    if enhance is not None and enhance not in _ENHANCE:
+        raise UserError(f"--enhance {enhance!r}: choose one of {', '.join(_ENHANCE)}")
+    pairs = {
+        "data.root": str(data) if data is not None else None,
+        "out": str(out) if out is not None else None,
+        "name": name,
+        "epochs": epochs,
+        "model.members": [m.strip() for m in members.split(",") if m.strip()] if members else None,
+        "model.weights": weights,
+        "model.head": head,
+        "model.member_head": member_head,
+        "model.image_size": image_size,
+        "enhance.op": enhance,
+        "enhance.cam_method": cam_method,
+        "data.batch_size": batch_size,
+        "data.num_workers": workers,
+        "optim.lr": lr,
+        "seed": seed,
+        "device": device,
+        "stop_after": stop_after,
+    }
+    overrides = {k: v for k, v in pairs.items() if v is not None}
+    if data is not None and not data.exists():
+        raise UserError(f"--data {data}: dataset folder does not exist")
+    if ablation is not None:
+        from fundus_edge.trainer import run_ablation
+
+        if out is None:
+            raise UserError("--ablation needs --out DIR for the runs and the comparison table")
+        res = run_ablation(ablation, config, overrides, set_, Path(out), overwrite=overwrite)
+        typer.echo((Path(res["table_md"])).read_text(encoding="utf-8"))
+        typer.echo(
+            f"ablation: {len(res['rows'])} runs; tables: {res['table_md']}, {res['table_json']}"
+        )
+        return
+    cfg = load_config(config, overrides, sets=set_)
+
+    from fundus_edge.trainer import train as run_train
+
+    res = run_train(cfg, resume=resume, overwrite=overwrite)
+    if res.rank != 0:  # under torchrun only rank 0 reports, as only it wrote the run
+        return
+    best = "n/a" if res.best_metric is None else f"{res.best_metric:.4f}"
+    state = "stopped (resumable)" if res.stopped_early else "done"
+    skipped = f"; {res.skipped_images} unreadable image(s) skipped" if res.skipped_images else ""
+    typer.echo(
+        f"{state}: {res.epochs_done} epoch(s) in {res.run_dir}; best {best} -> {res.best_path}; "
+        f"{res.train_time_s:.0f} s{skipped}"
+    )
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder."),
+    split: str = typer.Option("test", "--split", help="train | val | test."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the full report here."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for roc.png, pr.png, maps.png (default: beside --json)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    data_format: str = typer.Option("auto", "--format", help="auto | rfmid | odir | csv."),
+) -> None:
+    """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots."""
+    from fundus_edge.errors import UserError
+
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split {split!r}: choose train, val or test")
+    if not data.exists():
+        raise UserError(f"--data {data}: dataset folder does not exist")
+    from fundus_edge.evaluate import evaluate_checkpoint
+    from fundus_edge.trainer import resolve_device
+
+    dev = str(resolve_device(device))
+    plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
+    rep = evaluate_checkpoint(
+        model, data, split, json_file, plots_dir, dev, batch_size, data_format=data_format
+    )
+    _render(rep)
+
+
+def _render(rep: dict) -> None:
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    m, r, e = rep["macro"], rep["riadd"], rep["elementwise"]
+    typer.echo(f"{rep['split']}: {rep['n']} images")
+    typer.echo(
+        f"  macro AUROC {f(m['auroc'])}  mAP {f(m['ap'])}  macro F1 {f(m['f1'])}  "
+        f"micro F1 {f(rep['micro']['f1'])}"
+    )
+    typer.echo(
+        f"  RIADD score {f(r['score'])}  (screening AUROC {f(r['screening_auroc'])}, "
+        f"classification {f(r['classification'])})"
+    )
+    typer.echo(
+        f"  element-wise accuracy {f(e['accuracy'])}  precision {f(e['precision'])}  "
+        f"recall {f(e['recall'])}"
+    )
+    loc = rep.get("localisation")
+    if loc:
+        lm = loc["macro"]
+        excluded = (
+            f"; global, not averaged: {', '.join(loc['excluded'])}" if loc["excluded"] else ""
+        )
+        typer.echo(
+            f"  localisation: pointing game {f(lm['pointing_game'])} "
+            f"(within {loc['tolerance']:.0%} of the FOV: {f(lm['pointing_game_tol'])})  "
+            f"energy inside {f(lm['energy_inside'])}{excluded}"
+        )
+    for note in rep.get("notes", []):
+        typer.echo(f"  note: {note}")
+    for key, path in rep.get("figures", {}).items():
+        typer.echo(f"  {key}: {path}")

@@ -1,0 +1,351 @@
+"""Typed training configuration: dataclass defaults <- YAML recipe <- command-line overrides.
+
+A recipe (``training/*.yaml``) is a nested mapping whose sections mirror the dataclasses below;
+unknown keys and wrongly typed values are refused with one line naming the file and the key.
+Overrides are dotted ``key=value`` pairs (``optim.lr=1e-3``, ``model.members=[resnet18]``),
+their values parsed as YAML. The resolved config is saved beside every run as ``config.yaml``,
+so a run can be repeated from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fundus_edge.errors import UserError
+from fundus_edge.losses import LossConfig
+
+__all__ = [
+    "CAM_METHODS",
+    "DataSection",
+    "EnhanceSection",
+    "ModelSection",
+    "OptimSection",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+]
+
+#: ``kernel``: the forward-only CAM kernels of the model (fast, exact Grad-CAM for pooled heads).
+#: The others use the ``grad-cam`` package (a backward pass per class; slow, for comparison).
+CAM_METHODS = ("kernel", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")
+
+
+@dataclass
+class ModelSection:
+    """The ensemble (mirrors :class:`fundus_edge.models.EnsembleConfig`)."""
+
+    members: list[str] = field(default_factory=lambda: ["vgg19", "resnet50"])
+    head: str = "average"  # "average" per-member heads | "fusion" one head on pooled features
+    member_head: str = "native"  # "native" torchvision head | "gap" pooled linear head
+    weights: str = "imagenet"  # "imagenet" | "none" | path to a checkpoint
+    imagenet_dir: str | None = None  # folder of torchvision weight files (default: hub cache)
+    dropout: float = 0.2
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class EnhanceSection:
+    """CAM-guided enhancement during training (the paper's augmentation).
+
+    Attributes:
+        op: ``"weight"``, ``"crop"``, ``"drop"`` (training only) or ``"none"`` (plain training,
+            and the exported model runs the original view only).
+        lam: weighting floor ``λ`` in ``x·(λ + (1-λ)·M)``.
+        theta: threshold (fraction of the map's max) for crop/drop.
+        pad: crop box padding (fraction of its size).
+        warmup_epochs: plain epochs before the maps are trusted to guide enhancement.
+        train_weights: which classes' maps make the training attention: ``"targets"`` (the
+            ground-truth positive labels; images with none fall back to the predicted
+            probabilities) or ``"probs"`` (the predicted probabilities, as at inference).
+        attention: how class maps combine (the model's mode, also used at inference):
+            ``"prob_weighted"`` (weighted mean of per-member, per-class min-max maps) or
+            ``"top_class"``.
+        cam_method: ``"kernel"`` (forward-only, from the same pass) or a ``grad-cam`` method
+            name (a backward pass per class and member: slow, for comparison only).
+    """
+
+    op: str = "weight"
+    lam: float = 0.5
+    theta: float = 0.5
+    pad: float = 0.1
+    warmup_epochs: int = 1
+    train_weights: str = "targets"
+    attention: str = "prob_weighted"
+    cam_method: str = "kernel"
+
+
+@dataclass
+class DataSection:
+    """Dataset, preprocessing, augmentation and loading."""
+
+    root: str = ""
+    format: str = "auto"
+    preprocess: dict = field(default_factory=dict)  # PreprocessConfig fields; size = image_size
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 2
+    sampler: str = "shuffle"  # "shuffle" | "label_aware" (rare labels drawn more often)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate: float = 15.0  # degrees, uniform in [-rotate, rotate]
+    brightness: float = 0.1  # multiplicative jitter amplitude
+    contrast: float = 0.1
+    cache: bool = True  # keep preprocessed (uint8, image_size) images in memory
+    limit: int | None = None  # use at most this many samples per split (smoke runs)
+
+
+@dataclass
+class OptimSection:
+    """Optimiser, schedule, transfer learning and loss."""
+
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    lr: float = 3e-4
+    backbone_lr_mult: float = 0.1  # backbone LR = lr * mult once unfrozen
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0  # linear LR warm-up, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+    schedule: str = "cosine"  # "cosine" | "constant"
+    freeze_epochs: int = 0  # backbone frozen (heads only) for this many epochs
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    amp: str = "auto"  # "auto" (fp16 on CUDA) | "fp16" | "bf16" | "none"
+    ema: float = 0.0  # EMA decay (e.g. 0.999); 0 disables
+    # BatchNorm running-statistics momentum; None keeps each backbone's own. MobileNetV3 and
+    # EfficientNet use 0.01, made for long ImageNet runs: over a short run from random init
+    # their running statistics lag the weights and validation sees garbage.
+    bn_momentum: float | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved as ``config.yaml`` in the run directory."""
+
+    name: str = "run"
+    out: str = ""  # run directory; default runs/<name>
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    epochs: int = 10
+    stop_after: int | None = None  # stop (resumably) after this many epochs: tests, time slots
+    select: str = "auto"  # best-checkpoint metric: "auto" (RIADD score, else macro AUROC) or a key
+    deterministic: bool = True
+    model: ModelSection = field(default_factory=ModelSection)
+    enhance: EnhanceSection = field(default_factory=EnhanceSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        """Build from a nested mapping; unknown keys or bad types raise :class:`UserError`."""
+        return _build(cls, d, source, "")
+
+    def validate(self, source: str = "config") -> None:
+        """Check choices that the types alone do not (one line naming the key)."""
+        checks = [
+            ("model.head", self.model.head, ("average", "fusion")),
+            ("model.member_head", self.model.member_head, ("native", "gap")),
+            ("enhance.op", self.enhance.op, ("weight", "crop", "drop", "none")),
+            ("enhance.train_weights", self.enhance.train_weights, ("targets", "probs")),
+            ("enhance.attention", self.enhance.attention, ("prob_weighted", "top_class")),
+            ("enhance.cam_method", self.enhance.cam_method, CAM_METHODS),
+            ("data.sampler", self.data.sampler, ("shuffle", "label_aware")),
+            ("optim.optimizer", self.optim.optimizer, ("adamw", "sgd")),
+            ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
+            ("optim.amp", self.optim.amp, ("auto", "fp16", "bf16", "none")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise UserError(
+                    f"{source}: {key}: {value!r} is not one of {', '.join(map(str, allowed))}"
+                )
+        if not self.model.members:
+            raise UserError(f"{source}: model.members: at least one member is needed")
+        for key, value in (
+            ("epochs", self.epochs),
+            ("data.batch_size", self.data.batch_size),
+            ("model.image_size", self.model.image_size),
+        ):
+            if value < 1:
+                raise UserError(f"{source}: {key}: must be >= 1, got {value}")
+        if self.model.image_size < 32:
+            raise UserError(
+                f"{source}: model.image_size: must be >= 32, got {self.model.image_size}"
+            )
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UserError(f"{source}: stop_after: must be >= 1, got {self.stop_after}")
+        bn = self.optim.bn_momentum
+        if bn is not None and not 0.0 < bn <= 1.0:
+            raise UserError(f"{source}: optim.bn_momentum: must be in (0, 1], got {bn}")
+        if not 0.0 <= self.optim.ema < 1.0:
+            raise UserError(f"{source}: optim.ema: must be in [0, 1), got {self.optim.ema}")
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits the annotation ``tp``; returns a possibly converted value."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list or tp is list:
+        if isinstance(value, str):  # "a,b" from a command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(tp)
+        if not args:
+            return True, list(value)
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, args[0])
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise UserError(
+                f"{source}: unknown key {prefix}{key!s} (known: {', '.join(sorted(names))})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, source, f"{prefix}{key}.")
+            continue
+        ok, conv = _type_ok(value, tp)
+        if not ok:
+            want = getattr(tp, "__name__", str(tp))
+            raise UserError(f"{source}: {prefix}{key}: expected {want}, got {value!r}")
+        kwargs[key] = conv
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "preprocess":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
+    """Set dotted keys in a nested mapping.
+
+    Args:
+        d: the nested mapping (not modified).
+        overrides: ``{"optim.lr": 1e-3}`` or ``["optim.lr=1e-3", ...]`` (values parsed as YAML).
+
+    Raises:
+        UserError: a ``key=value`` string without ``=``.
+    """
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        overrides = pairs
+    out = _merge(d, {})
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Defaults, then the YAML recipe at ``path`` (if any), then ``sets``, then ``overrides``.
+
+    Args:
+        path: YAML recipe.
+        overrides: dotted keys -> values (the command's named options).
+        sets: ``KEY=VALUE`` strings (``--set``), values parsed as YAML.
+
+    Raises:
+        UserError: missing or malformed recipe, unknown key, wrong type, invalid choice.
+    """
+    d = TrainConfig().to_dict()
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file does not exist")
+        try:
+            recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f":{line + 1}" if line is not None else ""
+            raise UserError(f"{path}{where}: not valid YAML ({exc})".replace("\n", " ")) from exc
+        if not isinstance(recipe, dict):
+            raise UserError(f"{path}: expected a mapping at the top level")
+        _build(TrainConfig, recipe, source, "")  # names the recipe's own bad keys
+        d = _merge(d, recipe)
+    if sets:
+        d = apply_overrides(d, sets)
+    if overrides:
+        d = apply_overrides(d, overrides)
+    if sets or overrides:
+        source = f"{source} + command-line overrides"
+    cfg = TrainConfig.from_dict(d, source)
+    cfg.validate(source)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from fundus_edge.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

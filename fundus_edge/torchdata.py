@@ -1,0 +1,279 @@
+"""PyTorch data pipeline over :class:`fundus_edge.datasets.Sample`: the edge preprocessing, then
+training augmentation, then normalisation.
+
+Determinism: every random choice of an augmentation comes from a generator seeded by
+``(seed, epoch, sample index)``, and the epoch's sample order from ``(seed, epoch)``; so the
+batches of epoch ``e`` are the same whatever the number of workers and whether the run was
+resumed. Preprocessing is the same :func:`fundus_edge.preprocess.preprocess` the edge runtime
+uses, so training and deployment cannot drift.
+
+Unreadable images never stop a run: :meth:`FundusTorchDataset.__getitem__` returns a zero image
+with the *negative* index ``-(i + 1)`` for a sample whose file cannot be decoded (found when the
+cache is filled, or at read time without a cache), and the training loop drops, counts and
+reports those rows (:func:`split_unreadable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from fundus_edge.datasets import Sample
+from fundus_edge.errors import DataError
+from fundus_edge.log import get_logger
+from fundus_edge.preprocess import PreprocessConfig, preprocess, read_image
+
+__all__ = [
+    "AugmentConfig",
+    "FundusTorchDataset",
+    "augment_image",
+    "epoch_indices",
+    "label_aware_weights",
+    "split_unreadable",
+    "to_tensor",
+]
+
+log = get_logger("torchdata")
+
+
+@dataclass
+class AugmentConfig:
+    """Geometric and photometric training augmentation on the preprocessed uint8 image."""
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate: float = 15.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+
+def augment_image(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random flip, rotation about the centre, brightness and contrast; uint8 in, uint8 out.
+
+    Rotation keeps the square and fills the corners black, which matches the masked area
+    outside the field of view.
+    """
+    out = img
+    if cfg.hflip > 0 and rng.random() < cfg.hflip:
+        out = out[:, ::-1]
+    if cfg.vflip > 0 and rng.random() < cfg.vflip:
+        out = out[::-1, :]
+    if cfg.rotate > 0:
+        angle = float(rng.uniform(-cfg.rotate, cfg.rotate))
+        s = out.shape[0]
+        rot = cv2.getRotationMatrix2D(((s - 1) / 2.0, (s - 1) / 2.0), angle, 1.0)
+        out = cv2.warpAffine(
+            np.ascontiguousarray(out),
+            rot,
+            (out.shape[1], s),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(0, 0, 0),
+        )
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        b = 1.0 + float(rng.uniform(-cfg.brightness, cfg.brightness))
+        c = 1.0 + float(rng.uniform(-cfg.contrast, cfg.contrast))
+        f = out.astype(np.float32)
+        mean = f.mean()
+        f = (f - mean) * c + mean * b
+        out = np.clip(f, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` RGB -> normalised float ``(3, H, W)``."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+class FundusTorchDataset(Dataset):
+    """Samples -> ``(x (3,S,S) float32, y (C,) float32, index)``.
+
+    A sample whose image cannot be read yields a zero ``x`` and index ``-(i + 1)``; the reason
+    is in :attr:`unreadable` when the cache found it, else :meth:`failure` reads it again.
+
+    Args:
+        samples: the split's samples.
+        preprocess_cfg: the edge preprocessing (its ``size`` is the model input side).
+        mean: normalisation mean (RGB, 0..1 scale).
+        std: normalisation std.
+        augment: training augmentation, or None for evaluation.
+        seed: run seed (augmentation randomness derives from it).
+        cache: keep preprocessed uint8 images in memory once :meth:`preload` ran.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocess_cfg: PreprocessConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        cache: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.pre = preprocess_cfg
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.augment = augment
+        self.seed = int(seed)
+        self.cache = cache
+        self.epoch = 0
+        self._images: np.ndarray | None = None
+        #: sample index -> why its image could not be read (filled by :meth:`preload`).
+        self.unreadable: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws ``__getitem__`` makes."""
+        self.epoch = int(epoch)
+
+    def labels(self) -> np.ndarray:
+        """``(N, C)`` float32 labels of all samples."""
+        return np.stack([s.labels for s in self.samples]).astype(np.float32)
+
+    def load(self, i: int) -> np.ndarray:
+        """The preprocessed uint8 ``(S, S, 3)`` image of sample ``i``."""
+        if self._images is not None:
+            return self._images[i]
+        return preprocess(read_image(self.samples[i].path), self.pre).image
+
+    def preload(self, threads: int = 4) -> None:
+        """Preprocess every image once into one uint8 array (OpenCV releases the GIL).
+
+        Images that cannot be read are recorded in :attr:`unreadable` (and skipped later)
+        instead of failing the whole run.
+        """
+        if not self.cache or self._images is not None or not self.samples:
+            return
+        s = self.pre.size
+        arr = np.zeros((len(self.samples), s, s, 3), dtype=np.uint8)
+
+        def work(i: int) -> str | None:
+            try:
+                arr[i] = preprocess(read_image(self.samples[i].path), self.pre).image
+            except DataError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            errors = list(pool.map(work, range(len(self.samples))))
+        self.unreadable.update({i: e for i, e in enumerate(errors) if e is not None})
+        self._images = arr
+
+    def failure(self, i: int) -> str:
+        """Why sample ``i`` cannot be read (one line naming the file)."""
+        if i in self.unreadable:
+            return self.unreadable[i]
+        try:
+            read_image(self.samples[i].path)
+        except DataError as exc:
+            return str(exc)
+        return f"{self.samples[i].path}: could not be read earlier (readable now)"
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        y = torch.from_numpy(np.asarray(self.samples[i].labels, dtype=np.float32))
+        if i in self.unreadable:
+            return self._placeholder(), y, -(int(i) + 1)
+        try:
+            img = self.load(i)
+        except DataError:
+            # Worker processes cannot report back: the negative index tells the loop.
+            return self._placeholder(), y, -(int(i) + 1)
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+            img = augment_image(img, self.augment, rng)
+        x = to_tensor(img, self.mean, self.std)
+        return x, y, int(i)
+
+    def _placeholder(self) -> torch.Tensor:
+        return torch.zeros(3, self.pre.size, self.pre.size)
+
+
+def split_unreadable(
+    x: torch.Tensor, y: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Drop the rows of a batch whose image could not be read.
+
+    Args:
+        x: ``(N, 3, S, S)`` images.
+        y: ``(N, C)`` labels.
+        index: ``(N,)`` dataset indices, ``-(i + 1)`` for an unreadable sample ``i``.
+
+    Returns:
+        ``(x, y)`` of the readable rows and the sample indices of the dropped ones.
+    """
+    bad = index < 0
+    if not bool(bad.any()):
+        return x, y, []
+    dropped = (-index[bad] - 1).tolist()
+    keep = ~bad
+    return x[keep], y[keep], dropped
+
+
+def label_aware_weights(labels: np.ndarray) -> np.ndarray:
+    """Sampling weight per image: the inverse frequency of its rarest positive label.
+
+    Images without positives count as one more "normal" class. The weights make every label
+    roughly as likely to be drawn as the most common one.
+    """
+    labels = np.asarray(labels) > 0.5
+    freq = labels.sum(0).astype(np.float64)
+    normal = ~labels.any(1)
+    inv = np.where(freq > 0, 1.0 / np.maximum(freq, 1), 0.0)
+    w = (labels * inv[None]).max(1)
+    if normal.any():
+        w[normal] = 1.0 / normal.sum()
+    return w / w.sum()
+
+
+def epoch_indices(
+    n: int,
+    epoch: int,
+    seed: int,
+    mode: str = "shuffle",
+    labels: np.ndarray | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[int]:
+    """This rank's sample order for one epoch (the same on every call with the same arguments).
+
+    ``shuffle`` is :class:`torch.utils.data.DistributedSampler`'s order (padded to a multiple of
+    ``world_size``, strided per rank); ``label_aware`` draws ``n`` indices with replacement with
+    :func:`label_aware_weights` from a generator seeded by ``(seed, epoch)``, then strides.
+    """
+    if mode == "shuffle":
+
+        class _Sized:
+            def __len__(self) -> int:
+                return n
+
+        sampler = DistributedSampler(
+            _Sized(),  # type: ignore[arg-type]
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+        )
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    if mode == "label_aware":
+        if labels is None:
+            raise ValueError("label_aware sampling needs the labels")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        w = torch.from_numpy(label_aware_weights(labels))
+        total = -(-n // world_size) * world_size
+        idx = torch.multinomial(w, total, replacement=True, generator=g).tolist()
+        return idx[rank::world_size]
+    raise ValueError(f"unknown sampler {mode!r}")

@@ -1,0 +1,1348 @@
+"""Training loop: CAM-guided enhancement, imbalance-aware losses, transfer learning, runs that
+lose nothing.
+
+One epoch, after the enhancement warm-up::
+
+    x (N,3,S,S) --Ensemble.forward(x, targets)--> logits (N,M',C), cams (N,M,C,h,w)
+                  attention = attention_from(cams.detach(), targets or probs)   (N,1,h,w)
+                  x' = enhance(x, attention)  -> logits_enhanced (N,M',C)
+    loss = (loss(logits, y) + loss(logits_enhanced, y)) / 2
+
+The maps come from the same forward pass (the model's forward-only CAM kernels); no extra
+backward pass. ``enhance.cam_method`` other than ``kernel`` builds the attention with the
+``grad-cam`` package instead (one backward per class and member: slow, for comparison).
+:func:`training_step` is that one step as a public function (the benchmark times it).
+
+A run directory ``runs/<name>/`` holds::
+
+    config.yaml          the resolved TrainConfig
+    metrics.jsonl        one JSON record per finished epoch
+    metrics.csv          the same records as a table (rewritten atomically every epoch)
+    last.safetensors     model after the last finished epoch (EMA weights when EMA is on)
+    best.safetensors     model of the best validation epoch, thresholds tuned on validation
+    last.state.pt        optimiser, scheduler, scaler, EMA, RNG states, epoch, step: --resume
+    training_curves.png  losses and validation metrics per epoch
+
+Resuming restores the state file exactly; an interrupted epoch (Ctrl-C saves the state at the
+current step) continues from its next batch with the same order and augmentation draws,
+because both derive from ``(seed, epoch, index)``. A run killed without warning resumes from
+the last finished epoch.
+
+Failures that must not cost a long run: an image that cannot be decoded is skipped and counted
+(``skipped_images`` in the metrics, a warning naming the file once); a non-finite loss or
+gradient stops the run before the optimiser applies it, with one line
+(:class:`NonFiniteLossError`, exit code 2), leaving the checkpoints of finished epochs as
+they were.
+
+Multi-GPU: launched by ``torchrun`` (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) the model is
+wrapped in DistributedDataParallel (BatchNorm converted to SyncBatchNorm on CUDA), each rank
+takes a strided share of the epoch's order (DistributedSampler's), validation runs on rank 0
+and only rank 0 writes. ``data.batch_size`` is per process; the effective batch size
+(``batch_size * world_size``) is logged and recorded in every metrics record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fundus_edge.config import CAM_METHODS, TrainConfig, save_config
+from fundus_edge.errors import DataError, UserError
+from fundus_edge.fileio import atomic_open, atomic_write_text
+from fundus_edge.log import get_logger, progress
+
+__all__ = [
+    "ABLATION_COLUMNS",
+    "STATE_FILE",
+    "ModelEMA",
+    "NonFiniteLossError",
+    "RunResult",
+    "ablation_configs",
+    "cam_attention_gradcam",
+    "resolve_device",
+    "run_ablation",
+    "train",
+    "training_step",
+]
+
+log = get_logger("train")
+
+STATE_FILE = "last.state.pt"
+_RUN_MARKER = "config.yaml"
+
+
+class NonFiniteLossError(UserError):
+    """The loss or the gradient became NaN/inf; training stopped before applying it (exit 2)."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` did.
+
+    Attributes:
+        run_dir: the run directory.
+        epochs_done: finished epochs (all of them, including earlier resumed ones).
+        best_path: best checkpoint (None before a validation epoch finished).
+        last_path: last checkpoint.
+        best_metric: the selection metric's best value.
+        history: the ``metrics.jsonl`` records.
+        stopped_early: stopped by ``stop_after`` before ``epochs``.
+        train_time_s: wall time of this call (data loading included).
+        effective_batch_size: ``data.batch_size * world_size``.
+        skipped_images: unreadable images this process skipped, summed over epochs.
+        rank: this process's rank (0 without torchrun); only rank 0 wrote the run dir.
+    """
+
+    run_dir: Path
+    epochs_done: int
+    best_path: Path | None
+    last_path: Path | None
+    best_metric: float | None
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    train_time_s: float = 0.0
+    effective_batch_size: int = 0
+    skipped_images: int = 0
+    rank: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, distribution, determinism
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA is a user error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "no CUDA"
+            raise UserError(
+                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
+                f"built with {built}); use --device cpu"
+            )
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_spec: str) -> tuple[_Dist, torch.device]:
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return _Dist(), resolve_device(device_spec)
+    import torch.distributed as dist
+
+    d = _Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), True)
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Dropout and other torch draws of epoch e depend on (seed, e) only, not on history.
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    random.setstate((s["python"][1], tuple(s["python"][0]), None))
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+
+
+class ModelEMA:
+    """Exponential moving average of a model's parameters and buffers.
+
+    ``ema = decay * ema + (1 - decay) * weights`` after every optimiser step; integer buffers
+    (BatchNorm's batch counter) are copied. The averaged copy is what validation and the
+    saved checkpoints use.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(self.decay).add_(src[k].detach(), alpha=1.0 - self.decay)
+            else:
+                v.copy_(src[k])
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------------------------
+# Model pieces
+
+
+class _TrainForward(nn.Module):
+    """The training step's forward, one module so DistributedDataParallel can wrap it.
+
+    ``forward(x, targets, mode, attention)``: ``mode`` ``"plain"`` -> (logits, None);
+    ``"kernel"`` -> the ensemble's own two-view forward; ``"given"`` -> enhanced view from an
+    attention computed outside (the grad-cam slow path).
+    """
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None,
+        mode: str,
+        attention: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ens = self.ensemble
+        if mode == "plain":
+            return ens.head_logits(x), None  # (N,M',C)
+        if mode == "kernel":
+            out = ens(x, targets)
+            return out["logits"], out["logits_enhanced"]
+        return ens.head_logits(x), ens.head_logits(ens.enhance(x, attention))
+
+
+def _backbone_and_head_params(ensemble: nn.Module) -> tuple[list, list]:
+    backbone, head = [], []
+    for m in ensemble.members:
+        backbone += list(m.features.parameters())
+    backbone_ids = {id(p) for p in backbone}
+    head = [p for p in ensemble.parameters() if id(p) not in backbone_ids]
+    return backbone, head
+
+
+def _set_frozen(ensemble: nn.Module, frozen: bool) -> None:
+    for m in ensemble.members:
+        for p in m.features.parameters():
+            p.requires_grad_(not frozen)
+
+
+def _train_mode(ensemble: nn.Module, frozen: bool) -> None:
+    ensemble.train()
+    if frozen:
+        # A frozen backbone keeps its (ImageNet) BatchNorm statistics too.
+        for m in ensemble.members:
+            m.features.eval()
+
+
+class _LogitsView(nn.Module):
+    """(N,3,H,W) -> (N,C) mean head logits: the model the grad-cam package sees."""
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.head_logits(x).mean(dim=1)
+
+
+def cam_attention_gradcam(
+    ensemble: nn.Module, x: torch.Tensor, weights: torch.Tensor, method: str
+) -> torch.Tensor:
+    """Attention (N,1,H,W) from the ``grad-cam`` package's maps (the slow comparison path).
+
+    For each member (its ``target_layer``) and each class with a non-zero weight in the batch,
+    one ``grad-cam`` call with ``ClassifierOutputTarget(c)`` for every image gives normalised
+    maps at input resolution; they are combined as the kernel path does
+    (:meth:`Ensemble.attention_from`). The package calls ``model.eval()`` and accumulates
+    parameter gradients: the caller restores the training mode and zeroes the gradients.
+    """
+    from fundus_edge.errors import require
+
+    require("pytorch_grad_cam", "train", "--cam-method " + method)
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classes = {
+        "gradcam": pgc.GradCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "hirescam": pgc.HiResCAM,
+        "layercam": pgc.LayerCAM,
+        "eigencam": pgc.EigenCAM,
+    }
+    cls = classes[method]
+    n, _, h, w = x.shape
+    c = weights.shape[1]
+    members = list(ensemble.members)
+    maps = torch.zeros(n, len(members), c, h, w, device=x.device)  # (N,M,C,H,W)
+    view = _LogitsView(ensemble)
+    active = [j for j in range(c) if float(weights[:, j].sum()) > 0]
+    for mi, member in enumerate(members):
+        with cls(model=view, target_layers=[member.target_layer]) as cam:
+            for j in active:
+                g = cam(input_tensor=x, targets=[ClassifierOutputTarget(j)] * n)  # (N,H,W)
+                maps[:, mi, j] = torch.from_numpy(np.ascontiguousarray(g)).to(x.device)
+    return ensemble.attention_from(maps, weights.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def _build_optimizer(cfg: TrainConfig, ensemble: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    backbone, head = _backbone_and_head_params(ensemble)
+    groups = [
+        {"params": backbone, "lr": o.lr * o.backbone_lr_mult, "base_lr": o.lr * o.backbone_lr_mult},
+        {"params": head, "lr": o.lr, "base_lr": o.lr},
+    ]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / STATE_FILE).is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no {STATE_FILE})")
+        return
+    if exists and not overwrite:
+        raise UserError(
+            f"{run_dir}: run directory exists; pass --resume to continue it or --overwrite "
+            "to replace it"
+        )
+    if exists:
+        if not (run_dir / _RUN_MARKER).is_file():
+            raise UserError(
+                f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing to "
+                "delete it with --overwrite"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    """``metrics.jsonl`` and ``metrics.csv``, each replaced atomically."""
+    import csv
+    import io
+    import json
+
+    atomic_write_text(
+        run_dir / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in history)
+    )
+    # Columns: every key any record has, in first-seen order (a resumed run may add keys).
+    cols = list(dict.fromkeys(k for r in history for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for r in history:
+        writer.writerow({k: "" if r.get(k) is None else r[k] for k in cols})
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def _validate(
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    autocast,
+    label_names: list[str],
+    screening: str,
+    where: str,
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Validation report, predictions and tuned thresholds; ``rep["skipped_images"]`` counts
+    unreadable validation images left out."""
+    from fundus_edge.metrics import multilabel_report, tune_thresholds
+    from fundus_edge.torchdata import split_unreadable
+
+    model.eval()
+    probs, labels, losses = [], [], []
+    skipped: list[int] = []
+    for x, y, idx in loader:
+        x, y, dropped = split_unreadable(x, y, idx)
+        skipped += dropped
+        if not len(y):
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        losses.append(float(loss_fn(out["logits"].float(), y)) * len(y))
+        probs.append(out["probs"].float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+    if not probs:
+        raise DataError(f"no validation image could be read ({len(skipped)} unreadable)")
+    p = np.concatenate(probs)
+    t = np.concatenate(labels)
+    if not np.isfinite(p).all():
+        raise NonFiniteLossError(
+            f"validation predictions are not finite after {where}; training stopped, "
+            "checkpoints of earlier epochs kept; lower optim.lr or raise optim.grad_clip"
+        )
+    thr = tune_thresholds(t, p)
+    rep = multilabel_report(t, p, label_names, thr, screening)
+    rep["loss"] = float(np.sum(losses) / len(t))
+    rep["skipped_images"] = len(skipped)
+    return rep, p, thr
+
+
+def _none_if_nan(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _summary(rep: dict) -> dict:
+    return {
+        "val_loss": rep["loss"],
+        "val_macro_auroc": rep["macro"]["auroc"],
+        "val_map": rep["macro"]["ap"],
+        "val_macro_f1": rep["macro"]["f1"],
+        "val_micro_f1": rep["micro"]["f1"],
+        "val_riadd": rep["riadd"]["score"],
+        "val_screening_auroc": rep["riadd"]["screening_auroc"],
+        "val_elementwise_accuracy": _none_if_nan(rep["elementwise"]["accuracy"]),
+    }
+
+
+def _selection(select: str, rec: dict) -> float:
+    """Higher is better; ``auto``: RIADD score, else macro AUROC, else -val_loss."""
+    if select != "auto":
+        if select not in rec:
+            raise UserError(f"select: {select!r} is not a metric (have: {', '.join(sorted(rec))})")
+        v = rec[select]
+        if v is None:
+            return -math.inf
+        return -float(v) if select.endswith("loss") else float(v)
+    for key in ("val_riadd", "val_macro_auroc"):
+        if rec.get(key) is not None:
+            return float(rec[key])
+    return -float(rec["val_loss"])
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class _Interrupt:
+    """SIGINT sets a flag checked between steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old = None
+
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        log.warning(
+            "interrupt: saving a resumable checkpoint after this step (Ctrl-C again to abort)"
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _open_data(cfg: TrainConfig):
+    from fundus_edge.datasets import open_dataset
+
+    root = Path(cfg.data.root) if cfg.data.root else None
+    if root is None:
+        raise UserError("--data: no dataset folder given (or data.root in the config)")
+    if not root.exists():
+        raise UserError(f"--data {root}: dataset folder does not exist")
+    ds = open_dataset(root, format=cfg.data.format)
+    train = ds.splits.get("train") or []
+    val = ds.splits.get("val") or []
+    if not train:
+        raise DataError(f"{root}: no training samples found")
+    if not val:
+        raise DataError(f"{root}: no validation samples found (needed to select and tune)")
+    if cfg.data.limit:
+        train, val = train[: cfg.data.limit], val[: cfg.data.limit]
+    return ds, train, val
+
+
+def _build_model(cfg: TrainConfig, label_names: list[str]):
+    from fundus_edge.models import EnhanceConfig, EnsembleConfig, build_ensemble
+
+    e = cfg.enhance
+    ecfg = EnsembleConfig(
+        members=tuple(cfg.model.members),
+        num_classes=len(label_names),
+        label_names=tuple(label_names),
+        head=cfg.model.head,
+        member_head=cfg.model.member_head,
+        weights=cfg.model.weights,
+        imagenet_dir=cfg.model.imagenet_dir,
+        dropout=cfg.model.dropout,
+        image_size=cfg.model.image_size,
+        mean=tuple(cfg.model.mean),
+        std=tuple(cfg.model.std),
+        views="original" if e.op == "none" else "both",
+        enhance=EnhanceConfig(
+            op="weight" if e.op == "none" else e.op,
+            lam=e.lam,
+            theta=e.theta,
+            pad=e.pad,
+            attention=e.attention,
+        ),
+    )
+    return build_ensemble(ecfg)
+
+
+_GRADCAM_METHODS = tuple(m for m in CAM_METHODS if m != "kernel")
+
+
+def _step_loss(
+    forward: nn.Module,
+    ensemble: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    mode: str,
+    train_weights: str,
+    restore_mode,
+    autocast=contextlib.nullcontext,
+) -> torch.Tensor:
+    """The loss of one batch: ``mode`` ``plain``, ``kernel`` or a ``grad-cam`` method name."""
+    targets = y if train_weights == "targets" else None
+    attention = None
+    kind = mode
+    if mode not in ("plain", "kernel"):
+        with torch.no_grad():
+            probs = torch.sigmoid(ensemble.head_logits(x)).mean(1)  # (N,C)
+        w = (
+            probs
+            if targets is None
+            else torch.where(targets.sum(1, keepdim=True) > 0, targets, probs)
+        )
+        attention = cam_attention_gradcam(ensemble, x, w, mode).detach()  # (N,1,H,W)
+        ensemble.zero_grad(set_to_none=True)  # the package's backward passes left gradients
+        restore_mode()  # and it switched the model to eval mode
+        kind = "given"
+    with autocast():
+        logits, logits_enh = forward(x, targets, kind, attention)
+    loss = loss_fn(logits.float(), y)
+    if logits_enh is not None:
+        loss = 0.5 * (loss + loss_fn(logits_enh.float(), y))
+    return loss
+
+
+def training_step(
+    ensemble: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    mode: str = "kernel",
+    train_weights: str = "targets",
+    grad_clip: float = 0.0,
+) -> float:
+    """One training step as :func:`train` takes it: forward, loss, backward, optimiser step.
+
+    Args:
+        ensemble: an :class:`~fundus_edge.models.Ensemble` (put in training mode here).
+        x: ``(N, 3, S, S)`` normalised images.
+        y: ``(N, C)`` 0/1 labels.
+        loss_fn: a loss from :func:`fundus_edge.losses.build_loss`.
+        optimizer: stepped when given (gradients are zeroed first).
+        mode: ``"plain"`` (original view only); ``"kernel"`` (CAM-augmented: maps from the
+            forward-only kernels of the same pass, then the enhanced view; needs
+            ``views="both"``); or a ``grad-cam`` method (``gradcam``, ``gradcam++``, ...:
+            the maps from the package, one backward per member and class present).
+        train_weights: ``"targets"`` (maps of the true labels) or ``"probs"``.
+        grad_clip: max gradient norm; 0 disables.
+
+    Returns:
+        The loss value.
+
+    Raises:
+        UserError: an unknown mode, or ``kernel`` on a model built without the second view.
+    """
+    if mode not in ("plain", "kernel", *_GRADCAM_METHODS):
+        raise UserError(
+            f"mode {mode!r}: choose plain, kernel or one of {', '.join(_GRADCAM_METHODS)}"
+        )
+    if mode != "plain" and ensemble.config.views != "both":
+        raise UserError(f"mode {mode!r} needs a model built with views='both'")
+    ensemble.train()
+    loss = _step_loss(
+        _TrainForward(ensemble), ensemble, x, y, loss_fn, mode, train_weights, ensemble.train
+    )
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(ensemble.parameters(), grad_clip)
+    if optimizer is not None:
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _sync_batchnorm(ensemble: nn.Module, dist_: _Dist, device: torch.device) -> nn.Module:
+    """SyncBatchNorm under DDP on CUDA; on CPU (gloo) torch has no SyncBatchNorm kernel."""
+    if not dist_.enabled or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ensemble.modules()
+    ):
+        return ensemble
+    if device.type != "cuda":
+        if dist_.main:
+            log.info(
+                "BatchNorm statistics stay per process: SyncBatchNorm needs CUDA (device %s)",
+                device,
+            )
+        return ensemble
+    # In place below the root: module names, and so checkpoint keys, do not change.
+    ensemble = nn.SyncBatchNorm.convert_sync_batchnorm(ensemble)
+    if dist_.main:
+        log.info(
+            "BatchNorm layers converted to SyncBatchNorm across %d processes", dist_.world_size
+        )
+    return ensemble
+
+
+def _all_true(flag: bool, dist_: _Dist, device: torch.device) -> bool:
+    """``flag`` on every rank (a MIN all-reduce) so all ranks take the same branch."""
+    if not dist_.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+class _Skips:
+    """Unreadable images met in training: counted per epoch, each file named once in the log."""
+
+    def __init__(self, ds, split: str, main: bool) -> None:
+        self.ds = ds
+        self.split = split
+        self.epoch = 0
+        self.total = 0
+        self._named: set[int] = set()
+        self.main = main
+
+    def announce_preloaded(self) -> None:
+        bad = sorted(self.ds.unreadable)
+        if bad and self.main:
+            log.warning(
+                "%d %s image(s) cannot be read and will be skipped; first: %s",
+                len(bad),
+                self.split,
+                self.ds.unreadable[bad[0]],
+            )
+        self._named.update(bad)
+
+    def add(self, dropped: list[int]) -> None:
+        self.epoch += len(dropped)
+        self.total += len(dropped)
+        for i in dropped:
+            if i not in self._named:
+                self._named.add(i)
+                log.warning("skipping unreadable %s image: %s", self.split, self.ds.failure(i))
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+) -> RunResult:
+    """Train an ensemble as ``cfg`` says; write the run directory; return what happened.
+
+    Args:
+        cfg: the resolved configuration (``cfg.out`` or ``runs/<cfg.name>`` is the run dir).
+        resume: continue the run in the run dir from its state file (the saved config wins
+            except ``epochs`` and ``stop_after``, which may be extended).
+        overwrite: replace an existing run dir.
+        show_progress: progress bar on/off (default: on a terminal).
+
+    Raises:
+        UserError: bad options, run dir conflicts, missing data, CUDA requested but absent.
+        NonFiniteLossError: the loss or gradient became NaN/inf (nothing of it was applied).
+        KeyboardInterrupt: after Ctrl-C, once the resumable state is saved.
+    """
+    from torch.utils.data import DataLoader
+
+    from fundus_edge.config import load_config
+    from fundus_edge.losses import build_loss
+    from fundus_edge.models import save_checkpoint
+    from fundus_edge.preprocess import PreprocessConfig
+    from fundus_edge.torchdata import (
+        AugmentConfig,
+        FundusTorchDataset,
+        epoch_indices,
+        split_unreadable,
+    )
+
+    t_start = time.time()
+    run_dir = Path(cfg.out or Path("runs") / cfg.name)
+    dist_, device = _init_distributed(cfg.device)
+    if dist_.main:
+        _prepare_run_dir(run_dir, resume, overwrite)
+    if dist_.enabled:
+        torch.distributed.barrier()
+    if resume:
+        saved = load_config(run_dir / _RUN_MARKER)
+        # Extending a run is allowed; everything else comes from the run itself.
+        saved.epochs, saved.stop_after = cfg.epochs, cfg.stop_after
+        saved.device, saved.data.num_workers = cfg.device, cfg.data.num_workers
+        if cfg.data.root:
+            saved.data.root = cfg.data.root
+        cfg = saved
+    cfg.out = str(run_dir)
+    cfg.validate()
+    if dist_.main:
+        save_config(cfg, run_dir / _RUN_MARKER)
+    _seed_everything(cfg.seed, cfg.deterministic)
+
+    ds, train_samples, val_samples = _open_data(cfg)
+    label_names = list(ds.label_names)
+    screening = ds.screening_label or "Disease_Risk"
+    pre_d = dict(cfg.data.preprocess)
+    if "size" in pre_d and pre_d["size"] != cfg.model.image_size:
+        raise UserError(
+            f"data.preprocess.size {pre_d['size']} differs from model.image_size "
+            f"{cfg.model.image_size}; set only model.image_size"
+        )
+    pre = PreprocessConfig.from_dict({**pre_d, "size": cfg.model.image_size})
+    d = cfg.data
+    aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
+    train_ds = FundusTorchDataset(
+        train_samples, pre, cfg.model.mean, cfg.model.std, aug, cfg.seed, d.cache
+    )
+    val_ds = FundusTorchDataset(val_samples, pre, cfg.model.mean, cfg.model.std, None, 0, d.cache)
+    threads = max(1, min(8, os.cpu_count() or 1))
+    train_ds.preload(threads)
+    val_ds.preload(threads)
+    skips = _Skips(train_ds, "training", dist_.main)
+    skips.announce_preloaded()
+    _Skips(val_ds, "validation", dist_.main).announce_preloaded()
+    if len(train_ds.unreadable) == len(train_ds):
+        raise DataError(f"{cfg.data.root}: none of the {len(train_ds)} training images can be read")
+    train_labels = train_ds.labels()
+
+    ensemble = _build_model(cfg, label_names).to(device)
+    if cfg.optim.bn_momentum is not None:
+        for m in ensemble.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.optim.bn_momentum
+    ensemble = _sync_batchnorm(ensemble, dist_, device)
+    loss_fn = build_loss(cfg.optim.loss, train_labels).to(device)
+    optimizer = _build_optimizer(cfg, ensemble)
+    amp = cfg.optim.amp
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "none"
+    if amp != "none" and device.type != "cuda":
+        raise UserError(f"optim.amp={amp}: mixed precision needs CUDA (device is {device})")
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+    ema = ModelEMA(ensemble, cfg.optim.ema) if cfg.optim.ema > 0 else None
+    bs = d.batch_size
+    effective_bs = bs * dist_.world_size
+    if dist_.main:
+        log.info(
+            "effective batch size %d (%d per process x %d process%s, device %s)",
+            effective_bs,
+            bs,
+            dist_.world_size,
+            "" if dist_.world_size == 1 else "es",
+            device,
+        )
+    per_rank = len(
+        epoch_indices(len(train_ds), 0, cfg.seed, d.sampler, train_labels, 0, dist_.world_size)
+    )
+    drop_last = per_rank >= bs
+    steps_per_epoch = max(1, per_rank // bs if drop_last else math.ceil(per_rank / bs))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    start_epoch, start_step, global_step = 0, 0, 0
+    history: list[dict] = []
+    best_metric: float | None = None
+    resume_rng = None
+    state_path = run_dir / STATE_FILE
+    if resume:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        ensemble.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        if ema is not None and st.get("ema") is not None:
+            ema.load_state_dict(st["ema"])
+        start_epoch, start_step, global_step = st["epoch"], st["step"], st["global_step"]
+        history = [dict(r) for r in st["history"]]
+        best_metric = st.get("best_metric")
+        resume_rng = st["rng"]
+        log.info(
+            "resuming %s at epoch %d%s",
+            run_dir,
+            start_epoch + 1,
+            f" step {start_step}" if start_step else "",
+        )
+
+    step_module = _TrainForward(ensemble)
+    ddp_module: nn.Module = step_module
+    ddp_frozen: bool | None = None
+    val_loader = DataLoader(
+        val_ds, batch_size=d.eval_batch_size, shuffle=False, num_workers=d.num_workers
+    )
+    frozen_prev = None
+    stopped_early = False
+    best_path = run_dir / "best.safetensors" if (run_dir / "best.safetensors").exists() else None
+    last_path = None
+    meta_extra = {
+        "preprocess": pre.to_dict(),
+        "train": {
+            "config": cfg.to_dict(),
+            "run_dir": str(run_dir),
+            "world_size": dist_.world_size,
+            "effective_batch_size": effective_bs,
+        },
+    }
+
+    loss_sum, count = 0.0, 0
+
+    def state_dict(epoch: int, step: int) -> dict:
+        return {
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "model": ensemble.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": _rng_state(),
+            "history": history,
+            "best_metric": best_metric,
+            "epoch_loss": [loss_sum, float(count)] if step else [0.0, 0.0],
+            "scheduler": {"global_step": global_step, "total": total_steps, "warmup": warmup_steps},
+        }
+
+    def non_finite(what: str, value: float, epoch: int, step: int) -> NonFiniteLossError:
+        kept = best_path if best_path is not None else "no checkpoint yet"
+        return NonFiniteLossError(
+            f"training stopped: {what} is {value} at epoch {epoch + 1} step {step + 1} "
+            f"(lr {optimizer.param_groups[-1]['lr']:.2e}), not applied; best checkpoint "
+            f"kept: {kept}; lower optim.lr (now {cfg.optim.lr:g}) or check the data"
+        )
+
+    with _Interrupt() as interrupt:
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.stop_after is not None and epoch >= cfg.stop_after:
+                stopped_early = True
+                break
+            t0 = time.time()
+            frozen = epoch < cfg.optim.freeze_epochs
+            if frozen != frozen_prev:
+                _set_frozen(ensemble, frozen)
+                frozen_prev = frozen
+            if dist_.enabled and ddp_frozen != frozen:
+                # DDP registers the parameters that need gradients when it is built.
+                from torch.nn.parallel import DistributedDataParallel
+
+                ddp_module = DistributedDataParallel(
+                    step_module,
+                    device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True,
+                )
+                ddp_frozen = frozen
+            _train_mode(ensemble, frozen)
+            enhance_on = cfg.enhance.op != "none" and epoch >= cfg.enhance.warmup_epochs
+            mode = cfg.enhance.cam_method if enhance_on else "plain"
+            order = epoch_indices(
+                len(train_ds),
+                epoch,
+                cfg.seed,
+                d.sampler,
+                train_labels,
+                dist_.rank,
+                dist_.world_size,
+            )
+            if drop_last:
+                order = order[: (len(order) // bs) * bs]
+            first = start_step if epoch == start_epoch else 0
+            train_ds.set_epoch(epoch)
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch) + dist_.rank)
+            loader = DataLoader(
+                train_ds,
+                batch_size=bs,
+                sampler=order[first * bs :],
+                num_workers=d.num_workers,
+                pin_memory=device.type == "cuda",
+                drop_last=drop_last,
+            )
+            loss_sum, count = 0.0, 0
+            skips.epoch = 0
+            if first and resume:
+                loss_sum, count = float(st["epoch_loss"][0]), int(st["epoch_loss"][1])
+            n_steps = len(loader)
+            batches = iter(loader)  # draws a base seed from the torch RNG: before any restore
+            if first and resume_rng is not None:
+                _set_rng_state(resume_rng)  # mid-epoch: continue the interrupted draws
+            step = first
+            for x_all, y_all, idx in progress(
+                batches,
+                total=n_steps,
+                description=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=None if show_progress is None else not show_progress,
+            ):
+                x, y, dropped = split_unreadable(x_all, y_all, idx)
+                skips.add(dropped)
+                weight = 1.0
+                if not len(y) and dist_.enabled:
+                    # Every rank must join the gradient all-reduce: a zero-weighted step.
+                    x, y, weight = x_all, y_all, 0.0
+                factor = _lr_factor(
+                    global_step,
+                    total_steps,
+                    warmup_steps,
+                    cfg.optim.schedule,
+                    cfg.optim.min_lr_ratio,
+                )
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                if len(y):
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    loss = _step_loss(
+                        ddp_module,
+                        ensemble,
+                        x,
+                        y,
+                        loss_fn,
+                        mode,
+                        cfg.enhance.train_weights,
+                        functools.partial(_train_mode, ensemble, frozen),
+                        autocast,
+                    )
+                    if weight != 1.0:
+                        loss = loss * weight
+                    if not _all_true(bool(torch.isfinite(loss)), dist_, device):
+                        raise non_finite("the loss", float(loss.detach()), epoch, step)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.optim.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(
+                            ensemble.parameters(), cfg.optim.grad_clip
+                        )
+                        # With fp16 the scaler skips inf steps itself; in fp32 an inf is fatal.
+                        if not scaler.is_enabled() and not torch.isfinite(norm):
+                            raise non_finite("the gradient norm", float(norm), epoch, step)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if ema is not None:
+                        ema.update(ensemble)
+                    loss_sum += float(loss.detach()) * len(y) * weight
+                    count += int(len(y) * weight)
+                global_step += 1
+                step += 1
+                stop = interrupt.flag
+                if dist_.enabled:
+                    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+                    torch.distributed.all_reduce(flag)
+                    stop = bool(flag.item() > 0)
+                if stop:
+                    if dist_.main:
+                        _save_state(state_path, state_dict(epoch, step))
+                        log.warning(
+                            "interrupted at epoch %d step %d: state saved to %s; "
+                            "continue with --resume",
+                            epoch + 1,
+                            step,
+                            state_path,
+                        )
+                    raise KeyboardInterrupt
+
+            skipped = skips.epoch
+            train_loss = loss_sum / max(count, 1)
+            if dist_.enabled:
+                t = torch.tensor(
+                    [loss_sum, float(count), float(skipped)], device=device, dtype=torch.float64
+                )
+                torch.distributed.all_reduce(t)
+                train_loss = float(t[0] / max(t[1], 1))
+                skipped = int(t[2])
+            if dist_.main:
+                eval_model = ema.module if ema is not None else ensemble
+                rep, _, thr = _validate(
+                    eval_model,
+                    val_loader,
+                    loss_fn,
+                    device,
+                    autocast,
+                    label_names,
+                    screening,
+                    f"epoch {epoch + 1}",
+                )
+                rec = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    **_summary(rep),
+                    "lr": optimizer.param_groups[-1]["lr"],
+                    "enhance": enhance_on,
+                    "frozen": frozen,
+                    "time_s": round(time.time() - t0, 2),
+                    "skipped_images": skipped,
+                    "val_skipped_images": rep["skipped_images"],
+                    "world_size": dist_.world_size,
+                    "effective_batch_size": effective_bs,
+                }
+                score = _selection(cfg.select, rec)
+                is_best = best_metric is None or score > best_metric
+                if is_best:
+                    best_metric = score
+                rec["best"] = is_best
+                history.append(rec)
+                meta_metrics = {"val": rec, "val_per_label": rep["per_label"]}
+                # Order: state (authoritative for --resume), then checkpoints, then the log.
+                _save_state(state_path, state_dict(epoch + 1, 0))
+                ck = {
+                    "thresholds": thr.tolist(),
+                    "metrics": meta_metrics,
+                    "epoch": epoch + 1,
+                    "extra": meta_extra,
+                }
+                last_path = save_checkpoint(run_dir / "last.safetensors", eval_model, **ck)
+                if is_best:
+                    best_path = save_checkpoint(run_dir / "best.safetensors", eval_model, **ck)
+                _write_history(run_dir, history)
+                log.info(_epoch_line(rec, cfg.epochs))
+            if dist_.enabled:
+                torch.distributed.barrier()
+
+    if dist_.main and history:
+        from fundus_edge.plots import plot_training_curves
+
+        plot_training_curves(history, run_dir / "training_curves.png")
+    if dist_.enabled:
+        torch.distributed.barrier()
+    return RunResult(
+        run_dir=run_dir,
+        epochs_done=len(history),
+        best_path=best_path,
+        last_path=last_path
+        or (run_dir / "last.safetensors" if (run_dir / "last.safetensors").exists() else None),
+        best_metric=best_metric,
+        history=history,
+        stopped_early=stopped_early,
+        train_time_s=round(time.time() - t_start, 2),
+        effective_batch_size=effective_bs,
+        skipped_images=skips.total,
+        rank=dist_.rank,
+    )
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _epoch_line(rec: dict, epochs: int) -> str:
+    flags = " ".join(
+        f
+        for f, on in (
+            ("[best]", rec["best"]),
+            ("[enhance]", rec["enhance"]),
+            ("[frozen]", rec["frozen"]),
+        )
+        if on
+    )
+    return (
+        f"epoch {rec['epoch']}/{epochs}  train_loss {rec['train_loss']:.4f}  "
+        f"val_loss {rec['val_loss']:.4f}  macro_AUROC {_fmt(rec['val_macro_auroc'])}  "
+        f"mAP {_fmt(rec['val_map'])}  RIADD {_fmt(rec['val_riadd'])}  "
+        f"lr {rec['lr']:.2e}  {rec['time_s']:.1f}s {flags}".rstrip()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation
+
+_ABLATION_KEYS = {"base", "variants", "description"}
+
+
+def _substitute_members(value: Any, base_members: list[str], where: str) -> Any:
+    """``[$1]`` -> the base recipe's first member: one spec serves any pair of backbones."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, str) and item.startswith("$"):
+            try:
+                k = int(item[1:])
+            except ValueError:
+                raise UserError(
+                    f"{where}: {item!r}: expected $1, $2, ... (a base member)"
+                ) from None
+            if not 1 <= k <= len(base_members):
+                raise UserError(
+                    f"{where}: {item!r}: the base config has {len(base_members)} member(s) "
+                    f"({', '.join(base_members)})"
+                )
+            item = base_members[k - 1]
+        out.append(item)
+    return out
+
+
+def ablation_configs(
+    spec_path: str | os.PathLike,
+    base_config: str | os.PathLike | None,
+    overrides: dict,
+    sets: list[str],
+    out_dir: Path,
+) -> list[tuple[str, TrainConfig]]:
+    """The resolved config of every variant an ablation YAML lists (nothing is trained).
+
+    The YAML: ``base`` (a recipe path relative to the YAML; ``base_config`` wins when given)
+    and ``variants``, a mapping of variant name -> dotted overrides (``enhance.op: none``).
+    In ``model.members`` lists, ``$1``, ``$2`` name the base config's members, so one spec
+    ablates whichever pair the base trains. Command-line ``overrides``/``sets`` apply to the
+    base (every variant), the variant's own overrides after them.
+
+    Raises:
+        UserError: missing or malformed spec, unknown key, a bad variant.
+    """
+    import yaml
+
+    from fundus_edge.config import apply_overrides, load_config
+
+    spec_path = Path(spec_path)
+    if not spec_path.is_file():
+        raise UserError(f"--ablation {spec_path}: file does not exist")
+    try:
+        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{spec_path}: not valid YAML ({exc})".replace("\n", " ")) from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("variants"), dict):
+        raise UserError(f"{spec_path}: expected 'variants:' mapping name -> overrides")
+    unknown = sorted(set(spec) - _ABLATION_KEYS)
+    if unknown:
+        raise UserError(f"{spec_path}: unknown key {unknown[0]!r} (known: base, variants)")
+    base = base_config
+    if base is None and spec.get("base"):
+        base = spec_path.parent / spec["base"]
+    base_cfg = load_config(base, overrides, sets=sets)
+    out = []
+    for name, var in spec["variants"].items():
+        where = f"{spec_path}: variants.{name}"
+        if not isinstance(var, dict):
+            raise UserError(f"{where}: expected a mapping of overrides")
+        var = {k: _substitute_members(v, base_cfg.model.members, where) for k, v in var.items()}
+        d = apply_overrides(
+            base_cfg.to_dict(), {**var, "out": str(out_dir / str(name)), "name": str(name)}
+        )
+        cfg = TrainConfig.from_dict(d, where)
+        cfg.validate(where)
+        out.append((str(name), cfg))
+    return out
+
+
+#: Ablation table columns: key -> Markdown header (the paper's three first).
+ABLATION_COLUMNS = {
+    "variant": "variant",
+    "members": "members",
+    "head": "head",
+    "enhance": "CAM enhancement",
+    "accuracy": "accuracy (element-wise)",
+    "precision": "precision (element-wise)",
+    "recall": "recall (element-wise)",
+    "macro_auroc": "macro AUROC",
+    "map": "mAP",
+    "macro_f1": "macro F1",
+    "screening_auroc": "Disease_Risk AUROC",
+    "params_m": "params (M)",
+    "train_time_s": "train time (s)",
+}
+
+
+def run_ablation(
+    spec_path: str | os.PathLike,
+    base_config: str | os.PathLike | None,
+    overrides: dict,
+    sets: list[str],
+    out_dir: Path,
+    overwrite: bool = False,
+    split: str = "test",
+) -> dict:
+    """Train every variant of an ablation YAML and write the paper-shaped comparison table.
+
+    Each variant trains into ``out_dir/<variant>``; its best checkpoint is evaluated on
+    ``split`` (the validation split when the data has no such split). ``ablation.json`` and
+    ``ablation.md`` hold one row per variant with :data:`ABLATION_COLUMNS`: the paper's
+    element-wise accuracy / precision / recall at the thresholds tuned on validation, macro
+    AUROC, mAP, macro F1, the Disease_Risk AUROC, the parameter count and the training time.
+
+    Returns:
+        ``{"rows": [...], "split": str, "table_json": path, "table_md": path}``.
+    """
+    from fundus_edge.evaluate import evaluate_checkpoint
+    from fundus_edge.fileio import atomic_write_json
+    from fundus_edge.models import load_checkpoint
+
+    variants = ablation_configs(spec_path, base_config, overrides, sets, out_dir)
+    rows = []
+    used_split = split
+    for name, cfg in variants:
+        log.info("ablation variant %s: members %s, head %s, enhance %s", name,
+                 ",".join(cfg.model.members), cfg.model.head, cfg.enhance.op)  # fmt: skip
+        res = train(cfg, overwrite=overwrite)
+        if res.best_path is None:
+            raise UserError(f"ablation variant {name}: no epoch finished, nothing to evaluate")
+        model, _ = load_checkpoint(res.best_path)
+        device = "cpu" if cfg.device == "cpu" else str(resolve_device(cfg.device))
+        try:
+            rep = evaluate_checkpoint(res.best_path, cfg.data.root, split, device=device)
+        except UserError:  # the data has no such split: validation figures instead
+            used_split = "val"
+            rep = evaluate_checkpoint(res.best_path, cfg.data.root, "val", device=device)
+        e = rep["elementwise"]
+        rows.append(
+            {
+                "variant": name,
+                "members": "+".join(cfg.model.members),
+                "head": cfg.model.head if len(cfg.model.members) > 1 else cfg.model.member_head,
+                "enhance": cfg.enhance.op,
+                "accuracy": e["accuracy"],
+                "precision": e["precision"],
+                "recall": e["recall"],
+                "macro_auroc": rep["macro"]["auroc"],
+                "map": rep["macro"]["ap"],
+                "macro_f1": rep["macro"]["f1"],
+                "screening_auroc": rep["riadd"]["screening_auroc"],
+                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                "train_time_s": res.train_time_s,
+                "epochs": res.epochs_done,
+                "split": rep["split"],
+                "checkpoint": str(res.best_path),
+            }
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_json = out_dir / "ablation.json"
+    table_md = out_dir / "ablation.md"
+    atomic_write_json(
+        table_json,
+        {"spec": str(spec_path), "split": used_split, "columns": ABLATION_COLUMNS, "rows": rows},
+    )
+    atomic_write_text(table_md, _markdown_table(rows, used_split))
+    return {"rows": rows, "split": used_split, "table_json": table_json, "table_md": table_md}
+
+
+def _markdown_table(rows: list[dict], split: str) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = list(ABLATION_COLUMNS)
+    lines = [
+        f"Ablation on the {split} split (thresholds tuned on validation).",
+        "",
+        "| " + " | ".join(ABLATION_COLUMNS[c] for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,406 @@
+"""End-to-end training on a tiny synthetic set: runs, checkpoints, eval CLI, resume, refusals,
+non-finite losses, unreadable images, the ablation table, one public training step."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="torch is not installed (extra: train)")
+pytest.importorskip("torchvision", reason="torchvision is not installed (extra: train)")
+pytest.importorskip("safetensors", reason="safetensors is not installed (extra: train)")
+
+from typer.testing import CliRunner  # noqa: E402
+
+import fundus_edge.cli.cmd_train  # noqa: E402,F401  (registers train / eval)
+from fundus_edge.cli.app import app  # noqa: E402
+from fundus_edge.config import load_config  # noqa: E402
+from fundus_edge.errors import UserError  # noqa: E402
+
+# Small members at 48 px: a few seconds per epoch on two CPU cores.
+TINY = [
+    "--members", "resnet18,mobilenet_v3_large", "--member-head", "gap", "--weights", "none",
+    "--image-size", "48", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+    "--epochs", "2", "--seed", "3",
+    "--set", "enhance.warmup_epochs=1", "--set", "optim.freeze_epochs=1",
+    "--set", "optim.backbone_lr_mult=1.0", "--set", "optim.ema=0.9",
+    "--set", "optim.loss.name=focal",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    synth = pytest.importorskip("fundus_edge.synth", reason="fundus_edge.synth is not available")
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synth.generate_dataset(root, n=24, size=96, seed=0)
+    return root
+
+
+def _invoke(args):
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_train_writes_a_complete_run(reference_run):
+    out, output = reference_run
+    assert "2 epoch(s)" in output
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "best.safetensors",
+                 "last.safetensors", "last.state.pt", "training_curves.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    import csv
+
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in table] == [1, 2]
+    assert float(table[1]["val_loss"]) == pytest.approx(recs[1]["val_loss"])
+    assert recs[1]["skipped_images"] == 0 and recs[1]["effective_batch_size"] == 4
+    assert recs[1]["world_size"] == 1
+    assert recs[0]["frozen"] and not recs[0]["enhance"]  # warm-up: plain, frozen backbone
+    assert recs[1]["enhance"] and not recs[1]["frozen"]
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in recs)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"]["members"] == ["resnet18", "mobilenet_v3_large"]
+    assert cfg["optim"]["loss"]["name"] == "focal"
+    from fundus_edge.models import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(out / "last.safetensors")
+    assert meta["epoch"] == 2
+    assert len(meta["thresholds"]) == len(meta["label_names"]) == 13
+    assert meta["preprocess"]["size"] == 48
+    assert meta["config"]["views"] == "both"
+
+
+def test_eval_cli_writes_json_and_pngs(reference_run, data_dir, tmp_path):
+    out, _ = reference_run
+    report_path = tmp_path / "eval" / "report.json"
+    res = _invoke(["eval", "--model", str(out / "best.safetensors"), "--data", str(data_dir),
+                   "--split", "test", "--json", str(report_path), "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report_path.read_text())
+    assert rep["n"] == 5 and rep["split"] == "test"
+    assert set(rep["per_label"]) >= {"Disease_Risk", "DR"}
+    for key in ("auroc", "ap", "f1"):
+        assert key in rep["macro"]
+    assert rep["riadd"].keys() >= {"score", "screening_auroc"}
+    assert 0.0 <= rep["elementwise"]["accuracy"] <= 1.0
+    # Labels with one class in a 5-image split are reported as null and named in a note.
+    nulls = [k for k, v in rep["per_label"].items() if v["auroc"] is None]
+    assert nulls and any(nulls[0] in n for n in rep["notes"])
+    for fig in ("roc", "pr", "maps"):
+        png = report_path.parent / f"{fig}.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    if rep["localisation"] is not None:  # synth masks for positive findings
+        lo = rep["localisation"]["macro"]
+        assert 0.0 <= lo["pointing_game"] <= 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_resume_gives_the_same_weights(reference_run, data_dir, tmp_path, monkeypatch):
+    ref, _ = reference_run
+    out = tmp_path / "resumed"
+    # First half under torchrun's environment (DDP, gloo, world size 1): the distributed path.
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--stop-after", "1"])
+    assert res.exit_code == 0, res.output
+    assert "stopped (resumable): 1 epoch(s)" in res.output
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--resume"])
+    assert res.exit_code == 0, res.output
+    a, b = _tensors(ref / "last.safetensors"), _tensors(out / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    ra = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in ra] == pytest.approx([r["train_loss"] for r in rb], abs=1e-6)
+
+
+def test_ctrl_c_mid_epoch_saves_state_and_resume_is_exact(
+    reference_run, data_dir, tmp_path, monkeypatch
+):
+    import signal
+
+    from fundus_edge import trainer
+
+    ref, _ = reference_run
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    original = trainer.ModelEMA.update
+
+    def update_then_ctrl_c(self, model):
+        original(self, model)
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2, step 1 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer.ModelEMA, "update", update_then_ctrl_c)
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY])
+    assert res.exit_code == 130, res.output
+    state = torch.load(out / trainer.STATE_FILE, weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1)
+    monkeypatch.setattr(trainer.ModelEMA, "update", original)
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--resume"])
+    assert res.exit_code == 0, res.output
+    a, b = _tensors(ref / "last.safetensors"), _tensors(out / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_refuses_to_overwrite_and_one_line_errors(reference_run, data_dir, tmp_path):
+    out, _ = reference_run
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *TINY])
+    assert res.exit_code == 2
+    assert "--resume" in res.output and "--overwrite" in res.output
+    res = _invoke(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(tmp_path / "r2"), *TINY,
+                   "--members", "resnet18,alexnet"])  # fmt: skip
+    assert res.exit_code == 2 and "alexnet" in res.output and "vgg19" in res.output
+    if not torch.cuda.is_available():
+        args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r3"), *TINY]
+        res = _invoke([*args, "--device", "cuda"])
+        assert res.exit_code == 2 and "CUDA is not available" in res.output
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(tmp_path / "r4"), "--resume"])
+    assert res.exit_code == 2 and "nothing to resume" in res.output
+
+
+def test_config_layers_and_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\nmodel:\n  members: [resnet18]\noptim:\n  lr: 0.01\n")
+    cfg = load_config(recipe, {"optim.lr": 1e-4}, sets=["data.sampler=label_aware"])
+    assert cfg.epochs == 3 and cfg.model.members == ["resnet18"]
+    assert cfg.optim.lr == 1e-4 and cfg.data.sampler == "label_aware"
+    assert cfg.optim.loss.name == "bce"  # default kept
+    recipe.write_text("optim:\n  lr_typo: 1\n")
+    with pytest.raises(UserError, match=r"r\.yaml: unknown key optim\.lr_typo"):
+        load_config(recipe)
+    with pytest.raises(UserError, match="epochs: expected int"):
+        load_config(None, {"epochs": "many"})
+    with pytest.raises(UserError, match=r"enhance\.op"):
+        load_config(None, {"enhance.op": "blur"})
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("demo-cpu.yaml", "rfmid-paper.yaml"):
+        load_config(os.path.join(repo, "training", name))
+
+
+def test_label_aware_sampler_draws_rare_labels_more():
+    from fundus_edge.torchdata import epoch_indices, label_aware_weights
+
+    labels = np.zeros((100, 2))
+    labels[:5, 0] = 1  # rare
+    labels[5:60, 1] = 1  # common
+    w = label_aware_weights(labels)
+    assert w[0] > w[10] and w.sum() == pytest.approx(1.0)
+    idx = epoch_indices(100, 0, 0, "label_aware", labels)
+    assert idx == epoch_indices(100, 0, 0, "label_aware", labels)  # deterministic
+    assert np.mean(np.array(idx) < 5) > 0.2  # rare images ~1/3 of draws, not 5 %
+    a = epoch_indices(10, 1, 0, "shuffle", rank=0, world_size=2)
+    b = epoch_indices(10, 1, 0, "shuffle", rank=1, world_size=2)
+    assert sorted(a + b) == list(range(10))
+
+
+# One member at 32 px, 14 training images in two batches of 7: seconds per epoch.
+SMALL = [
+    "--members", "resnet18", "--member-head", "gap", "--weights", "none",
+    "--image-size", "32", "--batch-size", "7", "--workers", "0", "--device", "cpu",
+    "--seed", "1", "--enhance", "none", "--set", "optim.ema=0",
+]  # fmt: skip
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_best(data_dir, tmp_path, monkeypatch):
+    from fundus_edge import losses
+
+    out = tmp_path / "nan"
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--epochs", "2",
+                   "--stop-after", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    best = _sha(out / "best.safetensors")
+    state = _sha(out / "last.state.pt")
+
+    original = losses.build_loss
+
+    def nan_loss(cfg, labels=None):
+        inner = original(cfg, labels)
+
+        class NanAtStep(torch.nn.Module):
+            calls = 0
+
+            def forward(self, logits, y):
+                value = inner(logits, y)
+                if torch.is_grad_enabled():  # training steps only, not validation
+                    NanAtStep.calls += 1
+                    if NanAtStep.calls == 2:  # epoch 2, step 2
+                        return value * float("nan")
+                return value
+
+        return NanAtStep()
+
+    monkeypatch.setattr(losses, "build_loss", nan_loss)
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--epochs", "2",
+                   "--resume"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "loss is nan at epoch 2 step 2" in line and "best.safetensors" in line, line
+    assert _sha(out / "best.safetensors") == best
+    assert _sha(out / "last.state.pt") == state  # nothing of the bad epoch was saved
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_unreadable_training_image_is_skipped_and_counted(data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    victim = data / "Training_Set" / "Training" / "3.png"
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)  # corrupt after creation
+    out = tmp_path / "run"
+    # No cache: the image is met while the epoch runs, not when the cache is filled.
+    res = _invoke(["train", "--data", str(data), "--out", str(out), *SMALL, "--epochs", "1",
+                   "--set", "data.cache=false"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "1 unreadable image(s) skipped" in res.output
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["skipped_images"] == 1 and rec["val_skipped_images"] == 0
+    import csv
+
+    assert [r["skipped_images"] for r in csv.DictReader((out / "metrics.csv").open())] == ["1"]
+
+
+def test_preload_records_unreadable_images(data_dir, tmp_path):
+    import shutil
+
+    from fundus_edge.datasets import open_dataset
+    from fundus_edge.preprocess import PreprocessConfig
+    from fundus_edge.torchdata import FundusTorchDataset, split_unreadable
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    samples = open_dataset(data).splits["train"][:4]
+    samples[1].path.write_bytes(b"")
+    ds = FundusTorchDataset(samples, PreprocessConfig(size=32), (0.5,) * 3, (0.25,) * 3)
+    ds.preload(2)
+    assert list(ds.unreadable) == [1] and "empty file" in ds.failure(1)
+    batch = [ds[i] for i in range(4)]
+    x = torch.stack([b[0] for b in batch])
+    y = torch.stack([b[1] for b in batch])
+    idx = torch.tensor([b[2] for b in batch])
+    assert idx.tolist() == [0, -2, 2, 3]
+    x2, y2, dropped = split_unreadable(x, y, idx)
+    assert dropped == [1] and x2.shape[0] == y2.shape[0] == 3
+
+
+def test_ablation_writes_the_paper_table(data_dir, tmp_path):
+    spec = tmp_path / "abl.yaml"
+    spec.write_text(
+        "variants:\n"
+        "  solo: {model.members: [$2], enhance.op: none}\n"
+        "  fusion_cam: {model.head: fusion, enhance.op: weight, enhance.warmup_epochs: 0}\n"
+    )
+    out = tmp_path / "abl"
+    args = [a for a in SMALL if a != "resnet18"]
+    i = args.index("--members")
+    args[i : i + 1] = []
+    res = _invoke(["train", "--ablation", str(spec), "--data", str(data_dir), "--out", str(out),
+                   *args, "--members", "resnet18,mobilenet_v3_large", "--epochs", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["split"] == "test"
+    rows = {r["variant"]: r for r in table["rows"]}
+    assert rows["solo"]["members"] == "mobilenet_v3_large" and rows["solo"]["enhance"] == "none"
+    assert rows["fusion_cam"]["members"] == "resnet18+mobilenet_v3_large"
+    assert rows["fusion_cam"]["head"] == "fusion" and rows["fusion_cam"]["enhance"] == "weight"
+    for r in rows.values():
+        for key in ("accuracy", "precision", "recall", "macro_auroc", "map", "macro_f1"):
+            assert r[key] is None or 0.0 <= r[key] <= 1.0, key
+        assert r["params_m"] > 0.1 and r["train_time_s"] > 0
+    assert rows["fusion_cam"]["params_m"] > rows["solo"]["params_m"]
+    md = (out / "ablation.md").read_text()
+    assert "accuracy (element-wise)" in md and "Disease_Risk AUROC" in md
+    assert md.count("\n| ") == 3  # header + 2 rows
+
+
+def test_ablation_spec_resolves_for_both_recipes(tmp_path):
+    from fundus_edge.trainer import ablation_configs
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = os.path.join(repo, "training", "ablation.yaml")
+    demo = dict(ablation_configs(spec, None, {}, [], tmp_path))
+    paper = dict(
+        ablation_configs(spec, os.path.join(repo, "training", "rfmid-paper.yaml"), {}, [], tmp_path)
+    )
+    assert list(demo) == list(paper) == [
+        "member1", "member1_cam", "member2", "member2_cam", "ensemble", "ensemble_cam",
+        "ensemble_cam_fusion",
+    ]  # fmt: skip
+    assert paper["member1"].model.members == ["vgg19"] and paper["member1"].enhance.op == "none"
+    assert paper["member2_cam"].model.members == ["resnet50"]
+    assert paper["member2_cam"].enhance.op == "weight"
+    assert paper["ensemble_cam_fusion"].model.head == "fusion"
+    assert demo["ensemble"].model.members == demo["ensemble_cam"].model.members
+    assert len(demo["ensemble"].model.members) == 2
+    assert demo["member1"].out == str(tmp_path / "member1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  third: {model.members: [$3]}\n")
+    with pytest.raises(UserError, match=r"variants\.third: '\$3': the base config has 2"):
+        ablation_configs(bad, os.path.join(repo, "training", "demo-cpu.yaml"), {}, [], tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["plain", "kernel", "gradcam"])
+def test_training_step_modes(mode):
+    if mode == "gradcam":
+        pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed")
+    from fundus_edge.losses import LossConfig, build_loss
+    from fundus_edge.models import EnsembleConfig, build_ensemble
+    from fundus_edge.trainer import training_step
+
+    torch.manual_seed(0)
+    model = build_ensemble(
+        EnsembleConfig(members=("resnet18",), num_classes=3, member_head="gap", views="both")
+    )
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 1]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.members[0].head.classifier[-1].weight.detach().clone()
+    loss = training_step(model, x, y, build_loss(LossConfig(pos_weight="none")), opt, mode=mode)
+    assert np.isfinite(loss) and loss > 0
+    assert not torch.equal(before, model.members[0].head.classifier[-1].weight)
+    assert model.training
+    with pytest.raises(UserError, match="mode 'blur'"):
+        training_step(model, x, y, build_loss(LossConfig(pos_weight="none")), mode="blur")
