@@ -158,14 +158,33 @@ def test_int8_qdq_with_calibration(small_export, tmp_path):
             simplify=False,
         )
     )
-    q = onnx.load(str(tmp_path / "q" / "model.int8.onnx"))
-    ops = {n.op_type for n in q.graph.node}
+    q8 = tmp_path / "q" / "model.int8.onnx"
+    ops = {n.op_type for n in onnx.load(str(q8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert rep["quantization"]["quantize_nodes"] > 0
+    # --format onnx -> the CPU variant: u8 activations, which TensorRT would refuse.
+    assert rep["quantization"]["target"] == "cpu" and rep["quantization"]["quantize_nodes"] > 0
     chk = rep["checks"]["int8_vs_fp32"]
     assert "auroc" in chk and "images" in chk["auroc"]
     assert chk["probs_max_abs"] < 0.5  # sanity: quantisation did not break the graph
-    hygiene.check_graph(tmp_path / "q" / "model.int8.onnx")
+    hygiene.check_graph(q8, tensorrt=False)
+    with pytest.raises(UserError, match="zero point must be 0"):
+        hygiene.check_graph(q8)
+    # The TensorRT variant: symmetric s8 Q/DQ that passes the TensorRT check.
+    from fundus_edge.convert.quantize import onnx_to_int8
+    from fundus_edge.convert.verify import ort_outputs
+
+    calib = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    trt8 = tmp_path / "trt8.onnx"
+    rec = onnx_to_int8(_fp32_of(ckpt, tmp_path), trt8, calib, "minmax", target="tensorrt")
+    assert rec["activations"] == "int8 symmetric"
+    hygiene.check_graph(trt8)
+    assert ort_outputs(trt8, calib[:1])["probs"].shape == (1, 4)
+
+
+def _fp32_of(ckpt: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "fp32"
+    export_model(ExportConfig(model=str(ckpt), out=str(out), verify=False, simplify=False))
+    return out / "model.onnx"
 
 
 def test_engine_without_tensorrt_exits_2_but_writes_onnx(small_export, tmp_path):

@@ -38,6 +38,11 @@ def export(
     calib_method: str | None = typer.Option(
         None, "--calib-method", help="percentile | minmax | entropy."
     ),
+    int8_target: str | None = typer.Option(
+        None,
+        "--int8-target",
+        help="auto | tensorrt (symmetric s8 Q/DQ) | cpu (u8s8 for ONNX Runtime) [auto: by --format].",
+    ),
     profile: str | None = typer.Option(
         None,
         "--profile",
@@ -89,6 +94,7 @@ def export(
         "calib": str(calib) if calib else None,
         "calib_count": calib_count,
         "calib_method": calib_method,
+        "int8_target": int8_target,
         "verify": verify,
         "workspace_mb": workspace,
         "opset": opset,

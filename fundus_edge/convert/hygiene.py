@@ -99,7 +99,10 @@ def tensorrt_compatibility(model) -> tuple[list[str], list[str]]:
     lo, hi = TRT_OPSET_RANGE
     if not lo <= opset <= hi:
         errors.append(f"opset {opset} is outside TensorRT 10's range {lo}-{hi}")
-    inits = {i.name for i in model.graph.initializer}
+    from onnx import numpy_helper
+
+    inits_by_name = {i.name: i for i in model.graph.initializer}
+    inits = set(inits_by_name)
     # Outputs of Constant / DequantizeLinear-of-initializer count as constant weights.
     const_like = set(inits)
     for node in model.graph.node:
@@ -125,6 +128,10 @@ def tensorrt_compatibility(model) -> tuple[list[str], list[str]]:
                 errors.append(f"{where}: Resize mode '{mode}' unsupported (nearest/linear only)")
             if coord not in _RESIZE_COORD:
                 errors.append(f"{where}: Resize coordinate mode '{coord}' unsupported")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = inits_by_name.get(node.input[2])
+            if zp is not None and numpy_helper.to_array(zp).any():
+                errors.append(f"{where}: zero point must be 0 for TensorRT (symmetric Q/DQ)")
         if (
             node.op_type in ("Conv", "ConvTranspose")
             and len(node.input) > 1

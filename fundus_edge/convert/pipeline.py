@@ -40,6 +40,8 @@ class ExportConfig:
         calib: folder of fundus images or a dataset, for INT8 calibration and parity checks.
         calib_count: images used for calibration.
         calib_method: ``percentile``, ``minmax`` or ``entropy``.
+        int8_target: ``auto`` (``tensorrt`` for engine/Triton-engine formats, else ``cpu``),
+            ``tensorrt`` (symmetric s8 Q/DQ) or ``cpu`` (u8s8, ONNX Runtime's fast x86 path).
         verify: run the parity checks (ORT vs PyTorch, maps vs grad-cam, precision vs FP32).
         verify_images: images used for parity checks.
         opset: ONNX opset.
@@ -61,6 +63,7 @@ class ExportConfig:
     calib: str | None = None
     calib_count: int = 64
     calib_method: str = "percentile"
+    int8_target: str = "auto"
     verify: bool = True
     verify_images: int = 4
     opset: int = 17
@@ -83,6 +86,8 @@ class ExportConfig:
             raise UserError(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
         if self.rebuild not in ("stale", "always", "never"):
             raise UserError(f"--rebuild {self.rebuild!r}: choose stale, always or never")
+        if self.int8_target not in ("auto", "tensorrt", "cpu"):
+            raise UserError(f"--int8-target {self.int8_target!r}: choose auto, tensorrt or cpu")
         if self.triton_backend not in ("onnx", "engine"):
             raise UserError(f"--triton-backend {self.triton_backend!r}: choose onnx or engine")
         if len(self.batch) != 3:
@@ -344,9 +349,18 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.precision == "int8":
         p8 = out / f"{cfg.name}.int8.onnx"
         log.info("INT8 calibration on %d images (%s)", len(calib_imgs), cfg.calib_method)
-        report["quantization"] = quantize.onnx_to_int8(onnx_path, p8, calib_imgs, cfg.calib_method)
+        target = cfg.int8_target
+        if target == "auto":
+            wants_trt = cfg.format == "engine" or (
+                cfg.format == "triton" and cfg.triton_backend == "engine"
+            )
+            target = "tensorrt" if wants_trt else "cpu"
+        report["quantization"] = quantize.onnx_to_int8(
+            onnx_path, p8, calib_imgs, cfg.calib_method, target=target
+        )
         _set_precision(p8, meta, "int8")
-        hygiene.check_graph(p8)
+        # A CPU (u8s8) Q/DQ graph is for ONNX Runtime; only the TensorRT one must parse there.
+        report["hygiene_int8"] = hygiene.check_graph(p8, tensorrt=target == "tensorrt").to_dict()
         report["artifacts"]["onnx_int8_qdq"] = {
             "path": p8.name,
             "size_mb": round(p8.stat().st_size / 1e6, 2),
