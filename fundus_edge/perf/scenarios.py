@@ -436,10 +436,11 @@ def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     paths["fp16"] = p16
     t0 = time.perf_counter()
     p8 = ws.root / "fused.int8.onnx"
-    onnx_to_int8(ws.fused_onnx, p8, calib[:n_cal], method)
+    onnx_to_int8(ws.fused_onnx, p8, calib[:n_cal], method, target="cpu")
     paths["int8"] = p8
     res.notes.append(
-        f"precision: INT8 = static Q/DQ (ONNX Runtime, per-channel, {method} calibration on "
+        f"precision: INT8 = static Q/DQ for the CPU (u8 activations, s8 per-channel weights; "
+        f"ONNX Runtime), {method} calibration on "
         f"{n_cal} generated synthetic fundus images, not real data; quantised in "
         f"{time.perf_counter() - t0:.0f} s). DESIGN.md's 3.7x INT8 figure was for the "
         "single-pass classification graph; this is the full fused graph (maps, attention, "

@@ -355,9 +355,17 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str]
                 onnx_to_fp16(fp32, dst)
                 art.derived[p] = "onnx_to_fp16 of the FP32 ONNX"
             else:
+                # One INT8 file serves every row: the TensorRT-ready symmetric Q/DQ when a
+                # TensorRT row asks for it, else ONNX Runtime's faster u8s8 CPU variant.
+                import importlib.util
+
                 from fundus_edge.convert.quantize import onnx_to_int8
 
-                rec = onnx_to_int8(fp32, dst, images[: cfg.calib_count], cfg.calib_method)
+                trt_rows = "tensorrt" in cfg.backends and importlib.util.find_spec("tensorrt")
+                target = "tensorrt" if trt_rows else "cpu"
+                rec = onnx_to_int8(
+                    fp32, dst, images[: cfg.calib_count], cfg.calib_method, target=target
+                )
                 art.derived[p] = {"how": "onnx_to_int8 of the FP32 ONNX", "calibration": origin}
                 art.derived[p].update(rec)
             _set_precision(dst, p)

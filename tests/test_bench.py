@@ -1,0 +1,300 @@
+"""``fundus-edge bench`` and the ``bench/`` suite: outputs, skipped rows, parity, scenario plumbing.
+
+Speed is never asserted here: targets are met (or not) in the committed benchmark results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the bench tests build a model with torch")
+pytest.importorskip("onnxruntime", reason="the bench tests run ONNX Runtime")
+pytest.importorskip("pytorch_grad_cam", reason="the suite's baselines use the grad-cam package")
+
+from typer.testing import CliRunner  # noqa: E402
+
+import fundus_edge.cli.cmd_bench  # noqa: E402, F401  (registers `bench` before the lead does)
+from fundus_edge.cli.app import app  # noqa: E402
+from fundus_edge.errors import UserError  # noqa: E402
+from fundus_edge.perf import BenchResult, read_result  # noqa: E402
+from fundus_edge.perf.scenarios import (  # noqa: E402
+    SCENARIOS,
+    SuiteConfig,
+    interleave,
+    load_suite,
+    run_suite,
+)
+from fundus_edge.perf.suite import (  # noqa: E402
+    BenchConfig,
+    device_slug,
+    export_onnx,
+    parity_record,
+    render_bench_markdown,
+    run_bench,
+)
+
+runner = CliRunner()
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A resnet18-sized ensemble at 64 px, saved as a checkpoint."""
+    from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint
+    from fundus_edge.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    cfg = EnsembleConfig(members=("resnet18",), num_classes=5, member_head="gap", image_size=SIZE)
+    ens = build_ensemble(cfg).eval()
+    pre = PreprocessConfig(size=SIZE).to_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(path, ens, extra={"preprocess": pre})
+
+
+@pytest.fixture(scope="module")
+def onnx_model(checkpoint, tmp_path_factory) -> Path:
+    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def bench_run(onnx_model, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One CLI run on the exported model, all precisions, batches 1 and 2."""
+    d = tmp_path_factory.mktemp("bench")
+    js, md, out = d / "r.json", d / "r.md", d / "out"
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "--model", str(onnx_model),
+            "--backend", "onnxruntime,tensorrt,torch",
+            "--precision", "fp32,fp16,int8",
+            "--batch", "1,2",
+            "--warmup-iters", "1",
+            "--iters", "5",
+            "--frames", "3",
+            "--calib-count", "4",
+            "--calib-method", "minmax",
+            "--parity-images", "3",
+            "--json", str(js),
+            "--md", str(md),
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return js, md, out
+
+
+def test_bench_cli_json_and_markdown(bench_run):
+    js, md, out = bench_run
+    result = read_result(js)  # schema-checked round trip
+    data = json.loads(js.read_text())
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    model_rows = [r for r in ok if not r["backend"].endswith("end-to-end")]
+    # ONNX Runtime at every precision x batch, each with a full set of statistics.
+    got = {(r["precision"], r["batch"]) for r in model_rows if r["backend"] == "onnxruntime-cpu"}
+    assert got == {(p, b) for p in ("fp32", "fp16", "int8") for b in (1, 2)}
+    for r in model_rows:
+        st = r["stats"]
+        assert st["count"] == 5 and len(r["samples_ms"]) == 5
+        assert st["min"] <= st["median"] <= st["p90"] <= st["p95"] <= st["p99"] <= st["max"]
+        assert st["throughput"] > 0 and st["std"] >= 0
+        assert r["size_mb"] > 0
+        assert r["memory"]["rss_peak_mb"] > 0
+    # Derived models are smaller: FP16 about half, INT8 about a quarter of FP32.
+    size = {r["precision"]: r["size_mb"] for r in model_rows if r["batch"] == 1}
+    assert size["fp16"] < 0.6 * size["fp32"] and size["int8"] < 0.4 * size["fp32"]
+    # End-to-end rows carry the five stages, and the frame latency is their sum.
+    e2e = [r for r in ok if r["backend"].endswith("end-to-end")]
+    assert len(e2e) == 3
+    for r in e2e:
+        assert list(r["stages"]) == ["decode", "preprocess", "infer", "postprocess", "render"]
+        stage_sum = sum(v["mean"] for v in r["stages"].values())
+        assert r["stats"]["mean"] == pytest.approx(stage_sum, rel=1e-6)
+    # Device record and provenance of the derived precisions.
+    assert result.device["cpu"]["cores"] >= 1
+    assert "synthetic" in data["config"]["images"]
+    assert data["config"]["derived"]["int8"]["calib_images"] == 4
+    assert data["roofline"]["kind"] == "roofline-estimate" and data["roofline"]["macs"] > 0
+    text = md.read_text()
+    for heading in (
+        "## Summary",
+        "## Latency",
+        "### Stages: e2e",
+        "## Parity vs the FP32",
+        "## Memory",
+        "## Device",
+    ):
+        assert heading in text
+    assert "| Format | Precision | Batch | Status | Size (MB) |" in text
+    assert (out / "result.json").is_file() and (out / "latency.png").stat().st_size > 1000
+    assert (out / "report.md").read_text() == text
+
+
+def test_tensorrt_row_skipped_with_reason(bench_run):
+    data = json.loads(bench_run[0].read_text())
+    trt = [r for r in data["rows"] if r["backend"] == "tensorrt"]
+    assert len(trt) == 6
+    for r in trt:
+        if "tensorrt" in sys.modules or data["device"]["tensorrt"]:
+            pytest.skip("TensorRT is installed here; the skipped-row path is not taken")
+        assert r["status"] == "skipped" and r["stats"] is None
+        assert "TensorRT is not installed" in r["error"]
+    # The PyTorch backend needs a checkpoint: skipped with its own reason for an ONNX model.
+    torch_rows = [r for r in data["rows"] if r["backend"] == "torch"]
+    assert torch_rows and all("needs a checkpoint" in r["error"] for r in torch_rows)
+    assert "## Failed or skipped" in bench_run[1].read_text()
+
+
+def test_parity_columns(bench_run):
+    data = json.loads(bench_run[0].read_text())
+    rows = {
+        (r["precision"], r["batch"]): r
+        for r in data["rows"]
+        if r["backend"] == "onnxruntime-cpu" and r["status"] == "ok"
+    }
+    fp32, fp16, int8 = (
+        rows["fp32", 1]["parity"],
+        rows["fp16", 1]["parity"],
+        rows["int8", 1]["parity"],
+    )
+    assert fp32["reference"] == "onnxruntime-cpu fp32" and fp32["max_abs_diff"] == 0.0
+    assert fp32["label_agreement"] == 1.0 and fp32["ok"] is True
+    assert 0.0 <= fp16["max_abs_diff"] <= 1e-2 and fp16["ok"] is True
+    assert int8["ok"] is None and int8["tolerance"] is None  # reported, not gated
+    for p in (fp16, int8):
+        assert 0.0 <= p["label_agreement"] <= 1.0 and p["images"] == 3
+    assert rows["int8", 1]["metric"]["value"] == int8["label_agreement"]
+
+
+def test_parity_record_counts_disagreements():
+    ref = {"probs": np.array([[0.9, 0.1, 0.6], [0.2, 0.7, 0.4]], np.float32)}
+    got = {"probs": np.array([[0.9, 0.1, 0.4], [0.2, 0.7, 0.45]], np.float32)}
+    rec = parity_record(ref, got, [0.5, 0.5, 0.5], reference_name="ref", tolerance=0.1)
+    assert rec["max_abs_diff"] == pytest.approx(0.2, abs=1e-6)
+    assert rec["label_agreement"] == pytest.approx(5 / 6)
+    assert rec["positive_sets_equal"] == 0.5
+    assert rec["ok"] is False
+
+
+def test_checkpoint_torch_row_and_engine_precision_skips(checkpoint, tmp_path):
+    cfg = BenchConfig(
+        model=str(checkpoint),
+        backends=("torch", "onnxruntime"),
+        precisions=("fp32", "fp16"),
+        iters=3,
+        warmup_iters=1,
+        pipeline=False,
+        roofline=False,
+        parity_images=2,
+    )
+    result = run_bench(cfg)
+    torch32 = result.row("torch-cpu fp32 b1")
+    assert torch32.status == "ok"
+    # PyTorch and the exported graph agree to the export tolerance.
+    assert torch32.parity["max_abs_diff"] <= 1e-4
+    assert "FP32 only" in result.row("torch fp16 b1").error
+    md = render_bench_markdown(result)
+    assert "torch-cpu fp32 b1" in md
+
+
+def test_bench_option_errors(onnx_model):
+    with pytest.raises(UserError, match="--precision 'bf16'"):
+        BenchConfig(model=str(onnx_model), precisions=("bf16",))
+    with pytest.raises(UserError, match="--iters or --duration"):
+        BenchConfig(model=str(onnx_model), iters=3, duration_s=1.0)
+    res = runner.invoke(app, ["bench", "--model", "nope.onnx", "--iters", "1"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["bench", "--model", str(onnx_model), "--batch", "x"])
+    assert res.exit_code == 2 and "--batch" in res.output
+
+
+def test_device_slug():
+    assert device_slug({"cpu": {"model": "AMD EPYC", "cores": 2}}) == "cpu-amd-epyc-2c"
+    intel = {"cpu": {"model": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "cores": 8}}
+    assert device_slug(intel) == "cpu-intel-xeon-gold-6338-8c"
+    jet = {"jetson": {"module": "NVIDIA Jetson Orin Nano Developer Kit"}, "cpu": {}}
+    assert device_slug(jet) == "jetson-orin-nano-developer-kit"
+
+
+def test_interleave_alternates_order():
+    calls: list[str] = []
+    s = interleave(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        rounds=3,
+        iters=2,
+        warmup=1,
+    )
+    warm, r0, r1, r2 = ["a", "b"], ["a", "a", "b", "b"], ["b", "b", "a", "a"], ["a", "a", "b", "b"]
+    assert calls == [*warm, *r0, *r1, *r2]
+    assert len(s["a"]) == len(s["b"]) == 6 and min(s["a"]) >= 0
+
+
+def test_suite_yaml_files_load(repo_root):
+    for name in ("quick", "full"):
+        cfg = load_suite(repo_root / "bench" / "scenarios" / f"{name}.yaml")
+        assert list(cfg.scenarios) == list(SCENARIOS)
+    full = load_suite(repo_root / "bench" / "scenarios" / "full.yaml")
+    assert full.members == ("vgg19", "resnet50") and full.image_size == 224
+
+
+def test_suite_rejects_unknown_scenario(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nscenarios:\n  warp_drive: {rounds: 1}\n")
+    with pytest.raises(UserError, match="warp_drive"):
+        load_suite(p)
+
+
+def test_quick_suite_plumbing_on_tiny_model(tmp_path):
+    """Every scenario runs end to end on a tiny model; rows, ratios, targets are all there."""
+    from fundus_edge.perf.scenarios import _ratio_plot
+    from fundus_edge.perf.suite import write_outputs
+
+    cfg = SuiteConfig(
+        name="tiny",
+        members=("resnet18",),
+        member_head="gap",
+        num_classes=4,
+        image_size=32,
+        scenarios={
+            "fused_vs_user": {"rounds": 1, "iters": 1, "top_k": 2, "warmup": 0},
+            "cam_overhead": {"rounds": 2, "iters": 2},
+            "precision": {"rounds": 1, "iters": 2, "calib_images": 2, "calib_method": "minmax"},
+            "pipelined": {"rounds": 1, "frames": 2, "frame_size": 128},
+            "training": {"rounds": 1, "iters": 1, "batch": 2, "warmup": 0},
+        },
+    )
+    result = run_suite(cfg, work_dir=tmp_path, roofline=False)
+    assert isinstance(result, BenchResult)
+    targets = result.config["targets"]
+    assert [t["scenario"] for t in targets] == [
+        "fused_vs_user",
+        "cam_overhead",
+        "precision",
+        "precision",
+        "pipelined",
+        "pipelined",
+        "training",
+        "training",
+    ]
+    for t in targets:
+        assert t["value"] > 0 and t["ci_low"] <= t["value"] <= t["ci_high"]
+        assert t["met"] in (True, False, None)
+        assert (t["met"] is None) == (t["target"] is None)
+    assert len(result.ratios) == len(targets)
+    names = result.names()
+    assert (
+        "precision: fused graph int8" in names
+        and "training: plain step on the doubled batch" in names
+    )
+    assert result.row("training: plain step on the doubled batch").batch == 4
+    assert result.row("precision: fused graph fp16").parity["images"] == 4
+    paths = write_outputs(result, tmp_path / "out", extra_plots=_ratio_plot)
+    assert paths["ratios_png"].stat().st_size > 1000
+    text = paths["markdown"].read_text()
+    assert "## Scenario ratios vs targets" in text and "INT8 speed-up over FP32" in text
+    assert read_result(paths["json"]).config["targets"] == targets
