@@ -10,6 +10,13 @@ from __future__ import annotations
 from fundus_edge.cli.app import app, main
 
 # Registration by import; keep this list sorted.
+from fundus_edge.cli import cmd_bench  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_clip  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_data  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_doctor  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_export  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_run  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_synth  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_train  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]
