@@ -33,6 +33,29 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The demo: each step is a real command a user would type.
+# The demo: each step is a real command a user would type. Outputs go to $(DEMO)/ (git-ignored).
+FE := $(BIN)/fundus-edge
+DEMO_N ?= 1500
+DEMO_SIZE ?= 192
+
 demo: $(STAMP)
-	$(BIN)/fundus-edge doctor --no-camera-probe
+	@mkdir -p $(DEMO)
+	$(FE) doctor --no-camera-probe
+	$(FE) synth $(DEMO)/data --n $(DEMO_N) --size $(DEMO_SIZE) --seed 0 --workers 2 --overwrite
+	$(FE) dataset $(DEMO)/data --json $(DEMO)/dataset.json
+	$(FE) train --config training/demo-cpu.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite
+	$(FE) eval --model $(DEMO)/run/best.safetensors --data $(DEMO)/data --split test \
+		--json $(DEMO)/eval/test.json --out $(DEMO)/eval
+	$(FE) export --model $(DEMO)/run/best.safetensors --out $(DEMO)/export --format onnx \
+		--int8 --calib $(DEMO)/data --calib-count 64
+	$(BIN)/python -c "import cv2, skimage.data as d; cv2.imwrite('$(DEMO)/retina.png', d.retina()[:, :, ::-1])"
+	$(FE) clip '$(DEMO)/data/Test_Set/Test/1?.png' $(DEMO)/retina.png --out $(DEMO)/clip.mp4 --fps 5 --hold 3
+	$(FE) run $(DEMO)/export/model.int8.onnx $(DEMO)/clip.mp4 --headless \
+		--save-video $(DEMO)/clip-annotated.mp4 --jsonl $(DEMO)/clip.jsonl --summary-json $(DEMO)/clip-summary.json
+	$(FE) run $(DEMO)/export/model.onnx $(DEMO)/retina.png --headless --save-dir $(DEMO)/overlay \
+		--jsonl $(DEMO)/retina.jsonl
+	$(BIN)/python bench/run_suite.py --quick --out $(DEMO)/bench
+	@echo "demo: outputs in $(DEMO)/ (eval/test.json, export/export_report.json, clip-annotated.mp4, bench/report.md)"
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -44,8 +44,9 @@ __all__ = [
     "PredictFn",
     "Predictions",
     "align_labels",
+    "backend_predictor",
     "evaluate",
-    "evaluate_checkpoint",
+    "evaluate_model",
     "global_labels_of",
     "localisation_report",
     "predict_samples",
@@ -103,11 +104,30 @@ def torch_predictor(model, device: str = "cpu", mean=None, std=None) -> PredictF
         x = (x.permute(0, 3, 1, 2).float() / 255.0 - m) / s  # (N,3,S,S)
         with torch.no_grad():
             out = model(x)
-        cams = out["cams"].float()  # (N,M,C,h,w)
-        lo = cams.amin(dim=(-2, -1), keepdim=True)
-        hi = cams.amax(dim=(-2, -1), keepdim=True)
-        cams = ((cams - lo) / (hi - lo + 1e-7)).mean(dim=1)  # (N,C,h,w)
-        return {"probs": out["probs"].float().cpu().numpy(), "cams": cams.cpu().numpy()}
+        cams = normalised_member_maps(out["cams"].float().cpu().numpy())  # (N,C,h,w)
+        return {"probs": out["probs"].float().cpu().numpy(), "cams": cams}
+
+    return predict
+
+
+def normalised_member_maps(cams: np.ndarray) -> np.ndarray:
+    """Raw maps (N,M,C,h,w) -> (N,C,h,w): min-max per member and class, mean over members."""
+    cams = np.asarray(cams, dtype=np.float32)
+    lo = cams.min(axis=(-2, -1), keepdims=True)
+    hi = cams.max(axis=(-2, -1), keepdims=True)
+    return ((cams - lo) / (hi - lo + 1e-7)).mean(axis=1)
+
+
+def backend_predictor(backend) -> PredictFn:
+    """Predict function over an exported model (any :mod:`fundus_edge.backends` backend)."""
+
+    def predict(images: np.ndarray) -> dict[str, Any]:
+        out = backend.infer(np.ascontiguousarray(images))
+        cams = out.get("cams")
+        return {
+            "probs": np.asarray(out["probs"], dtype=np.float32),
+            "cams": None if cams is None else normalised_member_maps(cams),
+        }
 
     return predict
 
@@ -388,6 +408,17 @@ def evaluate(
             tiles = _overlay_tiles(remapped, preds, model_label_names, preds.probs)
             figures["maps"] = str(plots.plot_map_grid(*tiles[:3], out / "maps.png", masks=tiles[3]))
     report["figures"] = figures
+    # Per image, so any other consumer (`fundus-edge run` on the same files) can be compared.
+    report["predictions"] = [
+        {
+            "id": s.id,
+            "path": str(s.path),
+            "probabilities": {
+                n: round(float(p), 6) for n, p in zip(model_label_names, row, strict=True)
+            },
+        }
+        for s, row in zip(samples, preds.probs, strict=True)
+    ]
     return report
 
 
@@ -397,7 +428,7 @@ def _to_model_order(labels: np.ndarray, m_idx: list[int], d_idx: list[int], c: i
     return out
 
 
-def evaluate_checkpoint(
+def evaluate_model(
     model_path: str | Path,
     data_dir: str | Path,
     split: str = "test",
@@ -407,14 +438,17 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     data_format: str = "auto",
 ) -> dict:
-    """``fundus-edge eval``: load a checkpoint, evaluate one split, write JSON and PNGs.
+    """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
+
+    A checkpoint (``.safetensors``) runs in PyTorch; an exported graph (``.onnx``,
+    ``.engine``/``.plan``) runs through its :mod:`fundus_edge.backends` backend with the
+    labels, thresholds and preprocessing of its own metadata.
 
     Raises:
         UserError: missing model or data, unknown split, no samples.
     """
     from fundus_edge.datasets import open_dataset
     from fundus_edge.fileio import atomic_write_json
-    from fundus_edge.models import load_checkpoint
 
     model_path = Path(model_path)
     if not model_path.exists():
@@ -423,21 +457,41 @@ def evaluate_checkpoint(
     if split not in ds.splits or not ds.splits[split]:
         have = ", ".join(k for k, v in ds.splits.items() if v) or "none"
         raise UserError(f"{data_dir}: split {split!r} has no samples (splits with samples: {have})")
-    model, meta = load_checkpoint(model_path)
-    pre = PreprocessConfig.from_dict(meta.get("preprocess") or {"size": model.config.image_size})
-    report = evaluate(
-        torch_predictor(model, device),
-        ds.splits[split],
-        ds.label_names,
-        list(meta.get("label_names") or model.config.label_names),
-        pre,
-        thresholds=meta.get("thresholds"),
-        out_dir=out_dir,
-        batch_size=batch_size,
-        screening_label=ds.screening_label or "Disease_Risk",
-        split=split,
-        global_labels=global_labels_of(ds.root),
-    )
+    backend = None
+    if model_path.suffix.lower() in (".onnx", ".engine", ".plan"):
+        from fundus_edge.backends import load_backend
+
+        backend = load_backend(model_path)
+        meta = backend.metadata
+        predict = backend_predictor(backend)
+        labels = list(meta["label_names"])
+        pre = PreprocessConfig.from_dict(meta["preprocess"])
+    else:
+        from fundus_edge.models import load_checkpoint
+
+        model, meta = load_checkpoint(model_path)
+        predict = torch_predictor(model, device)
+        labels = list(meta.get("label_names") or model.config.label_names)
+        pre = PreprocessConfig.from_dict(
+            meta.get("preprocess") or {"size": model.config.image_size}
+        )
+    try:
+        report = evaluate(
+            predict,
+            ds.splits[split],
+            ds.label_names,
+            labels,
+            pre,
+            thresholds=meta.get("thresholds"),
+            out_dir=out_dir,
+            batch_size=batch_size,
+            screening_label=ds.screening_label or "Disease_Risk",
+            split=split,
+            global_labels=global_labels_of(ds.root),
+        )
+    finally:
+        if backend is not None:
+            backend.close()
     report["model"] = str(model_path)
     report["data"] = str(data_dir)
     if json_path is not None:

@@ -1279,7 +1279,7 @@ def run_ablation(
     Returns:
         ``{"rows": [...], "split": str, "table_json": path, "table_md": path}``.
     """
-    from fundus_edge.evaluate import evaluate_checkpoint
+    from fundus_edge.evaluate import evaluate_model
     from fundus_edge.fileio import atomic_write_json
     from fundus_edge.models import load_checkpoint
 
@@ -1295,10 +1295,10 @@ def run_ablation(
         model, _ = load_checkpoint(res.best_path)
         device = "cpu" if cfg.device == "cpu" else str(resolve_device(cfg.device))
         try:
-            rep = evaluate_checkpoint(res.best_path, cfg.data.root, split, device=device)
+            rep = evaluate_model(res.best_path, cfg.data.root, split, device=device)
         except UserError:  # the data has no such split: validation figures instead
             used_split = "val"
-            rep = evaluate_checkpoint(res.best_path, cfg.data.root, "val", device=device)
+            rep = evaluate_model(res.best_path, cfg.data.root, "val", device=device)
         e = rep["elementwise"]
         rows.append(
             {

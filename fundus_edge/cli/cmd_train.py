@@ -108,7 +108,12 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors)."),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Checkpoint (.safetensors) or exported model (.onnx, .engine/.plan).",
+    ),
     data: Path = typer.Option(..., "--data", "-d", help="Dataset folder."),
     split: str = typer.Option("test", "--split", help="train | val | test."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the full report here."),
@@ -126,12 +131,12 @@ def eval_(
         raise UserError(f"--split {split!r}: choose train, val or test")
     if not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
-    from fundus_edge.evaluate import evaluate_checkpoint
+    from fundus_edge.evaluate import evaluate_model
     from fundus_edge.trainer import resolve_device
 
     dev = str(resolve_device(device))
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
-    rep = evaluate_checkpoint(
+    rep = evaluate_model(
         model, data, split, json_file, plots_dir, dev, batch_size, data_format=data_format
     )
     _render(rep)
