@@ -55,6 +55,8 @@ QUANT_OPS = (
     "Relu",
     "Concat",
 )
+# Where int8 pays: the backbones (the exporter names their nodes ``.../features/...``).
+_QUANT_SCOPE = re.compile(r"/features/")
 # Ops kept in float32 wherever they appear: reductions and divisions of the map arithmetic.
 FLOAT_OPS = ("Sigmoid", "ReduceMax", "ReduceMin", "Div", "Resize", "GridSample", "Clip")
 
@@ -172,7 +174,13 @@ def onnx_to_int8(
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
-        exclude = float_nodes(model)
+        # Quantise the members' convolutional bodies and the classifier layers only. The map,
+        # attention and enhancement arithmetic between them (min-max divisions with an
+        # epsilon, weighted sums) stays float: an int8 `max + 1e-7` is 0 for a flat map.
+        quantize = [
+            n.name for n in model.graph.node if _QUANT_SCOPE.search(n.name) or n.op_type == "Gemm"
+        ]
+        exclude = [n.name for n in model.graph.node if n.name and n.name not in set(quantize)]
         used = method
 
         def run(calibration: str) -> None:
@@ -185,7 +193,7 @@ def onnx_to_int8(
                 activation_type=QuantType.QInt8 if target == "tensorrt" else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=list(QUANT_OPS),
-                nodes_to_exclude=exclude,
+                nodes_to_quantize=quantize,
                 calibrate_method=methods[calibration],
                 extra_options={
                     "ActivationSymmetric": target == "tensorrt",  # TensorRT: zero point 0

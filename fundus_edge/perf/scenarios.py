@@ -561,47 +561,15 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     return res
 
 
-def _bce(logits: Any, targets: Any) -> Any:
-    import torch.nn.functional as F
-
-    t = targets[:, None, :].expand_as(logits)  # (N,M',C)
-    return F.binary_cross_entropy_with_logits(logits, t)
-
-
-def _gradcam_attention(ens: Any, x: Any, targets: Any) -> Any:
-    """Attention from the ``grad-cam`` package's maps for every class present in the batch."""
-    import torch
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    from torch import nn
-
-    class _MeanLogits(nn.Module):
-        def __init__(self, ensemble: Any) -> None:
-            super().__init__()
-            self.ensemble = ensemble
-
-        def forward(self, z: Any) -> Any:
-            return self.ensemble.head_logits(z).mean(dim=1)  # (N,C)
-
-    n, _, h, w = x.shape
-    c = targets.shape[1]
-    maps = torch.zeros(n, len(ens.members), c, h, w)  # (N,M,C,H,W)
-    view = _MeanLogits(ens)
-    active = [j for j in range(c) if float(targets[:, j].sum()) > 0]
-    for mi, member in enumerate(ens.members):
-        with GradCAM(model=view, target_layers=[member.target_layer]) as cam:
-            for j in active:
-                g = cam(input_tensor=x, targets=[ClassifierOutputTarget(j)] * n)  # (N,H,W)
-                maps[:, mi, j] = torch.from_numpy(np.ascontiguousarray(g))
-    ens.train()  # the package switched the model to eval mode
-    return ens.attention_from(maps, targets)
-
-
 def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    """The trainer's own step (:func:`fundus_edge.trainer.training_step`) in its three modes."""
     import torch
+
+    from fundus_edge.losses import LossConfig, build_loss
+    from fundus_edge.trainer import training_step
 
     res = ScenarioResult("training")
-    batch = _opt(opts, "batch", 2)
+    batch = _opt(opts, "batch", 4)
     per_image = _opt(opts, "labels_per_image", 2)
     ens = copy.deepcopy(ws.ensemble).train()
     cfg = ens.config
@@ -611,36 +579,16 @@ def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     for i in range(batch):
         targets[i, rng.choice(cfg.num_classes, per_image, replace=False)] = 1.0
     opt = torch.optim.SGD(ens.parameters(), lr=1e-5)
-
-    def step(loss_fn: Callable[[], Any]) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-
-    def cam_step() -> None:
-        def loss() -> Any:
-            out = ens(x, targets)  # maps forward-only, enhancement, both views
-            return _bce(out["logits"], targets) + _bce(out["logits_enhanced"], targets)
-
-        step(loss)
-
+    loss_fn = build_loss(LossConfig(name="bce", pos_weight="none"))
     x2 = torch.cat([x, x.flip(-1)])  # (2N,3,S,S): as many images as the two views
     t2 = torch.cat([targets, targets])
 
-    def plain_step() -> None:
-        step(lambda: _bce(ens.head_logits(x2), t2))
-
-    def gradcam_step() -> None:
-        def loss() -> Any:
-            att = _gradcam_attention(ens, x, targets)
-            enh = ens.enhance(x, att)
-            return _bce(ens.head_logits(x), targets) + _bce(ens.head_logits(enh), targets)
-
-        step(loss)
-
     s = interleave(
-        {"cam": cam_step, "plain": plain_step, "gradcam": gradcam_step},
+        {
+            "cam": lambda: training_step(ens, x, targets, loss_fn, opt, mode="kernel"),
+            "plain": lambda: training_step(ens, x2, t2, loss_fn, opt, mode="plain"),
+            "gradcam": lambda: training_step(ens, x, targets, loss_fn, opt, mode="gradcam"),
+        },
         _opt(opts, "rounds", 3),
         _opt(opts, "iters", 1),
         _opt(opts, "warmup", 1),
@@ -651,10 +599,11 @@ def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     res.compare(a, b, "CAM step / plain 2N step", opts.get("target_plain", "<= 1.15"))
     res.compare(c, a, "CAM step speed-up over grad-cam maps", opts.get("target_gradcam", ">= 1.5"))
     res.notes.append(
-        f"training: batch {batch} ({per_image} positive labels per image, "
-        f"{int((targets.sum(0) > 0).sum())} classes present: grad-cam runs once per member and "
-        "class present); forward, BCE on both views, backward and an SGD step. Implemented "
-        "against the models directly (fundus_edge.trainer exposes no public step function)."
+        f"training: fundus_edge.trainer.training_step, batch {batch} ({per_image} positive "
+        f"labels per image, {int((targets.sum(0) > 0).sum())} classes present: grad-cam runs "
+        "once per member and class present); forward, BCE on both views, backward, SGD step. "
+        "The plain step sees 2N images (the originals and their mirror images) so both sides "
+        "process as many images."
     )
     return res
 
