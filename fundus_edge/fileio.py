@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -32,6 +33,13 @@ def atomic_open(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes 0600 files; give the result the mode a plain open() would (or keep the
+    # mode of the file it replaces), so reports and models stay readable to the team.
+    try:
+        perm = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        perm = 0o666 & ~_umask()
+    os.chmod(tmp, perm)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -43,6 +51,14 @@ def atomic_open(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; restore it at once.
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
