@@ -40,8 +40,8 @@ DEMO_SIZE ?= 192
 
 demo: $(STAMP)
 	@mkdir -p $(DEMO)
-	$(FE) doctor --no-camera-probe
 	$(FE) synth $(DEMO)/data --n $(DEMO_N) --size $(DEMO_SIZE) --seed 0 --workers 2 --overwrite
+	$(FE) doctor --no-camera-probe
 	$(FE) dataset $(DEMO)/data --json $(DEMO)/dataset.json
 	$(FE) train --config training/demo-cpu.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite
 	$(FE) eval --model $(DEMO)/run/best.safetensors --data $(DEMO)/data --split test \
