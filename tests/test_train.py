@@ -404,3 +404,28 @@ def test_training_step_modes(mode):
     assert model.training
     with pytest.raises(UserError, match="mode 'blur'"):
         training_step(model, x, y, build_loss(LossConfig(pos_weight="none")), mode="blur")
+
+
+def test_paper_ensemble_vgg19_resnet50_trains_a_few_steps_tiny():
+    """The paper's members with their native heads (VGG19's MLP), CAM-augmented steps at 32 px."""
+    import torch
+
+    from fundus_edge.losses import LossConfig, build_loss
+    from fundus_edge.models import EnhanceConfig, EnsembleConfig, build_ensemble
+    from fundus_edge.trainer import training_step
+
+    torch.manual_seed(0)
+    cfg = EnsembleConfig(
+        members=("vgg19", "resnet50"), num_classes=3, image_size=32, member_head="native",
+        enhance=EnhanceConfig(op="weight"),
+    )  # fmt: skip
+    ens = build_ensemble(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    opt = torch.optim.SGD(ens.parameters(), lr=1e-3)
+    loss_fn = build_loss(LossConfig(name="bce", pos_weight="none"))
+    before = ens.members[0].head.classifier[-1].weight.detach().clone()
+    losses = [training_step(ens, x, y, loss_fn, opt, mode="kernel") for _ in range(2)]
+    losses.append(training_step(ens, x, y, loss_fn, opt, mode="plain"))
+    assert all(np.isfinite(v) for v in losses)
+    assert not torch.equal(before, ens.members[0].head.classifier[-1].weight)
