@@ -20,6 +20,7 @@ import yaml
 
 from fundus_edge.errors import UserError
 from fundus_edge.losses import LossConfig
+from fundus_edge.options import load_yaml_mapping
 
 __all__ = [
     "CAM_METHODS",
@@ -321,16 +322,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file does not exist")
-        try:
-            recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f":{line + 1}" if line is not None else ""
-            raise UserError(f"{path}{where}: not valid YAML ({exc})".replace("\n", " ")) from exc
-        if not isinstance(recipe, dict):
-            raise UserError(f"{path}: expected a mapping at the top level")
+        recipe = load_yaml_mapping(path, "--config")
         _build(TrainConfig, recipe, source, "")  # names the recipe's own bad keys
         d = _merge(d, recipe)
     if sets:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fundus_edge.errors import UserError
 
-__all__ = ["options_from_dict"]
+__all__ = ["load_yaml_mapping", "options_from_dict"]
 
 T = TypeVar("T")
 
@@ -29,3 +31,34 @@ def options_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
             f"unknown {what} option {', '.join(map(repr, unknown))} (known: {', '.join(sorted(names))})"
         )
     return cls(**d)
+
+
+def load_yaml_mapping(path: str | os.PathLike, option: str = "") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping (recipes, profiles, suites).
+
+    Args:
+        path: the file.
+        option: the command-line option that named it (``--profile``), for the messages.
+
+    Raises:
+        UserError: a missing file, invalid YAML (with its line) or a top level that is not a
+            mapping; one line naming the file.
+    """
+    import yaml
+
+    path = Path(path)
+    named = f"{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise UserError(f"{named}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}{where}: not valid YAML ({problem})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of options at the top level")
+    return data

@@ -64,6 +64,7 @@ from fundus_edge.config import CAM_METHODS, TrainConfig, save_config
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.fileio import atomic_open, atomic_write_text
 from fundus_edge.log import get_logger, progress
+from fundus_edge.options import load_yaml_mapping
 
 __all__ = [
     "ABLATION_COLUMNS",
@@ -1206,18 +1207,12 @@ def ablation_configs(
     Raises:
         UserError: missing or malformed spec, unknown key, a bad variant.
     """
-    import yaml
 
     from fundus_edge.config import apply_overrides, load_config
 
     spec_path = Path(spec_path)
-    if not spec_path.is_file():
-        raise UserError(f"--ablation {spec_path}: file does not exist")
-    try:
-        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{spec_path}: not valid YAML ({exc})".replace("\n", " ")) from exc
-    if not isinstance(spec, dict) or not isinstance(spec.get("variants"), dict):
+    spec = load_yaml_mapping(spec_path, "--ablation")
+    if not isinstance(spec.get("variants"), dict):
         raise UserError(f"{spec_path}: expected 'variants:' mapping name -> overrides")
     unknown = sorted(set(spec) - _ABLATION_KEYS)
     if unknown:

@@ -19,6 +19,7 @@ from fundus_edge import __version__
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_json, sha256_file
 from fundus_edge.log import get_logger
+from fundus_edge.options import load_yaml_mapping
 
 __all__ = ["FORMATS", "ExportConfig", "build_metadata", "export_model", "load_profile"]
 
@@ -103,7 +104,6 @@ class ExportConfig:
 
 def load_profile(path: str | Path) -> dict[str, Any]:
     """Read an export profile (YAML mapping of :class:`ExportConfig` fields)."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -116,12 +116,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         if not cand.is_file():
             raise UserError(f"--profile {path}: no such file (profiles live in export/)")
         path = cand
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a profile must be a mapping of export options")
+    data = load_yaml_mapping(path, "--profile")
     data.pop("description", None)
     known = {f.name for f in fields(ExportConfig)}
     unknown = sorted(set(data) - known)

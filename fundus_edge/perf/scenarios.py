@@ -38,6 +38,7 @@ import numpy as np
 
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
+from fundus_edge.options import load_yaml_mapping
 from fundus_edge.perf.device import device_record
 from fundus_edge.perf.report import BenchResult, BenchRow
 from fundus_edge.perf.stats import LatencyStats, Ratio, speedup
@@ -128,17 +129,9 @@ class SuiteConfig:
 
 def load_suite(path: str | os.PathLike) -> SuiteConfig:
     """Read a suite YAML (keys of :class:`SuiteConfig`; ``model:`` holds the model keys)."""
-    import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--suite {p}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: a suite must be a mapping")
+    data = load_yaml_mapping(p, "--suite")
     model = data.pop("model", {}) or {}
     known = set(SuiteConfig.__dataclass_fields__)
     unknown = sorted((set(data) | set(model)) - known)
