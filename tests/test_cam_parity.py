@@ -99,6 +99,8 @@ def _check_member(
         ("efficientnet_b0", "native"),  # dropout + linear
         ("resnet18", "gap"),
         ("vgg11_bn", "gap"),
+        ("resnet18_os16", "gap"),  # output stride 16: 4x4 maps at 64 px
+        ("mobilenet_v3_large_os16", "native"),  # dilated last stage
     ],
 )
 def test_member_cam_matches_gradcam_every_class(name: str, head: str) -> None:

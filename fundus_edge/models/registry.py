@@ -17,6 +17,7 @@ file raises :class:`~fundus_edge.errors.UserError` that says which file to put w
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,3 +191,34 @@ def _split_vgg(net: nn.Module) -> NativeSplit:
 def _split_features_classifier(net: nn.Module) -> NativeSplit:
     # CAM target: the last features block (1x1 conv + BN + activation).
     return NativeSplit(net.features, 1, net.classifier, net.features[-1])
+
+
+# Output stride 16 variants: class maps at twice the resolution (8x8 instead of 4x4 at 128 px),
+# for localisation on small findings (optic disc, macula). Same parameters and ImageNet files.
+@register_backbone(
+    "resnet50_os16",
+    functools.partial(tvm.resnet50, replace_stride_with_dilation=[False, False, True]),
+    tvm.ResNet50_Weights.IMAGENET1K_V2,
+    2048,
+)
+def _split_resnet_dilated(net: nn.Module) -> NativeSplit:
+    return _split_resnet(net)
+
+
+@register_backbone("resnet18_os16", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512)
+def _split_resnet18_os16(net: nn.Module) -> NativeSplit:
+    # BasicBlock has no dilation: drop layer4's stride instead (its receptive field shrinks).
+    block = net.layer4[0]
+    block.conv1.stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    return _split_resnet(net)
+
+
+@register_backbone(
+    "mobilenet_v3_large_os16",
+    functools.partial(tvm.mobilenet_v3_large, dilated=True),
+    tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    960,
+)
+def _split_mobilenet_dilated(net: nn.Module) -> NativeSplit:
+    return _split_features_classifier(net)
