@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fundus_edge.artifact import CONTRACT_OUTPUTS as OUTPUT_NAMES
 from fundus_edge.models.ensemble import Ensemble
 
 __all__ = ["OUTPUT_NAMES", "FusedModel"]
-
-OUTPUT_NAMES = ("probs", "logits", "cams", "attention")
 
 
 class FusedModel(nn.Module):
