@@ -17,14 +17,6 @@ MAX_ABS = 1e-2
 MIN_CORR = 0.999
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def _calibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
     """Set BatchNorm running stats to x's batch stats.
 

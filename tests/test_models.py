@@ -28,14 +28,6 @@ from fundus_edge.models import (
 from fundus_edge.models.enhance import attention_from, upsample_attention, weight_enhance
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def _small(**kw) -> EnsembleConfig:
     base = dict(members=("resnet18", "mobilenet_v3_large"), num_classes=3, image_size=64)
     base.update(kw)
