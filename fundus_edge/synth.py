@@ -72,6 +72,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fundus_edge.datasets import RFMID_LABELS_46
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger, progress
@@ -92,21 +93,10 @@ __all__ = [
 
 log = get_logger("synth")
 
-#: Label columns in RFMiD's header order (``Disease_Risk`` is written before them).
-LABELS: tuple[str, ...] = (
-    "DR",
-    "ARMD",
-    "MH",
-    "DN",
-    "MYA",
-    "BRVO",
-    "TSLN",
-    "LS",
-    "CSR",
-    "ODC",
-    "CRVO",
-    "ODE",
-)
+#: Label columns in RFMiD's header order (``Disease_Risk`` is written before them): the
+#: conditions this generator draws, ordered by RFMiD's own header so the two cannot drift.
+_DRAWN = {"DR", "ARMD", "MH", "DN", "MYA", "BRVO", "TSLN", "LS", "CSR", "ODC", "CRVO", "ODE"}
+LABELS: tuple[str, ...] = tuple(n for n in RFMID_LABELS_46 if n in _DRAWN)
 
 #: Labels without a place: their mask is the whole visible FOV.
 GLOBAL_LABELS: frozenset[str] = frozenset({"MH"})
