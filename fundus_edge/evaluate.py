@@ -37,7 +37,14 @@ from fundus_edge.datasets import Sample
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.log import get_logger, progress
 from fundus_edge.metrics import energy_inside, multilabel_report, nanmean_or_none, pointing_game
-from fundus_edge.preprocess import Geometry, PreprocessConfig, crop_square, preprocess, read_image
+from fundus_edge.preprocess import (
+    Geometry,
+    PreprocessConfig,
+    crop_square,
+    preprocess,
+    read_image,
+    read_mask,
+)
 
 __all__ = [
     "POINTING_TOLERANCE",
@@ -215,16 +222,6 @@ def predict_samples(
     )
 
 
-def _read_mask(path: Path, frame: tuple[int, int]) -> np.ndarray:
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise DataError(f"{path}: cannot read lesion mask")
-    if m.shape != tuple(frame):
-        # A mask saved at another resolution than its image: resample, nearest keeps it binary.
-        m = cv2.resize(m, (frame[1], frame[0]), interpolation=cv2.INTER_NEAREST)
-    return m > 127
-
-
 def localisation_report(
     samples: Sequence[Sample],
     preds: Predictions,
@@ -256,7 +253,7 @@ def localisation_report(
             if label not in label_names:
                 continue
             c = list(label_names).index(label)
-            mask = _read_mask(Path(mpath), geo.frame)
+            mask = read_mask(mpath, geo.frame)
             if not mask.any():
                 continue
             frame_map = geo.map_to_frame(preds.maps[i][c])  # (H,W) on the original frame
@@ -318,7 +315,7 @@ def _overlay_tiles(samples, preds: Predictions, label_names, probs):
         name = label_names[c]
         if name in s.masks:
             g = preds.geometries[i]
-            raw = _read_mask(Path(s.masks[name]), g.frame).astype(np.uint8) * 255
+            raw = read_mask(s.masks[name], g.frame).astype(np.uint8) * 255
             rgb = np.repeat(raw[:, :, None], 3, axis=2)
             mask = crop_square(rgb, g.x0, g.y0, g.side, size, cv2.INTER_NEAREST)[:, :, 0] > 127
         images.append(img)

@@ -38,6 +38,7 @@ __all__ = [
     "find_fov",
     "preprocess",
     "read_image",
+    "read_mask",
     "square_around",
 ]
 
@@ -105,6 +106,22 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         return as_rgb_uint8(image, bgr=True)
     except UserError as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def read_mask(path: str | os.PathLike, frame: tuple[int, int]) -> np.ndarray:
+    """A lesion mask (uint8 0/255 PNG) as ``(H, W)`` bool on its image's frame.
+
+    A mask saved at another resolution than its image is resampled (nearest: it stays binary).
+
+    Raises:
+        DataError: the file cannot be read (one line naming it).
+    """
+    m = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{path}: cannot read lesion mask")
+    if m.shape != tuple(frame):
+        m = cv2.resize(m, (frame[1], frame[0]), interpolation=cv2.INTER_NEAREST)
+    return m > 127
 
 
 def as_rgb_uint8(image: np.ndarray, bgr: bool = False) -> np.ndarray:
