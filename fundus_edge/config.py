@@ -10,6 +10,7 @@ so a run can be repeated from its own directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,9 @@ class TrainConfig:
             raise UserError(f"{source}: optim.bn_momentum: must be in (0, 1], got {bn}")
         if not 0.0 <= self.optim.ema < 1.0:
             raise UserError(f"{source}: optim.ema: must be in [0, 1), got {self.optim.ema}")
+        mw = self.optim.loss.mask_weight
+        if not (mw >= 0.0 and math.isfinite(mw)):
+            raise UserError(f"{source}: optim.loss.mask_weight: must be >= 0, got {mw}")
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:

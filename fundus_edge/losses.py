@@ -10,6 +10,10 @@ They are written from log-sigmoids so large logits never produce ``log(0)``.
   ``γ = 0`` and no ``α`` is exactly ``bce``.
 * ``asymmetric`` (Ridnik et al. 2021): ``γ+`` on positives, ``γ-`` on negatives whose probability
   is first shifted down by a margin ``clip`` (easy negatives contribute nothing).
+
+:func:`mask_attention_loss` is an optional second term for data with lesion masks: the share
+of each positive class map's energy that falls outside its lesion (attention supervision in
+the spirit of GAIN, Li et al. 2018, "Tell me where to look").
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "LossConfig",
     "WeightedBCE",
     "build_loss",
+    "mask_attention_loss",
     "pos_weights_from_labels",
 ]
 
@@ -48,6 +53,8 @@ class LossConfig:
         gamma_pos: asymmetric exponent on positives.
         gamma_neg: asymmetric exponent on negatives.
         clip: asymmetric probability margin for negatives.
+        mask_weight: weight of :func:`mask_attention_loss` where the training data has lesion
+            masks (0: off; the maps then learn from the labels alone).
     """
 
     name: str = "bce"
@@ -58,6 +65,7 @@ class LossConfig:
     gamma_pos: float = 0.0
     gamma_neg: float = 4.0
     clip: float = 0.05
+    mask_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,3 +198,42 @@ def build_loss(cfg: LossConfig, train_labels: np.ndarray | None = None) -> nn.Mo
     if cfg.name == "asymmetric":
         return AsymmetricLoss(cfg.gamma_pos, cfg.gamma_neg, cfg.clip, pw)
     raise UserError(f"loss.name: unknown loss {cfg.name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def mask_attention_loss(
+    cams: torch.Tensor, masks: torch.Tensor, has: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The share of each class map's energy outside its lesion mask, for positive labels.
+
+    ``1 - sum(cam * t) / sum(cam)`` per member, image and label with a mask and a positive
+    target, where ``t`` is the mask area-pooled onto the map's grid and scaled so its best
+    cell is 1 (a lesion smaller than a cell can still reach 0). Maps of an image's other
+    labels and of negatives are untouched, so the term never asks a map to find a lesion
+    that is not there.
+
+    Args:
+        cams: ``(N, M, C, h, w)`` raw class maps (ReLU applied), differentiable.
+        masks: ``(N, C, H, W)`` lesion masks in ``[0, 1]`` (fractions), ``H >= h``.
+        has: ``(N, C)`` bool: the sample has a mask for that label.
+        targets: ``(N, C)`` 0/1 labels.
+
+    Returns:
+        Scalar mean over the selected (member, image, label) maps; a zero that keeps the
+        graph when none is selected.
+    """
+    if (
+        cams.dim() != 5
+        or masks.dim() != 4
+        or (masks.shape[0], masks.shape[1]) != (cams.shape[0], cams.shape[2])
+    ):
+        raise ValueError(f"cams {tuple(cams.shape)} and masks {tuple(masks.shape)} differ")
+    sel = has.bool() & (targets > 0.5)  # (N, C)
+    if not bool(sel.any()):
+        return cams.sum() * 0.0
+    t = F.adaptive_avg_pool2d(masks.float(), cams.shape[-2:])  # (N, C, h, w)
+    t = t / t.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    cam = cams.float()
+    inside = (cam * t.unsqueeze(1)).sum(dim=(-2, -1))  # (N, M, C)
+    total = cam.sum(dim=(-2, -1))
+    outside = 1.0 - inside / (total + 1e-6)
+    return outside[sel.unsqueeze(1).expand_as(outside)].mean()

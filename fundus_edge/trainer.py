@@ -251,9 +251,11 @@ class ModelEMA:
 class _TrainForward(nn.Module):
     """The training step's forward, one module so DistributedDataParallel can wrap it.
 
-    ``forward(x, targets, mode, attention)``: ``mode`` ``"plain"`` -> (logits, None);
-    ``"kernel"`` -> the ensemble's own two-view forward; ``"given"`` -> enhanced view from an
-    attention computed outside (the grad-cam slow path).
+    ``forward(x, targets, mode, attention, want_cams)`` -> ``(logits, logits_enhanced or None,
+    cams or None)``. ``mode`` ``"plain"``: the original view; ``"kernel"``: the ensemble's own
+    two-view forward; ``"given"``: enhanced view from an attention computed outside (the
+    grad-cam slow path). ``want_cams`` also returns the first pass's raw class maps
+    ``(N,M,C,h,w)`` with their graph (the mask-attention loss trains through them).
     """
 
     def __init__(self, ensemble: nn.Module) -> None:
@@ -266,14 +268,19 @@ class _TrainForward(nn.Module):
         targets: torch.Tensor | None,
         mode: str,
         attention: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        want_cams: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         ens = self.ensemble
-        if mode == "plain":
-            return ens.head_logits(x), None  # (N,M',C)
         if mode == "kernel":
             out = ens(x, targets)
-            return out["logits"], out["logits_enhanced"]
-        return ens.head_logits(x), ens.head_logits(ens.enhance(x, attention))
+            return out["logits"], out["logits_enhanced"], out["cams"] if want_cams else None
+        if want_cams:
+            logits, cams = ens.first_pass(x)  # (N,M',C), (N,M,C,h,w)
+        else:
+            logits, cams = ens.head_logits(x), None
+        if mode == "plain":
+            return logits, None, cams
+        return logits, ens.head_logits(ens.enhance(x, attention)), cams
 
 
 def _backbone_and_head_params(ensemble: nn.Module) -> tuple[list, list]:
@@ -602,8 +609,17 @@ def _step_loss(
     train_weights: str,
     restore_mode,
     autocast=contextlib.nullcontext,
-) -> torch.Tensor:
-    """The loss of one batch: ``mode`` ``plain``, ``kernel`` or a ``grad-cam`` method name."""
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss of one batch: ``mode`` ``plain``, ``kernel`` or a ``grad-cam`` method name.
+
+    With ``masks`` (``(N,C,H,W)`` lesion masks, ``(N,C)`` has-mask) and ``mask_weight > 0``
+    the loss adds ``mask_weight`` x :func:`~fundus_edge.losses.mask_attention_loss` on the
+    original view's maps. Returns ``(total loss, mask term or None)``.
+    """
+    from fundus_edge.losses import mask_attention_loss
+
     targets = y if train_weights == "targets" else None
     attention = None
     kind = mode
@@ -619,12 +635,17 @@ def _step_loss(
         ensemble.zero_grad(set_to_none=True)  # the package's backward passes left gradients
         restore_mode()  # and it switched the model to eval mode
         kind = "given"
+    want_cams = masks is not None and mask_weight > 0
     with autocast():
-        logits, logits_enh = forward(x, targets, kind, attention)
+        logits, logits_enh, cams = forward(x, targets, kind, attention, want_cams)
     loss = loss_fn(logits.float(), y)
     if logits_enh is not None:
         loss = 0.5 * (loss + loss_fn(logits_enh.float(), y))
-    return loss
+    mask_term = None
+    if want_cams:
+        mask_term = mask_attention_loss(cams.float(), masks[0], masks[1], y)
+        loss = loss + mask_weight * mask_term
+    return loss, mask_term
 
 
 def training_step(
@@ -637,6 +658,8 @@ def training_step(
     mode: str = "kernel",
     train_weights: str = "targets",
     grad_clip: float = 0.0,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask_weight: float = 0.0,
 ) -> float:
     """One training step as :func:`train` takes it: forward, loss, backward, optimiser step.
 
@@ -652,6 +675,9 @@ def training_step(
             the maps from the package, one backward per member and class present).
         train_weights: ``"targets"`` (maps of the true labels) or ``"probs"``.
         grad_clip: max gradient norm; 0 disables.
+        masks: ``(N,C,H,W)`` lesion masks and ``(N,C)`` has-mask flags, for the
+            mask-attention term.
+        mask_weight: that term's weight (0: off).
 
     Returns:
         The loss value.
@@ -666,8 +692,17 @@ def training_step(
     if mode != "plain" and ensemble.config.views != "both":
         raise UserError(f"mode {mode!r} needs a model built with views='both'")
     ensemble.train()
-    loss = _step_loss(
-        _TrainForward(ensemble), ensemble, x, y, loss_fn, mode, train_weights, ensemble.train
+    loss, _ = _step_loss(
+        _TrainForward(ensemble),
+        ensemble,
+        x,
+        y,
+        loss_fn,
+        mode,
+        train_weights,
+        ensemble.train,
+        masks=masks,
+        mask_weight=mask_weight,
     )
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -807,8 +842,16 @@ def train(
     pre = PreprocessConfig.from_dict({**pre_d, "size": cfg.model.image_size})
     d = cfg.data
     aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
+    mask_weight = cfg.optim.loss.mask_weight
     train_ds = FundusTorchDataset(
-        train_samples, pre, cfg.model.mean, cfg.model.std, aug, cfg.seed, d.cache
+        train_samples,
+        pre,
+        cfg.model.mean,
+        cfg.model.std,
+        aug,
+        cfg.seed,
+        d.cache,
+        mask_labels=label_names if mask_weight > 0 else None,
     )
     val_ds = FundusTorchDataset(val_samples, pre, cfg.model.mean, cfg.model.std, None, 0, d.cache)
     threads = max(1, min(8, os.cpu_count() or 1))
@@ -819,6 +862,26 @@ def train(
     _Skips(val_ds, "validation", dist_.main).announce_preloaded()
     if len(train_ds.unreadable) == len(train_ds):
         raise DataError(f"{cfg.data.root}: none of the {len(train_ds)} training images can be read")
+    if mask_weight > 0:
+        n_masked = train_ds.masked_count()
+        if not n_masked:
+            raise UserError(
+                f"optim.loss.mask_weight={mask_weight:g}, but no training image in "
+                f"{cfg.data.root} has a lesion mask for a model label; set it to 0"
+            )
+        if train_ds.bad_masks:
+            log.warning(
+                "%d lesion mask(s) unreadable and left out, e.g. %s",
+                len(train_ds.bad_masks),
+                next(iter(sorted(train_ds.bad_masks.values()))),
+            )
+        if dist_.main:
+            log.info(
+                "mask-attention loss (weight %g) on the %d of %d training images with lesion masks",
+                mask_weight,
+                n_masked,
+                len(train_ds),
+            )
     train_labels = train_ds.labels()
 
     ensemble = _build_model(cfg, label_names).to(device)
@@ -905,7 +968,7 @@ def train(
         },
     }
 
-    loss_sum, count = 0.0, 0
+    loss_sum, count, mask_sum = 0.0, 0, 0.0
 
     def state_dict(epoch: int, step: int) -> dict:
         return {
@@ -919,7 +982,7 @@ def train(
             "rng": _rng_state(),
             "history": history,
             "best_metric": best_metric,
-            "epoch_loss": [loss_sum, float(count)] if step else [0.0, 0.0],
+            "epoch_loss": [loss_sum, float(count), mask_sum] if step else [0.0, 0.0, 0.0],
             "scheduler": {"global_step": global_step, "total": total_steps, "warmup": warmup_steps},
         }
 
@@ -976,27 +1039,28 @@ def train(
                 pin_memory=device.type == "cuda",
                 drop_last=drop_last,
             )
-            loss_sum, count = 0.0, 0
+            loss_sum, count, mask_sum = 0.0, 0, 0.0
             skips.epoch = 0
             if first and resume:
                 loss_sum, count = float(st["epoch_loss"][0]), int(st["epoch_loss"][1])
+                mask_sum = float(st["epoch_loss"][2]) if len(st["epoch_loss"]) > 2 else 0.0
             n_steps = len(loader)
             batches = iter(loader)  # draws a base seed from the torch RNG: before any restore
             if first and resume_rng is not None:
                 _set_rng_state(resume_rng)  # mid-epoch: continue the interrupted draws
             step = first
-            for x_all, y_all, idx in progress(
+            for x_all, y_all, idx, *masks_all in progress(
                 batches,
                 total=n_steps,
                 description=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=None if show_progress is None else not show_progress,
             ):
-                x, y, dropped = split_unreadable(x_all, y_all, idx)
+                x, y, *masks, dropped = split_unreadable(x_all, y_all, idx, *masks_all)
                 skips.add(dropped)
                 weight = 1.0
                 if not len(y) and dist_.enabled:
                     # Every rank must join the gradient all-reduce: a zero-weighted step.
-                    x, y, weight = x_all, y_all, 0.0
+                    x, y, masks, weight = x_all, y_all, masks_all, 0.0
                 factor = _lr_factor(
                     global_step,
                     total_steps,
@@ -1009,7 +1073,10 @@ def train(
                 if len(y):
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    loss = _step_loss(
+                    mask_batch = None
+                    if masks:
+                        mask_batch = (masks[0].to(device), masks[1].to(device))
+                    loss, mask_term = _step_loss(
                         ddp_module,
                         ensemble,
                         x,
@@ -1019,6 +1086,8 @@ def train(
                         cfg.enhance.train_weights,
                         functools.partial(_train_mode, ensemble, frozen),
                         autocast,
+                        mask_batch,
+                        mask_weight,
                     )
                     if weight != 1.0:
                         loss = loss * weight
@@ -1040,6 +1109,8 @@ def train(
                         ema.update(ensemble)
                     loss_sum += float(loss.detach()) * len(y) * weight
                     count += int(len(y) * weight)
+                    if mask_term is not None:
+                        mask_sum += float(mask_term.detach()) * len(y) * weight
                 global_step += 1
                 step += 1
                 stop = interrupt.flag
@@ -1061,13 +1132,17 @@ def train(
 
             skipped = skips.epoch
             train_loss = loss_sum / max(count, 1)
+            mask_loss = mask_sum / max(count, 1)
             if dist_.enabled:
                 t = torch.tensor(
-                    [loss_sum, float(count), float(skipped)], device=device, dtype=torch.float64
+                    [loss_sum, float(count), float(skipped), mask_sum],
+                    device=device,
+                    dtype=torch.float64,
                 )
                 torch.distributed.all_reduce(t)
                 train_loss = float(t[0] / max(t[1], 1))
                 skipped = int(t[2])
+                mask_loss = float(t[3] / max(t[1], 1))
             if dist_.main:
                 eval_model = ema.module if ema is not None else ensemble
                 rep, _, thr = _validate(
@@ -1083,6 +1158,7 @@ def train(
                 rec = {
                     "epoch": epoch + 1,
                     "train_loss": train_loss,
+                    **({"train_mask_loss": mask_loss} if mask_weight > 0 else {}),
                     **_summary(rep),
                     "lr": optimizer.param_groups[-1]["lr"],
                     "enhance": enhance_on,
@@ -1152,8 +1228,9 @@ def _epoch_line(rec: dict, epochs: int) -> str:
         )
         if on
     )
+    mask = f"(mask {rec['train_mask_loss']:.3f})  " if "train_mask_loss" in rec else ""
     return (
-        f"epoch {rec['epoch']}/{epochs}  train_loss {rec['train_loss']:.4f}  "
+        f"epoch {rec['epoch']}/{epochs}  train_loss {rec['train_loss']:.4f}  {mask}"
         f"val_loss {rec['val_loss']:.4f}  macro_AUROC {_fmt(rec['val_macro_auroc'])}  "
         f"mAP {_fmt(rec['val_map'])}  RIADD {_fmt(rec['val_riadd'])}  "
         f"lr {rec['lr']:.2e}  {rec['time_s']:.1f}s {flags}".rstrip()
