@@ -476,3 +476,27 @@ def test_vgg19_resnet50_paper_ensemble_parity_tiny(tmp_path):
     gc = rep["checks"]["cams_vs_gradcam"]
     assert gc["members"] == ["vgg19", "resnet50"]
     assert gc["max_abs"] <= 1e-2 and gc["min_correlation"] >= 0.999 and gc["maps_compared"] >= 4
+
+
+def test_gradcam_parity_of_members_on_different_grids(tmp_path):
+    """An output-stride-16 member first (4x4 at 64 px), a stride-32 one resampled onto its grid:
+    the resampled member is still checked against the package's own map, and a wrong map fails."""
+    from fundus_edge.convert import verify
+    from fundus_edge.models.checkpoint import load_checkpoint
+    from fundus_edge.models.fused import FusedModel
+
+    ckpt = _checkpoint(tmp_path / "mixed.safetensors", members=("resnet18_os16", "resnet18"))
+    ens, _meta = load_checkpoint(ckpt)
+    fused = FusedModel(ens.eval())
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        cams = fused.predict(torch.from_numpy(imgs))["cams"].numpy()
+    assert cams.shape[-2:] == (4, 4)
+    gc = verify.gradcam_parity(fused, imgs, cams)
+    assert gc["resampled_members"] == ["resnet18"]
+    assert gc["max_abs"] <= 1e-2 and gc["min_correlation"] >= 0.999 and gc["maps_compared"] > 0
+    wrong = cams.copy()
+    wrong[:, 1] = np.flip(wrong[:, 1], axis=-1)  # the resampled member's maps mirrored
+    bad = verify.gradcam_parity(fused, imgs, wrong)
+    assert bad["max_abs"] > 1e-2 or bad["min_correlation"] < 0.999

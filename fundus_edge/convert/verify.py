@@ -90,6 +90,11 @@ def gradcam_parity(
 ) -> dict[str, Any]:
     """Compare exported raw maps with the grad-cam package, per member and class.
 
+    A member whose CAM grid differs from the first member's is exported resampled
+    (bilinearly) onto that grid; its reference is then the package's map at the member's own
+    grid, put through the same resampling, so the check still compares the member's
+    native map with the package's.
+
     Args:
         fused: the :class:`~fundus_edge.models.fused.FusedModel` that was exported.
         images: the uint8 (N,H,W,3) images the maps were computed on.
@@ -97,9 +102,11 @@ def gradcam_parity(
         classes: classes to check (default all).
 
     Returns:
-        Worst max |Δ| and correlation over every (member, class), and counts.
+        Worst max |Δ| and correlation over every (member, class), counts, and the members
+        that were compared through the resampling.
     """
     import torch
+    import torch.nn.functional as F
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from torch import nn
@@ -109,6 +116,7 @@ def gradcam_parity(
     ens = fused.ensemble.eval()
     x = fused.normalise(torch.from_numpy(images))
     size = tuple(x.shape[-2:])
+    grid = tuple(cams.shape[-2:])
 
     class _FusedLogits(nn.Module):  # grad-cam's view of a fusion head: x -> fused logits
         def __init__(self, e: nn.Module) -> None:
@@ -118,18 +126,42 @@ def gradcam_parity(
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return self.e.head_logits(t)[:, 0]
 
+    class _NativeGradCAM(GradCAM):  # the package's maps left at the layer's own grid
+        def __init__(self, *args, native: tuple[int, int], **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.native = native
+
+        def get_target_width_height(self, input_tensor):
+            return self.native[1], self.native[0]
+
     n_classes = cams.shape[2]
     classes = list(range(n_classes)) if classes is None else classes
     worst_abs, worst_corr, compared, constant = 0.0, 1.0, 0, 0
+    resampled = []
     ours_all = gradcam_normalise(torch.from_numpy(cams).flatten(0, 1), size)  # (N*M,C,H,W)
     ours_all = ours_all.view(cams.shape[0], cams.shape[1], n_classes, *size).numpy()
     for mi, member in enumerate(ens.members):
         model = _FusedLogits(ens) if ens.fusion is not None else member
-        with GradCAM(model=model, target_layers=[member.target_layer]) as cam:
+        with torch.no_grad():
+            native = tuple(member.forward_features(x[:1]).shape[-2:])
+        if native == grid:
+            cam_obj = GradCAM(model=model, target_layers=[member.target_layer])
+        else:
+            resampled.append(member.name)
+            cam_obj = _NativeGradCAM(
+                model=model, target_layers=[member.target_layer], native=native
+            )
+        with cam_obj as cam:
             for c in classes:
                 ref = cam(
                     input_tensor=x, targets=[ClassifierOutputTarget(c) for _ in range(len(x))]
                 )
+                if native != grid:
+                    t = F.interpolate(
+                        torch.from_numpy(ref)[:, None], size=grid, mode="bilinear",
+                        align_corners=False,
+                    )  # fmt: skip
+                    ref = gradcam_normalise(t[:, 0], size).numpy()
                 ours = ours_all[:, mi, c]
                 worst_abs = max(worst_abs, float(np.abs(ref - ours).max()))
                 for i in range(len(ref)):
@@ -145,5 +177,6 @@ def gradcam_parity(
         "maps_compared": compared,
         "constant_maps": constant,
         "members": [m.name for m in ens.members],
+        "resampled_members": resampled,
         "classes": classes,
     }
