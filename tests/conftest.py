@@ -32,3 +32,13 @@ def _torch_threads():
         return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A 24-image synthetic RFMiD-layout set at 96 px with lesion masks (read-only: copy it
+    before changing anything)."""
+    synth = pytest.importorskip("fundus_edge.synth", reason="fundus_edge.synth is not available")
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synth.generate_dataset(root, n=24, size=96, seed=0)
+    return root

@@ -88,11 +88,8 @@ def test_augment_moves_masks_with_the_image_and_draws_the_same():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    synth = pytest.importorskip("fundus_edge.synth", reason="fundus_edge.synth is not available")
-    root = tmp_path_factory.mktemp("synth") / "data"
-    synth.generate_dataset(root, n=30, size=96, seed=1)
-    return root
+def data_dir(tiny_synth):
+    return tiny_synth
 
 
 def test_dataset_returns_masks_on_the_model_grid(data_dir):

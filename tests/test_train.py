@@ -34,11 +34,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    synth = pytest.importorskip("fundus_edge.synth", reason="fundus_edge.synth is not available")
-    root = tmp_path_factory.mktemp("synth") / "data"
-    synth.generate_dataset(root, n=24, size=96, seed=0)
-    return root
+def data_dir(tiny_synth):
+    return tiny_synth
 
 
 def _invoke(args):
