@@ -776,6 +776,519 @@ class _Skips:
                 log.warning("skipping unreadable %s image: %s", self.split, self.ds.failure(i))
 
 
+@dataclass
+class _TrainData:
+    """The run's data: datasets (cached), label names, the screening label, skip counters."""
+
+    train_ds: Any
+    val_ds: Any
+    label_names: list[str]
+    screening: str
+    pre: Any
+    train_labels: np.ndarray
+    skips: _Skips
+
+    @classmethod
+    def open(cls, cfg: TrainConfig, dist_: _Dist) -> _TrainData:
+        """Index the data, build and fill both datasets; refuse what cannot train.
+
+        Raises:
+            UserError: preprocessing size conflicts; ``mask_weight > 0`` without any mask.
+            DataError: no training image can be read.
+        """
+        from fundus_edge.preprocess import PreprocessConfig
+        from fundus_edge.torchdata import AugmentConfig, FundusTorchDataset
+
+        ds, train_samples, val_samples = _open_data(cfg)
+        label_names = list(ds.label_names)
+        pre_d = dict(cfg.data.preprocess)
+        if "size" in pre_d and pre_d["size"] != cfg.model.image_size:
+            raise UserError(
+                f"data.preprocess.size {pre_d['size']} differs from model.image_size "
+                f"{cfg.model.image_size}; set only model.image_size"
+            )
+        pre = PreprocessConfig.from_dict({**pre_d, "size": cfg.model.image_size})
+        d = cfg.data
+        aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
+        mask_weight = cfg.optim.loss.mask_weight
+        mean, std = cfg.model.mean, cfg.model.std
+        train_ds = FundusTorchDataset(
+            train_samples,
+            pre,
+            mean,
+            std,
+            aug,
+            cfg.seed,
+            d.cache,
+            mask_labels=label_names if mask_weight > 0 else None,
+        )
+        val_ds = FundusTorchDataset(val_samples, pre, mean, std, None, 0, d.cache)
+        threads = max(1, min(8, os.cpu_count() or 1))
+        train_ds.preload(threads)
+        val_ds.preload(threads)
+        skips = _Skips(train_ds, "training", dist_.main)
+        skips.announce_preloaded()
+        _Skips(val_ds, "validation", dist_.main).announce_preloaded()
+        if len(train_ds.unreadable) == len(train_ds):
+            raise DataError(
+                f"{cfg.data.root}: none of the {len(train_ds)} training images can be read"
+            )
+        if mask_weight > 0:
+            _check_masks(train_ds, mask_weight, cfg.data.root, dist_.main)
+        return cls(
+            train_ds,
+            val_ds,
+            label_names,
+            ds.screening_label or "Disease_Risk",
+            pre,
+            train_ds.labels(),
+            skips,
+        )
+
+
+def _check_masks(train_ds, mask_weight: float, root: Any, main: bool) -> None:
+    """Refuse a mask loss without masks; name unreadable masks once; say what is supervised."""
+    n_masked = train_ds.masked_count()
+    if not n_masked:
+        raise UserError(
+            f"optim.loss.mask_weight={mask_weight:g}, but no training image in "
+            f"{root} has a lesion mask for a model label; set it to 0"
+        )
+    if train_ds.bad_masks:
+        log.warning(
+            "%d lesion mask(s) unreadable and left out, e.g. %s",
+            len(train_ds.bad_masks),
+            next(iter(sorted(train_ds.bad_masks.values()))),
+        )
+    if main:
+        log.info(
+            "mask-attention loss (weight %g) on the %d of %d training images with lesion masks",
+            mask_weight,
+            n_masked,
+            len(train_ds),
+        )
+
+
+@dataclass
+class _EpochStats:
+    """What one epoch's training pass measured (summed over ranks under DDP)."""
+
+    train_loss: float
+    mask_loss: float
+    skipped: int
+    frozen: bool
+    enhance: bool
+    t0: float
+
+
+class _Run:
+    """One training run's state and its epoch loop (:func:`train` drives it).
+
+    Holds the model, optimiser, scaler, EMA, schedule and the bookkeeping that the
+    resumable state saves: epoch/step counters, history, best metric.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        dist_: _Dist,
+        device: torch.device,
+        data: _TrainData,
+        show_progress: bool | None,
+    ) -> None:
+        from torch.utils.data import DataLoader
+
+        from fundus_edge.losses import build_loss
+        from fundus_edge.torchdata import epoch_indices
+
+        self.cfg, self.run_dir, self.dist, self.device, self.data = (
+            cfg,
+            run_dir,
+            dist_,
+            device,
+            data,
+        )
+        self.show_progress = show_progress
+        ensemble = _build_model(cfg, data.label_names).to(device)
+        if cfg.optim.bn_momentum is not None:
+            for m in ensemble.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = cfg.optim.bn_momentum
+        self.ensemble = _sync_batchnorm(ensemble, dist_, device)
+        self.loss_fn = build_loss(cfg.optim.loss, data.train_labels).to(device)
+        self.optimizer = _build_optimizer(cfg, self.ensemble)
+        amp = cfg.optim.amp
+        if amp == "auto":
+            amp = "fp16" if device.type == "cuda" else "none"
+        if amp != "none" and device.type != "cuda":
+            raise UserError(f"optim.amp={amp}: mixed precision needs CUDA (device is {device})")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.ema = ModelEMA(self.ensemble, cfg.optim.ema) if cfg.optim.ema > 0 else None
+
+        bs = cfg.data.batch_size
+        self.effective_bs = bs * dist_.world_size
+        if dist_.main:
+            log.info(
+                "effective batch size %d (%d per process x %d process%s, device %s)",
+                self.effective_bs,
+                bs,
+                dist_.world_size,
+                "" if dist_.world_size == 1 else "es",
+                device,
+            )
+        per_rank = len(
+            epoch_indices(
+                len(data.train_ds),
+                0,
+                cfg.seed,
+                cfg.data.sampler,
+                data.train_labels,
+                0,
+                dist_.world_size,
+            )
+        )
+        self.drop_last = per_rank >= bs
+        steps = per_rank // bs if self.drop_last else math.ceil(per_rank / bs)
+        self.steps_per_epoch = max(1, steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.history: list[dict] = []
+        self.best_metric: float | None = None
+        self.resume_rng: dict | None = None
+        self.resumed_epoch_loss: list[float] | None = None
+        self.state_path = run_dir / STATE_FILE
+        self.step_module = _TrainForward(self.ensemble)
+        self.ddp_module: nn.Module = self.step_module
+        self.ddp_frozen: bool | None = None
+        self.frozen_prev: bool | None = None
+        self.val_loader = DataLoader(
+            data.val_ds,
+            batch_size=cfg.data.eval_batch_size,
+            shuffle=False,
+            num_workers=cfg.data.num_workers,
+        )
+        best = run_dir / "best.safetensors"
+        self.best_path: Path | None = best if best.exists() else None
+        self.last_path: Path | None = None
+        self.stopped_early = False
+        self.meta_extra = {
+            "preprocess": data.pre.to_dict(),
+            "train": {
+                "config": cfg.to_dict(),
+                "run_dir": str(run_dir),
+                "world_size": dist_.world_size,
+                "effective_batch_size": self.effective_bs,
+            },
+        }
+        # The running sums of the epoch in progress (saved mid-epoch by Ctrl-C).
+        self.loss_sum, self.count, self.mask_sum = 0.0, 0, 0.0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def load_state(self) -> None:
+        """Restore everything the state file holds (``--resume``)."""
+        st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        self.ensemble.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.start_epoch, self.start_step = st["epoch"], st["step"]
+        self.global_step = st["global_step"]
+        self.history = [dict(r) for r in st["history"]]
+        self.best_metric = st.get("best_metric")
+        self.resume_rng = st["rng"]
+        self.resumed_epoch_loss = [float(v) for v in st["epoch_loss"]]
+        log.info(
+            "resuming %s at epoch %d%s",
+            self.run_dir,
+            self.start_epoch + 1,
+            f" step {self.start_step}" if self.start_step else "",
+        )
+
+    def state_dict(self, epoch: int, step: int) -> dict:
+        return {
+            "epoch": epoch,
+            "step": step,
+            "global_step": self.global_step,
+            "model": self.ensemble.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(),
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "epoch_loss": (
+                [self.loss_sum, float(self.count), self.mask_sum] if step else [0.0, 0.0, 0.0]
+            ),
+            "scheduler": {
+                "global_step": self.global_step,
+                "total": self.total_steps,
+                "warmup": self.warmup_steps,
+            },
+        }
+
+    def non_finite(self, what: str, value: float, epoch: int, step: int) -> NonFiniteLossError:
+        kept = self.best_path if self.best_path is not None else "no checkpoint yet"
+        return NonFiniteLossError(
+            f"training stopped: {what} is {value} at epoch {epoch + 1} step {step + 1} "
+            f"(lr {self.optimizer.param_groups[-1]['lr']:.2e}), not applied; best checkpoint "
+            f"kept: {kept}; lower optim.lr (now {self.cfg.optim.lr:g}) or check the data"
+        )
+
+    def _set_phase(self, frozen: bool) -> None:
+        """Freeze/unfreeze the backbones; (re)wrap in DDP when that changes what trains."""
+        if frozen != self.frozen_prev:
+            _set_frozen(self.ensemble, frozen)
+            self.frozen_prev = frozen
+        if self.dist.enabled and self.ddp_frozen != frozen:
+            # DDP registers the parameters that need gradients when it is built.
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_module = DistributedDataParallel(
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+            self.ddp_frozen = frozen
+        _train_mode(self.ensemble, frozen)
+
+    def _loader(self, epoch: int, first: int):
+        from torch.utils.data import DataLoader
+
+        from fundus_edge.torchdata import epoch_indices
+
+        cfg, ds, bs = self.cfg, self.data.train_ds, self.cfg.data.batch_size
+        order = epoch_indices(
+            len(ds),
+            epoch,
+            cfg.seed,
+            cfg.data.sampler,
+            self.data.train_labels,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        if self.drop_last:
+            order = order[: (len(order) // bs) * bs]
+        ds.set_epoch(epoch)
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch) + self.dist.rank)
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            sampler=order[first * bs :],
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last,
+        )
+
+    def train_epoch(self, epoch: int, interrupt: _Interrupt) -> _EpochStats:
+        """One pass over the training split (from the saved step when resuming mid-epoch).
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C on any rank, after the state is saved.
+            NonFiniteLossError: a NaN/inf loss or gradient norm.
+        """
+        from fundus_edge.torchdata import split_unreadable
+
+        cfg, dist_ = self.cfg, self.dist
+        t0 = time.time()
+        frozen = epoch < cfg.optim.freeze_epochs
+        self._set_phase(frozen)
+        enhance_on = cfg.enhance.op != "none" and epoch >= cfg.enhance.warmup_epochs
+        mode = cfg.enhance.cam_method if enhance_on else "plain"
+        first = self.start_step if epoch == self.start_epoch else 0
+        loader = self._loader(epoch, first)
+        self.loss_sum, self.count, self.mask_sum = 0.0, 0, 0.0
+        self.data.skips.epoch = 0
+        if first and self.resumed_epoch_loss is not None:
+            saved = self.resumed_epoch_loss
+            self.loss_sum, self.count = saved[0], int(saved[1])
+            self.mask_sum = saved[2] if len(saved) > 2 else 0.0
+        batches = iter(loader)  # draws a base seed from the torch RNG: before any restore
+        if first and self.resume_rng is not None:
+            _set_rng_state(self.resume_rng)  # mid-epoch: continue the interrupted draws
+        step = first
+        for x_all, y_all, idx, *masks_all in progress(
+            batches,
+            total=len(loader),
+            description=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=None if self.show_progress is None else not self.show_progress,
+        ):
+            x, y, *masks, dropped = split_unreadable(x_all, y_all, idx, *masks_all)
+            self.data.skips.add(dropped)
+            weight = 1.0
+            if not len(y) and dist_.enabled:
+                # Every rank must join the gradient all-reduce: a zero-weighted step.
+                x, y, masks, weight = x_all, y_all, masks_all, 0.0
+            factor = _lr_factor(
+                self.global_step,
+                self.total_steps,
+                self.warmup_steps,
+                cfg.optim.schedule,
+                cfg.optim.min_lr_ratio,
+            )
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            if len(y):
+                self._step(x, y, masks, weight, mode, frozen, epoch, step)
+            self.global_step += 1
+            step += 1
+            self._stop_if_interrupted(interrupt, epoch, step)
+        return self._epoch_stats(frozen, enhance_on, t0)
+
+    def _step(self, x, y, masks, weight: float, mode: str, frozen: bool, epoch: int, step: int):
+        """Forward, loss, backward, clip, optimiser and EMA update for one batch."""
+        cfg, device, scaler = self.cfg, self.device, self.scaler
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        mask_batch = (masks[0].to(device), masks[1].to(device)) if masks else None
+        loss, mask_term = _step_loss(
+            self.ddp_module,
+            self.ensemble,
+            x,
+            y,
+            self.loss_fn,
+            mode,
+            cfg.enhance.train_weights,
+            functools.partial(_train_mode, self.ensemble, frozen),
+            self.autocast,
+            mask_batch,
+            cfg.optim.loss.mask_weight,
+        )
+        if weight != 1.0:
+            loss = loss * weight
+        if not _all_true(bool(torch.isfinite(loss)), self.dist, device):
+            raise self.non_finite("the loss", float(loss.detach()), epoch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.ensemble.parameters(), cfg.optim.grad_clip)
+            # With fp16 the scaler skips inf steps itself; in fp32 an inf is fatal.
+            if not scaler.is_enabled() and not torch.isfinite(norm):
+                raise self.non_finite("the gradient norm", float(norm), epoch, step)
+        scaler.step(self.optimizer)
+        scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.ensemble)
+        self.loss_sum += float(loss.detach()) * len(y) * weight
+        self.count += int(len(y) * weight)
+        if mask_term is not None:
+            self.mask_sum += float(mask_term.detach()) * len(y) * weight
+
+    def _stop_if_interrupted(self, interrupt: _Interrupt, epoch: int, step: int) -> None:
+        stop = interrupt.flag
+        if self.dist.enabled:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+        if not stop:
+            return
+        if self.dist.main:
+            _save_state(self.state_path, self.state_dict(epoch, step))
+            log.warning(
+                "interrupted at epoch %d step %d: state saved to %s; continue with --resume",
+                epoch + 1,
+                step,
+                self.state_path,
+            )
+        raise KeyboardInterrupt
+
+    def _epoch_stats(self, frozen: bool, enhance: bool, t0: float) -> _EpochStats:
+        skipped = self.data.skips.epoch
+        sums = [self.loss_sum, float(self.count), float(skipped), self.mask_sum]
+        if self.dist.enabled:
+            t = torch.tensor(sums, device=self.device, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            sums = t.tolist()
+        n = max(sums[1], 1)
+        return _EpochStats(sums[0] / n, sums[3] / n, int(sums[2]), frozen, enhance, t0)
+
+    def end_epoch(self, epoch: int, stats: _EpochStats) -> None:
+        """Rank 0: validate, record, save state, checkpoints and the metrics log (in that order)."""
+        from fundus_edge.models import save_checkpoint
+
+        cfg, run_dir = self.cfg, self.run_dir
+        if self.dist.main:
+            eval_model = self.ema.module if self.ema is not None else self.ensemble
+            rep, _, thr = _validate(
+                eval_model,
+                self.val_loader,
+                self.loss_fn,
+                self.device,
+                self.autocast,
+                self.data.label_names,
+                self.data.screening,
+                f"epoch {epoch + 1}",
+            )
+            masked = cfg.optim.loss.mask_weight > 0
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": stats.train_loss,
+                **({"train_mask_loss": stats.mask_loss} if masked else {}),
+                **_summary(rep),
+                "lr": self.optimizer.param_groups[-1]["lr"],
+                "enhance": stats.enhance,
+                "frozen": stats.frozen,
+                "time_s": round(time.time() - stats.t0, 2),
+                "skipped_images": stats.skipped,
+                "val_skipped_images": rep["skipped_images"],
+                "world_size": self.dist.world_size,
+                "effective_batch_size": self.effective_bs,
+            }
+            score = _selection(cfg.select, rec)
+            is_best = self.best_metric is None or score > self.best_metric
+            if is_best:
+                self.best_metric = score
+            rec["best"] = is_best
+            self.history.append(rec)
+            # Order: state (authoritative for --resume), then checkpoints, then the log.
+            _save_state(self.state_path, self.state_dict(epoch + 1, 0))
+            ck = {
+                "thresholds": thr.tolist(),
+                "metrics": {"val": rec, "val_per_label": rep["per_label"]},
+                "epoch": epoch + 1,
+                "extra": self.meta_extra,
+            }
+            self.last_path = save_checkpoint(run_dir / "last.safetensors", eval_model, **ck)
+            if is_best:
+                self.best_path = save_checkpoint(run_dir / "best.safetensors", eval_model, **ck)
+            _write_history(run_dir, self.history)
+            log.info(_epoch_line(rec, cfg.epochs))
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    def finish(self, t_start: float) -> RunResult:
+        """Training curves (rank 0), the last barrier, and what happened."""
+        if self.dist.main and self.history:
+            from fundus_edge.plots import plot_training_curves
+
+            plot_training_curves(self.history, self.run_dir / "training_curves.png")
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        last = self.run_dir / "last.safetensors"
+        return RunResult(
+            run_dir=self.run_dir,
+            epochs_done=len(self.history),
+            best_path=self.best_path,
+            last_path=self.last_path or (last if last.exists() else None),
+            best_metric=self.best_metric,
+            history=self.history,
+            stopped_early=self.stopped_early,
+            train_time_s=round(time.time() - t_start, 2),
+            effective_batch_size=self.effective_bs,
+            skipped_images=self.data.skips.total,
+            rank=self.dist.rank,
+        )
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -796,18 +1309,7 @@ def train(
         NonFiniteLossError: the loss or gradient became NaN/inf (nothing of it was applied).
         KeyboardInterrupt: after Ctrl-C, once the resumable state is saved.
     """
-    from torch.utils.data import DataLoader
-
     from fundus_edge.config import load_config
-    from fundus_edge.losses import build_loss
-    from fundus_edge.models import save_checkpoint
-    from fundus_edge.preprocess import PreprocessConfig
-    from fundus_edge.torchdata import (
-        AugmentConfig,
-        FundusTorchDataset,
-        epoch_indices,
-        split_unreadable,
-    )
 
     t_start = time.time()
     run_dir = Path(cfg.out or Path("runs") / cfg.name)
@@ -830,388 +1332,17 @@ def train(
         save_config(cfg, run_dir / _RUN_MARKER)
     _seed_everything(cfg.seed, cfg.deterministic)
 
-    ds, train_samples, val_samples = _open_data(cfg)
-    label_names = list(ds.label_names)
-    screening = ds.screening_label or "Disease_Risk"
-    pre_d = dict(cfg.data.preprocess)
-    if "size" in pre_d and pre_d["size"] != cfg.model.image_size:
-        raise UserError(
-            f"data.preprocess.size {pre_d['size']} differs from model.image_size "
-            f"{cfg.model.image_size}; set only model.image_size"
-        )
-    pre = PreprocessConfig.from_dict({**pre_d, "size": cfg.model.image_size})
-    d = cfg.data
-    aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
-    mask_weight = cfg.optim.loss.mask_weight
-    train_ds = FundusTorchDataset(
-        train_samples,
-        pre,
-        cfg.model.mean,
-        cfg.model.std,
-        aug,
-        cfg.seed,
-        d.cache,
-        mask_labels=label_names if mask_weight > 0 else None,
-    )
-    val_ds = FundusTorchDataset(val_samples, pre, cfg.model.mean, cfg.model.std, None, 0, d.cache)
-    threads = max(1, min(8, os.cpu_count() or 1))
-    train_ds.preload(threads)
-    val_ds.preload(threads)
-    skips = _Skips(train_ds, "training", dist_.main)
-    skips.announce_preloaded()
-    _Skips(val_ds, "validation", dist_.main).announce_preloaded()
-    if len(train_ds.unreadable) == len(train_ds):
-        raise DataError(f"{cfg.data.root}: none of the {len(train_ds)} training images can be read")
-    if mask_weight > 0:
-        n_masked = train_ds.masked_count()
-        if not n_masked:
-            raise UserError(
-                f"optim.loss.mask_weight={mask_weight:g}, but no training image in "
-                f"{cfg.data.root} has a lesion mask for a model label; set it to 0"
-            )
-        if train_ds.bad_masks:
-            log.warning(
-                "%d lesion mask(s) unreadable and left out, e.g. %s",
-                len(train_ds.bad_masks),
-                next(iter(sorted(train_ds.bad_masks.values()))),
-            )
-        if dist_.main:
-            log.info(
-                "mask-attention loss (weight %g) on the %d of %d training images with lesion masks",
-                mask_weight,
-                n_masked,
-                len(train_ds),
-            )
-    train_labels = train_ds.labels()
-
-    ensemble = _build_model(cfg, label_names).to(device)
-    if cfg.optim.bn_momentum is not None:
-        for m in ensemble.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = cfg.optim.bn_momentum
-    ensemble = _sync_batchnorm(ensemble, dist_, device)
-    loss_fn = build_loss(cfg.optim.loss, train_labels).to(device)
-    optimizer = _build_optimizer(cfg, ensemble)
-    amp = cfg.optim.amp
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "none"
-    if amp != "none" and device.type != "cuda":
-        raise UserError(f"optim.amp={amp}: mixed precision needs CUDA (device is {device})")
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=amp_dtype)
-
-    ema = ModelEMA(ensemble, cfg.optim.ema) if cfg.optim.ema > 0 else None
-    bs = d.batch_size
-    effective_bs = bs * dist_.world_size
-    if dist_.main:
-        log.info(
-            "effective batch size %d (%d per process x %d process%s, device %s)",
-            effective_bs,
-            bs,
-            dist_.world_size,
-            "" if dist_.world_size == 1 else "es",
-            device,
-        )
-    per_rank = len(
-        epoch_indices(len(train_ds), 0, cfg.seed, d.sampler, train_labels, 0, dist_.world_size)
-    )
-    drop_last = per_rank >= bs
-    steps_per_epoch = max(1, per_rank // bs if drop_last else math.ceil(per_rank / bs))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-
-    start_epoch, start_step, global_step = 0, 0, 0
-    history: list[dict] = []
-    best_metric: float | None = None
-    resume_rng = None
-    state_path = run_dir / STATE_FILE
+    data = _TrainData.open(cfg, dist_)
+    run = _Run(cfg, run_dir, dist_, device, data, show_progress)
     if resume:
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        ensemble.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        scaler.load_state_dict(st["scaler"])
-        if ema is not None and st.get("ema") is not None:
-            ema.load_state_dict(st["ema"])
-        start_epoch, start_step, global_step = st["epoch"], st["step"], st["global_step"]
-        history = [dict(r) for r in st["history"]]
-        best_metric = st.get("best_metric")
-        resume_rng = st["rng"]
-        log.info(
-            "resuming %s at epoch %d%s",
-            run_dir,
-            start_epoch + 1,
-            f" step {start_step}" if start_step else "",
-        )
-
-    step_module = _TrainForward(ensemble)
-    ddp_module: nn.Module = step_module
-    ddp_frozen: bool | None = None
-    val_loader = DataLoader(
-        val_ds, batch_size=d.eval_batch_size, shuffle=False, num_workers=d.num_workers
-    )
-    frozen_prev = None
-    stopped_early = False
-    best_path = run_dir / "best.safetensors" if (run_dir / "best.safetensors").exists() else None
-    last_path = None
-    meta_extra = {
-        "preprocess": pre.to_dict(),
-        "train": {
-            "config": cfg.to_dict(),
-            "run_dir": str(run_dir),
-            "world_size": dist_.world_size,
-            "effective_batch_size": effective_bs,
-        },
-    }
-
-    loss_sum, count, mask_sum = 0.0, 0, 0.0
-
-    def state_dict(epoch: int, step: int) -> dict:
-        return {
-            "epoch": epoch,
-            "step": step,
-            "global_step": global_step,
-            "model": ensemble.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": _rng_state(),
-            "history": history,
-            "best_metric": best_metric,
-            "epoch_loss": [loss_sum, float(count), mask_sum] if step else [0.0, 0.0, 0.0],
-            "scheduler": {"global_step": global_step, "total": total_steps, "warmup": warmup_steps},
-        }
-
-    def non_finite(what: str, value: float, epoch: int, step: int) -> NonFiniteLossError:
-        kept = best_path if best_path is not None else "no checkpoint yet"
-        return NonFiniteLossError(
-            f"training stopped: {what} is {value} at epoch {epoch + 1} step {step + 1} "
-            f"(lr {optimizer.param_groups[-1]['lr']:.2e}), not applied; best checkpoint "
-            f"kept: {kept}; lower optim.lr (now {cfg.optim.lr:g}) or check the data"
-        )
-
+        run.load_state()
     with _Interrupt() as interrupt:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch >= cfg.stop_after:
-                stopped_early = True
+                run.stopped_early = True
                 break
-            t0 = time.time()
-            frozen = epoch < cfg.optim.freeze_epochs
-            if frozen != frozen_prev:
-                _set_frozen(ensemble, frozen)
-                frozen_prev = frozen
-            if dist_.enabled and ddp_frozen != frozen:
-                # DDP registers the parameters that need gradients when it is built.
-                from torch.nn.parallel import DistributedDataParallel
-
-                ddp_module = DistributedDataParallel(
-                    step_module,
-                    device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True,
-                )
-                ddp_frozen = frozen
-            _train_mode(ensemble, frozen)
-            enhance_on = cfg.enhance.op != "none" and epoch >= cfg.enhance.warmup_epochs
-            mode = cfg.enhance.cam_method if enhance_on else "plain"
-            order = epoch_indices(
-                len(train_ds),
-                epoch,
-                cfg.seed,
-                d.sampler,
-                train_labels,
-                dist_.rank,
-                dist_.world_size,
-            )
-            if drop_last:
-                order = order[: (len(order) // bs) * bs]
-            first = start_step if epoch == start_epoch else 0
-            train_ds.set_epoch(epoch)
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch) + dist_.rank)
-            loader = DataLoader(
-                train_ds,
-                batch_size=bs,
-                sampler=order[first * bs :],
-                num_workers=d.num_workers,
-                pin_memory=device.type == "cuda",
-                drop_last=drop_last,
-            )
-            loss_sum, count, mask_sum = 0.0, 0, 0.0
-            skips.epoch = 0
-            if first and resume:
-                loss_sum, count = float(st["epoch_loss"][0]), int(st["epoch_loss"][1])
-                mask_sum = float(st["epoch_loss"][2]) if len(st["epoch_loss"]) > 2 else 0.0
-            n_steps = len(loader)
-            batches = iter(loader)  # draws a base seed from the torch RNG: before any restore
-            if first and resume_rng is not None:
-                _set_rng_state(resume_rng)  # mid-epoch: continue the interrupted draws
-            step = first
-            for x_all, y_all, idx, *masks_all in progress(
-                batches,
-                total=n_steps,
-                description=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=None if show_progress is None else not show_progress,
-            ):
-                x, y, *masks, dropped = split_unreadable(x_all, y_all, idx, *masks_all)
-                skips.add(dropped)
-                weight = 1.0
-                if not len(y) and dist_.enabled:
-                    # Every rank must join the gradient all-reduce: a zero-weighted step.
-                    x, y, masks, weight = x_all, y_all, masks_all, 0.0
-                factor = _lr_factor(
-                    global_step,
-                    total_steps,
-                    warmup_steps,
-                    cfg.optim.schedule,
-                    cfg.optim.min_lr_ratio,
-                )
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                if len(y):
-                    x = x.to(device, non_blocking=True)
-                    y = y.to(device, non_blocking=True)
-                    mask_batch = None
-                    if masks:
-                        mask_batch = (masks[0].to(device), masks[1].to(device))
-                    loss, mask_term = _step_loss(
-                        ddp_module,
-                        ensemble,
-                        x,
-                        y,
-                        loss_fn,
-                        mode,
-                        cfg.enhance.train_weights,
-                        functools.partial(_train_mode, ensemble, frozen),
-                        autocast,
-                        mask_batch,
-                        mask_weight,
-                    )
-                    if weight != 1.0:
-                        loss = loss * weight
-                    if not _all_true(bool(torch.isfinite(loss)), dist_, device):
-                        raise non_finite("the loss", float(loss.detach()), epoch, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if cfg.optim.grad_clip > 0:
-                        scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(
-                            ensemble.parameters(), cfg.optim.grad_clip
-                        )
-                        # With fp16 the scaler skips inf steps itself; in fp32 an inf is fatal.
-                        if not scaler.is_enabled() and not torch.isfinite(norm):
-                            raise non_finite("the gradient norm", float(norm), epoch, step)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if ema is not None:
-                        ema.update(ensemble)
-                    loss_sum += float(loss.detach()) * len(y) * weight
-                    count += int(len(y) * weight)
-                    if mask_term is not None:
-                        mask_sum += float(mask_term.detach()) * len(y) * weight
-                global_step += 1
-                step += 1
-                stop = interrupt.flag
-                if dist_.enabled:
-                    flag = torch.tensor([1.0 if stop else 0.0], device=device)
-                    torch.distributed.all_reduce(flag)
-                    stop = bool(flag.item() > 0)
-                if stop:
-                    if dist_.main:
-                        _save_state(state_path, state_dict(epoch, step))
-                        log.warning(
-                            "interrupted at epoch %d step %d: state saved to %s; "
-                            "continue with --resume",
-                            epoch + 1,
-                            step,
-                            state_path,
-                        )
-                    raise KeyboardInterrupt
-
-            skipped = skips.epoch
-            train_loss = loss_sum / max(count, 1)
-            mask_loss = mask_sum / max(count, 1)
-            if dist_.enabled:
-                t = torch.tensor(
-                    [loss_sum, float(count), float(skipped), mask_sum],
-                    device=device,
-                    dtype=torch.float64,
-                )
-                torch.distributed.all_reduce(t)
-                train_loss = float(t[0] / max(t[1], 1))
-                skipped = int(t[2])
-                mask_loss = float(t[3] / max(t[1], 1))
-            if dist_.main:
-                eval_model = ema.module if ema is not None else ensemble
-                rep, _, thr = _validate(
-                    eval_model,
-                    val_loader,
-                    loss_fn,
-                    device,
-                    autocast,
-                    label_names,
-                    screening,
-                    f"epoch {epoch + 1}",
-                )
-                rec = {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    **({"train_mask_loss": mask_loss} if mask_weight > 0 else {}),
-                    **_summary(rep),
-                    "lr": optimizer.param_groups[-1]["lr"],
-                    "enhance": enhance_on,
-                    "frozen": frozen,
-                    "time_s": round(time.time() - t0, 2),
-                    "skipped_images": skipped,
-                    "val_skipped_images": rep["skipped_images"],
-                    "world_size": dist_.world_size,
-                    "effective_batch_size": effective_bs,
-                }
-                score = _selection(cfg.select, rec)
-                is_best = best_metric is None or score > best_metric
-                if is_best:
-                    best_metric = score
-                rec["best"] = is_best
-                history.append(rec)
-                meta_metrics = {"val": rec, "val_per_label": rep["per_label"]}
-                # Order: state (authoritative for --resume), then checkpoints, then the log.
-                _save_state(state_path, state_dict(epoch + 1, 0))
-                ck = {
-                    "thresholds": thr.tolist(),
-                    "metrics": meta_metrics,
-                    "epoch": epoch + 1,
-                    "extra": meta_extra,
-                }
-                last_path = save_checkpoint(run_dir / "last.safetensors", eval_model, **ck)
-                if is_best:
-                    best_path = save_checkpoint(run_dir / "best.safetensors", eval_model, **ck)
-                _write_history(run_dir, history)
-                log.info(_epoch_line(rec, cfg.epochs))
-            if dist_.enabled:
-                torch.distributed.barrier()
-
-    if dist_.main and history:
-        from fundus_edge.plots import plot_training_curves
-
-        plot_training_curves(history, run_dir / "training_curves.png")
-    if dist_.enabled:
-        torch.distributed.barrier()
-    return RunResult(
-        run_dir=run_dir,
-        epochs_done=len(history),
-        best_path=best_path,
-        last_path=last_path
-        or (run_dir / "last.safetensors" if (run_dir / "last.safetensors").exists() else None),
-        best_metric=best_metric,
-        history=history,
-        stopped_early=stopped_early,
-        train_time_s=round(time.time() - t_start, 2),
-        effective_batch_size=effective_bs,
-        skipped_images=skips.total,
-        rank=dist_.rank,
-    )
+            run.end_epoch(epoch, run.train_epoch(epoch, interrupt))
+    return run.finish(t_start)
 
 
 def _fmt(v: Any) -> str:
