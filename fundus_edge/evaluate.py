@@ -40,7 +40,6 @@ from fundus_edge.metrics import energy_inside, multilabel_report, nanmean_or_non
 from fundus_edge.preprocess import (
     Geometry,
     PreprocessConfig,
-    crop_square,
     preprocess,
     read_image,
     read_mask,
@@ -315,9 +314,7 @@ def _overlay_tiles(samples, preds: Predictions, label_names, probs):
         name = label_names[c]
         if name in s.masks:
             g = preds.geometries[i]
-            raw = read_mask(s.masks[name], g.frame).astype(np.uint8) * 255
-            rgb = np.repeat(raw[:, :, None], 3, axis=2)
-            mask = crop_square(rgb, g.x0, g.y0, g.side, size, cv2.INTER_NEAREST)[:, :, 0] > 127
+            mask = g.crop(read_mask(s.masks[name], g.frame).astype(np.uint8) * 255) > 127
         images.append(img)
         maps.append(m)
         masks.append(mask)

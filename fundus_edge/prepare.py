@@ -348,9 +348,7 @@ def _init_worker() -> None:
 def _process(job: dict) -> dict:
     """Preprocess one image and its masks; returns its manifest record."""
     from fundus_edge.preprocess import (
-        INTERPOLATIONS,
         PreprocessConfig,
-        crop_square,
         preprocess,
         read_image,
     )
@@ -383,10 +381,7 @@ def _process(job: dict) -> dict:
                 }
             )
             continue
-        small = crop_square(m, g.x0, g.y0, g.side, g.size, INTERPOLATIONS["nearest"])
-        if small.ndim == 3:  # crop_square's all-padding shortcut is 3-channel
-            small = small[:, :, 0]
-        _write_image(Path(out), small)
+        _write_image(Path(out), g.crop(m))
         masks[label] = Path(out).relative_to(dst).as_posix()
     c = pre.circle
     rec |= {

@@ -466,6 +466,19 @@ class Geometry:
         (cx, cy) = self.to_output(np.array([self.circle.cx, self.circle.cy]))
         return float(cx), float(cy), self.circle.r * self.scale
 
+    def crop(self, a: np.ndarray, interpolation: int = cv2.INTER_NEAREST) -> np.ndarray:
+        """Cut a frame-aligned array (a lesion mask) to the model input exactly as the image.
+
+        Args:
+            a: ``(H, W)`` or ``(H, W, C)`` array on the original frame.
+            interpolation: an OpenCV ``INTER_*`` flag (nearest keeps a mask binary; area
+                gives each output pixel the fraction of its footprint inside).
+
+        Returns:
+            ``(size, size[, C])`` array of ``a``'s dtype.
+        """
+        return crop_square(a, self.x0, self.y0, self.side, self.size, interpolation)
+
     def map_to_frame(self, m: np.ndarray) -> np.ndarray:
         """Resize a map computed on the model input back onto the original frame.
 

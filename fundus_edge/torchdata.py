@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from fundus_edge.datasets import Sample
 from fundus_edge.errors import DataError
 from fundus_edge.log import get_logger
-from fundus_edge.preprocess import PreprocessConfig, crop_square, preprocess, read_image, read_mask
+from fundus_edge.preprocess import PreprocessConfig, preprocess, read_image, read_mask
 
 __all__ = [
     "MASK_STRIDE",
@@ -211,7 +211,7 @@ class FundusTorchDataset(Dataset):
                 self.bad_masks[str(s.masks[name])] = str(exc)
                 continue
             idx.append(c)
-            arrs.append(crop_square(m, g.x0, g.y0, g.side, g.size, cv2.INTER_AREA))
+            arrs.append(g.crop(m, cv2.INTER_AREA))
         return pp.image, (idx, arrs)
 
     def preload(self, threads: int = 4) -> None:
