@@ -207,7 +207,6 @@ class FundusDataset:
         splits: ``"train"``/``"val"``/``"test"`` -> samples (a split absent from the data is
             absent here).
         problems: every problem found; each skipped sample has one.
-        screening_label: the "any disease" label (``Disease_Risk``), or None.
         label_files: the labels files read (prepare copies them).
     """
 
@@ -216,8 +215,12 @@ class FundusDataset:
     label_names: list[str]
     splits: dict[str, list[Sample]]
     problems: list[Problem] = field(default_factory=list)
-    screening_label: str | None = None
     label_files: list[Path] = field(default_factory=list)
+
+    @property
+    def screening_label(self) -> str | None:
+        """The "any disease" label (``Disease_Risk``) when the data has it, else None."""
+        return SCREENING_LABEL if SCREENING_LABEL in self.label_names else None
 
     def samples(self, split: str | None = None) -> list[Sample]:
         """All samples of ``split`` (every split, in train/val/test order, when None)."""
@@ -615,7 +618,6 @@ def _read_rfmid(index: _FileIndex, report: _Reporter, labels_file: Path | None) 
         format="rfmid",
         label_names=label_names,
         splits=splits,
-        screening_label=SCREENING_LABEL if SCREENING_LABEL in label_names else None,
         label_files=[files[s] for s in SPLITS if s in files],
     )
 
@@ -800,7 +802,6 @@ def _read_odir(
         format="odir",
         label_names=list(ODIR_LABELS),
         splits=splits,
-        screening_label=None,
         label_files=[sheet],
     )
 
@@ -928,7 +929,6 @@ def _read_csv(
         format="csv",
         label_names=label_names,
         splits=splits,
-        screening_label=SCREENING_LABEL if SCREENING_LABEL in label_names else None,
         label_files=[table],
     )
 
