@@ -643,7 +643,7 @@ def _step_loss(
         loss = 0.5 * (loss + loss_fn(logits_enh.float(), y))
     mask_term = None
     if want_cams:
-        mask_term = mask_attention_loss(cams.float(), masks[0], masks[1], y)
+        mask_term = mask_attention_loss(cams, masks[0], masks[1], y)  # it computes in fp32
         loss = loss + mask_weight * mask_term
     return loss, mask_term
 
