@@ -18,6 +18,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USER",
     "DataError",
+    "DiskFullError",
     "FundusEdgeError",
     "MissingDependencyError",
     "UserError",
@@ -45,6 +46,19 @@ class UserError(FundusEdgeError):
 
 class DataError(UserError):
     """Bad data in a user's file; the message names the file, row and column."""
+
+
+class DiskFullError(UserError):
+    """The disk (or quota) filled up while writing a file. Exit code 2: free space, rerun."""
+
+
+def disk_full_message(path, free_bytes: int | None = None) -> str:
+    """One line naming the file that could not be written and what is free there."""
+    free = "" if free_bytes is None else f" ({free_bytes / 2**20:.0f} MiB free there)"
+    return (
+        f"{path}: no space left on device{free}; nothing was replaced (the previous file, if "
+        "any, is intact); free some space and rerun (a training run resumes with --resume)"
+    )
 
 
 class MissingDependencyError(FundusEdgeError):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,10 @@ def atomic_open(
     On an exception the temporary file is removed and ``path`` is untouched. ``fsync=False``
     keeps the all-or-nothing rename but skips the per-file flush to disk: for bulk writers
     (thousands of small files) that call ``os.sync()`` once at the end.
+
+    A full disk (or quota) raises :class:`~fundus_edge.errors.DiskFullError` naming ``path``,
+    whichever way the writer reported it: an ``ENOSPC`` ``OSError``, or another exception
+    (``torch.save`` says "unexpected pos") raised while the file system had no room left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,10 +53,40 @@ def atomic_open(
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            from .errors import DiskFullError, disk_full_message
+
+            raise DiskFullError(disk_full_message(path, full)) from exc
         raise
+
+
+# Below this much free space a failed write is taken to be a full disk, whatever it raised.
+_FULL_BELOW = 16 * 2**20
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an ``OSError`` that means no space (or quota) was left."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> int | None:
+    """Free bytes in ``folder`` when ``exc`` came from a full disk, else None.
+
+    Measured before the temporary file is removed, while the space is still taken.
+    """
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not a write failure
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if is_disk_full(exc) or (free is not None and free < _FULL_BELOW):
+        return free
+    return None
 
 
 @functools.lru_cache(maxsize=1)

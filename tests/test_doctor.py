@@ -52,21 +52,3 @@ def test_failing_probe_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(doctor, "opencv_info", broken)
     report = doctor.collect(probe_cameras=False, import_torch=False)
     assert report["opencv"] == {"error": "RuntimeError: driver exploded"}
-
-
-def test_atomic_writes_get_normal_file_modes(tmp_path):
-    import os
-
-    from fundus_edge.fileio import atomic_write_text
-
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "new.txt", "x")
-        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
-        (tmp_path / "kept.txt").write_text("y")
-        os.chmod(tmp_path / "kept.txt", 0o640)
-        atomic_write_text(tmp_path / "kept.txt", "z")
-        assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
-        assert (tmp_path / "kept.txt").read_text() == "z"
-    finally:
-        os.umask(old)

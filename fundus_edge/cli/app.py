@@ -15,7 +15,14 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _cx  # type: ignore[no-redef]
 
 from fundus_edge import __version__
-from fundus_edge.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, FundusEdgeError
+from fundus_edge.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USER,
+    FundusEdgeError,
+    disk_full_message,
+)
+from fundus_edge.fileio import is_disk_full
 
 __all__ = ["app", "debug_enabled", "main"]
 
@@ -74,6 +81,9 @@ class FundusGroup(TyperGroup):
         except Exception as exc:
             if debug:
                 traceback.print_exc()
+            if is_disk_full(exc):  # a writer outside atomic_open (cv2, onnx, a video sink)
+                _fail(disk_full_message(getattr(exc, "filename", None) or "output"), EXIT_USER)
+            if debug:
                 _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
             _fail(
                 f"internal error: {type(exc).__name__}: {exc} "
