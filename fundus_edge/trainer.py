@@ -386,7 +386,8 @@ def _build_optimizer(cfg: TrainConfig, ensemble: nn.Module) -> torch.optim.Optim
 # Run directory
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a conflicting run directory; reads only (nothing is deleted before the model is built)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     exists = run_dir.exists() and any(run_dir.iterdir())
@@ -399,12 +400,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir}: run directory exists; pass --resume to continue it or --overwrite "
             "to replace it"
         )
-    if exists:
-        if not (run_dir / _RUN_MARKER).is_file():
-            raise UserError(
-                f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing to "
-                "delete it with --overwrite"
-            )
+    if exists and not (run_dir / _RUN_MARKER).is_file():
+        raise UserError(
+            f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing to "
+            "delete it with --overwrite"
+        )
+
+
+def _make_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create the run directory, emptying an old run first (after :func:`_check_run_dir`)."""
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -971,8 +976,7 @@ class _Run:
             shuffle=False,
             num_workers=cfg.data.num_workers,
         )
-        best = run_dir / "best.safetensors"
-        self.best_path: Path | None = best if best.exists() else None
+        self.best_path: Path | None = None  # a resumed run's: set by load_state
         self.last_path: Path | None = None
         self.stopped_early = False
         self.meta_extra = {
@@ -995,6 +999,8 @@ class _Run:
     def load_state(self) -> None:
         """Restore everything the state file holds (``--resume``)."""
         st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        best = self.run_dir / "best.safetensors"
+        self.best_path = best if best.exists() else None
         self.ensemble.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
@@ -1314,10 +1320,8 @@ def train(
     t_start = time.time()
     run_dir = Path(cfg.out or Path("runs") / cfg.name)
     dist_, device = _init_distributed(cfg.device)
-    if dist_.main:
-        _prepare_run_dir(run_dir, resume, overwrite)
-    if dist_.enabled:
-        torch.distributed.barrier()
+    if dist_.main:  # other ranks could see the directory rank 0 is about to make
+        _check_run_dir(run_dir, resume, overwrite)
     if resume:
         saved = load_config(run_dir / _RUN_MARKER)
         # Extending a run is allowed; everything else comes from the run itself.
@@ -1328,12 +1332,16 @@ def train(
         cfg = saved
     cfg.out = str(run_dir)
     cfg.validate()
-    if dist_.main:
-        save_config(cfg, run_dir / _RUN_MARKER)
     _seed_everything(cfg.seed, cfg.deterministic)
 
+    # Data and model (weights included) first: a failed start leaves the run dir as it was.
     data = _TrainData.open(cfg, dist_)
     run = _Run(cfg, run_dir, dist_, device, data, show_progress)
+    if dist_.main:
+        _make_run_dir(run_dir, resume)
+        save_config(cfg, run_dir / _RUN_MARKER)
+    if dist_.enabled:
+        torch.distributed.barrier()
     if resume:
         run.load_state()
     with _Interrupt() as interrupt:

@@ -184,12 +184,32 @@ def test_refuses_to_overwrite_and_one_line_errors(reference_run, data_dir, tmp_p
     res = _invoke(["train", "--data", str(data_dir), "--out", str(tmp_path / "r2"), *TINY,
                    "--members", "resnet18,alexnet"])  # fmt: skip
     assert res.exit_code == 2 and "alexnet" in res.output and "vgg19" in res.output
+    assert not (tmp_path / "r2").exists()  # a refused start leaves nothing to --overwrite
     if not torch.cuda.is_available():
         args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r3"), *TINY]
         res = _invoke([*args, "--device", "cuda"])
         assert res.exit_code == 2 and "CUDA is not available" in res.output
     res = _invoke(["train", "--data", str(data_dir), "--out", str(tmp_path / "r4"), "--resume"])
     assert res.exit_code == 2 and "nothing to resume" in res.output
+
+
+def test_failed_start_with_overwrite_keeps_the_old_run(
+    reference_run, data_dir, tmp_path, monkeypatch
+):
+    """--overwrite deletes the old run only once data and model (weights included) are ready."""
+    import shutil
+
+    ref, _ = reference_run
+    old = tmp_path / "old"
+    shutil.copytree(ref, old)
+    before = {p.name: _sha(p) for p in old.iterdir() if p.is_file()}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached ImageNet weights
+    args = ["train", "--data", str(data_dir), "--out", str(old), *TINY, "--overwrite"]
+    res = _invoke([*args, "--weights", "imagenet"])
+    assert res.exit_code == 2 and "ImageNet weights for resnet18 not found" in res.output
+    res = _invoke([*args, "--set", "model.head=bogus"])
+    assert res.exit_code == 2 and "model.head" in res.output
+    assert {p.name: _sha(p) for p in old.iterdir() if p.is_file()} == before
 
 
 def test_config_layers_and_errors(tmp_path):
