@@ -84,7 +84,9 @@ def progress(
     from rich.console import Console
 
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total)
+        from rich.markup import escape
+
+        task = bar.add_task(escape(description), total=total)  # a path's "[1]" is not a tag
         for item in items:
             yield item
             bar.advance(task)

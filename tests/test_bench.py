@@ -62,8 +62,8 @@ def onnx_model(checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bench_run(onnx_model, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """One CLI run on the exported model, all precisions, batches 1 and 2."""
+def bench_run(onnx_model, tmp_path_factory) -> tuple[Path, Path, Path, str]:
+    """One CLI run on the exported model, all precisions, batches 1 and 2 (and what it printed)."""
     d = tmp_path_factory.mktemp("bench")
     js, md, out = d / "r.json", d / "r.md", d / "out"
     res = runner.invoke(
@@ -86,11 +86,11 @@ def bench_run(onnx_model, tmp_path_factory) -> tuple[Path, Path, Path]:
         ],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    return js, md, out
+    return js, md, out, res.output
 
 
 def test_bench_cli_json_and_markdown(bench_run):
-    js, md, out = bench_run
+    js, md, out, _ = bench_run
     result = read_result(js)  # schema-checked round trip
     data = json.loads(js.read_text())
     ok = [r for r in data["rows"] if r["status"] == "ok"]
@@ -144,6 +144,10 @@ def test_tensorrt_row_skipped_with_reason(bench_run):
             pytest.skip("TensorRT is installed here; the skipped-row path is not taken")
         assert r["status"] == "skipped" and r["stats"] is None
         assert "TensorRT is not installed" in r["error"]
+        # Printed as written: "[trt]" is not taken for a style tag and dropped.
+        assert "pip install 'fundus-edge[trt]'" in r["error"]
+        assert f"{r['backend']} {r['precision']} b{r['batch']}: skipped:" in bench_run[3]
+    assert "pip install 'fundus-edge[trt]'" in " ".join(bench_run[3].split())
     # The PyTorch backend needs a checkpoint: skipped with its own reason for an ONNX model.
     torch_rows = [r for r in data["rows"] if r["backend"] == "torch"]
     assert torch_rows and all("needs a checkpoint" in r["error"] for r in torch_rows)

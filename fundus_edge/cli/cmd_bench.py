@@ -168,7 +168,7 @@ def _print_summary(result) -> None:
             "-" if st is None else f"{st.ms_per_image:.2f}",
             "-" if st is None else f"{st.throughput:.1f}",
         )
-    console = Console()
+    console = Console(markup=False)  # paths and messages print as written ("[trt]")
     console.print(table)
     for r in result.rows:
         if r.status != "ok" and r.error:

@@ -42,7 +42,7 @@ def _render_dataset(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and messages print as written ("[trt]")
     splits = summary["splits"]
     counts = ", ".join(f"{name} {s['images']}" for name, s in splits.items())
     console.print(

@@ -42,7 +42,7 @@ def _render(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and messages print as written ("[trt]")
     t = Table(title=f"fundus-edge {r['fundus_edge']} doctor", show_header=True, header_style="bold")
     t.add_column("item")
     t.add_column("status")

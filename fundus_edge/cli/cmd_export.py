@@ -123,7 +123,7 @@ def _summary(report: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and messages print as written ("[trt]")
     t = Table(title=f"export -> {out}")
     t.add_column("check")
     t.add_column("result")
