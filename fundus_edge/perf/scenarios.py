@@ -435,8 +435,9 @@ def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         f"precision: INT8 = static Q/DQ for the CPU (u8 activations, s8 per-channel weights; "
         f"ONNX Runtime), {method} calibration on "
         f"{n_cal} generated synthetic fundus images, not real data; quantised in "
-        f"{time.perf_counter() - t0:.0f} s). DESIGN.md's 3.7x INT8 figure was for the "
-        "single-pass classification graph; this is the full fused graph (maps, attention, "
+        f"{time.perf_counter() - t0:.0f} s). The team's earlier 3.7x INT8 figure (design "
+        "notes, not in this repo) was for the single-pass classification graph; this is the "
+        "full fused graph (maps, attention, "
         "enhanced second pass), whose map arithmetic stays in float."
     )
     backends = {p: ws.ort(path) for p, path in paths.items()}
