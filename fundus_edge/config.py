@@ -25,12 +25,14 @@ from fundus_edge.options import load_yaml_mapping
 
 __all__ = [
     "CAM_METHODS",
+    "SELECT_METRICS",
     "DataSection",
     "EnhanceSection",
     "ModelSection",
     "OptimSection",
     "TrainConfig",
     "apply_overrides",
+    "given_keys",
     "load_config",
     "save_config",
 ]
@@ -38,6 +40,20 @@ __all__ = [
 #: ``kernel``: the forward-only CAM kernels of the model (fast, exact Grad-CAM for pooled heads).
 #: The others use the ``grad-cam`` package (a backward pass per class; slow, for comparison).
 CAM_METHODS = ("kernel", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")
+
+#: What ``select`` may name: a validation metric of each epoch's record (``metrics.jsonl``);
+#: ``auto`` is the RIADD score, else macro AUROC. A ``*_loss`` is minimised, the rest maximised.
+SELECT_METRICS = (
+    "auto",
+    "val_loss",
+    "val_macro_auroc",
+    "val_map",
+    "val_macro_f1",
+    "val_micro_f1",
+    "val_riadd",
+    "val_screening_auroc",
+    "val_elementwise_accuracy",
+)
 
 
 @dataclass
@@ -188,14 +204,56 @@ class TrainConfig:
             )
         if self.stop_after is not None and self.stop_after < 1:
             raise UserError(f"{source}: stop_after: must be >= 1, got {self.stop_after}")
-        bn = self.optim.bn_momentum
-        if bn is not None and not 0.0 < bn <= 1.0:
-            raise UserError(f"{source}: optim.bn_momentum: must be in (0, 1], got {bn}")
-        if not 0.0 <= self.optim.ema < 1.0:
-            raise UserError(f"{source}: optim.ema: must be in [0, 1), got {self.optim.ema}")
-        mw = self.optim.loss.mask_weight
-        if not (mw >= 0.0 and math.isfinite(mw)):
-            raise UserError(f"{source}: optim.loss.mask_weight: must be >= 0, got {mw}")
+        if self.select not in SELECT_METRICS:
+            raise UserError(
+                f"{source}: select: {self.select!r} is not one of {', '.join(SELECT_METRICS)}"
+            )
+        o, d, e, loss = self.optim, self.data, self.enhance, self.optim.loss
+        # key, value, interval ("[a, b)": a allowed, b not; "inf" unbounded)
+        ranges: list[tuple[str, float | None, str]] = [
+            ("optim.lr", o.lr, "(0, inf)"),
+            ("optim.backbone_lr_mult", o.backbone_lr_mult, "[0, inf)"),
+            ("optim.weight_decay", o.weight_decay, "[0, inf)"),
+            ("optim.momentum", o.momentum, "[0, 1)"),
+            ("optim.warmup_epochs", o.warmup_epochs, "[0, inf)"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, "[0, 1]"),
+            ("optim.freeze_epochs", o.freeze_epochs, "[0, inf)"),
+            ("optim.grad_clip", o.grad_clip, "[0, inf)"),
+            ("optim.bn_momentum", o.bn_momentum, "(0, 1]"),
+            ("optim.ema", o.ema, "[0, 1)"),
+            ("optim.loss.pos_weight_max", loss.pos_weight_max, "(0, inf)"),
+            ("optim.loss.gamma", loss.gamma, "[0, inf)"),
+            ("optim.loss.alpha", loss.alpha, "[0, 1]"),
+            ("optim.loss.gamma_pos", loss.gamma_pos, "[0, inf)"),
+            ("optim.loss.gamma_neg", loss.gamma_neg, "[0, inf)"),
+            ("optim.loss.clip", loss.clip, "[0, 1)"),
+            ("optim.loss.mask_weight", loss.mask_weight, "[0, inf)"),
+            ("data.eval_batch_size", d.eval_batch_size, "[1, inf)"),
+            ("data.num_workers", d.num_workers, "[0, inf)"),
+            ("data.hflip", d.hflip, "[0, 1]"),
+            ("data.vflip", d.vflip, "[0, 1]"),
+            ("data.rotate", d.rotate, "[0, 180]"),
+            ("data.brightness", d.brightness, "[0, 1)"),
+            ("data.contrast", d.contrast, "[0, 1)"),
+            ("data.limit", d.limit, "[1, inf)"),
+            ("enhance.lam", e.lam, "[0, 1]"),
+            ("enhance.theta", e.theta, "[0, 1]"),
+            ("enhance.pad", e.pad, "[0, inf)"),
+            ("enhance.warmup_epochs", e.warmup_epochs, "[0, inf)"),
+            ("model.dropout", self.model.dropout, "[0, 1)"),
+        ]
+        for key, value, interval in ranges:
+            if value is not None and not _in_interval(value, interval):
+                raise UserError(f"{source}: {key}: must be in {interval}, got {value}")
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    """``value`` finite and inside an interval written ``[0, 1)``, ``(0, inf)``."""
+    lo_s, hi_s = interval[1:-1].split(",")
+    lo, hi = float(lo_s), float(hi_s)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return math.isfinite(value) and above and below
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -338,6 +396,33 @@ def load_config(
     cfg = TrainConfig.from_dict(d, source)
     cfg.validate(source)
     return cfg
+
+
+def given_keys(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> set[str]:
+    """The dotted keys a recipe, named options and ``--set`` pairs set (what the user chose).
+
+    ``data.preprocess`` counts as one key (a mapping of options).
+    """
+    keys = set(overrides or {})
+    keys |= {item.split("=", 1)[0].strip() for item in sets or [] if "=" in item}
+    if path is not None:
+        keys |= set(_leaves(load_yaml_mapping(Path(path), "--config")))
+    return keys
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "data.preprocess":
+            out += _leaves(v, f"{key}.")
+        else:
+            out.append(key)
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

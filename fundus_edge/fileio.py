@@ -18,6 +18,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "ensure_writable_dir",
+    "ensure_writable_file",
+    "is_disk_full",
+    "os_error_message",
+    "probe_writable",
     "sha256_file",
 ]
 
@@ -71,6 +76,54 @@ _FULL_BELOW = 16 * 2**20
 def is_disk_full(exc: BaseException) -> bool:
     """True for an ``OSError`` that means no space (or quota) was left."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for a file-system error the user can fix (permissions, a file where a folder
+    should be, a read-only or full disk), naming the path; None for anything else."""
+    if is_disk_full(exc):
+        from .errors import disk_full_message
+
+        return disk_full_message(exc.filename or "output")
+    fixable = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+    if exc.errno not in fixable or not exc.filename:
+        return None
+    return f"{exc.filename}: {exc.strerror or os.strerror(exc.errno)}"
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a file in ``folder``: the ``OSError`` a real write would meet, now.
+
+    (``os.access`` is no proof: root passes it on read-only mounts and immutable folders.)
+    """
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def ensure_writable_dir(folder: str | os.PathLike, option: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there (one line if not)."""
+    from .errors import UserError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe_writable(folder)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {folder}: cannot write there ({why})") from exc
+    return folder
+
+
+def ensure_writable_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse an existing folder at ``path``; prove its folder is writable (one line if not)."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    ensure_writable_dir(path.parent, option)
+    return path
 
 
 def _disk_full(exc: BaseException, folder: Path) -> int | None:

@@ -51,7 +51,7 @@ def load_yaml_mapping(path: str | os.PathLike, option: str = "") -> dict[str, An
     if not path.is_file():
         raise UserError(f"{named}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -62,3 +62,24 @@ def load_yaml_mapping(path: str | os.PathLike, option: str = "") -> dict[str, An
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of options at the top level")
     return data
+
+
+def _unique_keys_loader():
+    """A safe YAML loader that refuses a key given twice in one mapping (the last would win)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" is not a key
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader

@@ -52,6 +52,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,14 @@ class RunResult:
         epochs_done: finished epochs (all of them, including earlier resumed ones).
         best_path: best checkpoint (None before a validation epoch finished).
         last_path: last checkpoint.
-        best_metric: the selection metric's best value.
+        best_metric: the selection metric's value at the best epoch (a loss as it is).
+        best_name: which metric that is (``val_riadd``, ``val_loss``, ...).
         history: the ``metrics.jsonl`` records.
         stopped_early: stopped by ``stop_after`` before ``epochs``.
         train_time_s: wall time of this call (data loading included).
         effective_batch_size: ``data.batch_size * world_size``.
-        skipped_images: unreadable images this process skipped, summed over epochs.
+        skipped_images: unreadable training images this process skipped, summed over epochs.
+        val_skipped_images: unreadable validation images (each epoch skips the same ones).
         rank: this process's rank (0 without torchrun); only rank 0 wrote the run dir.
     """
 
@@ -113,11 +116,13 @@ class RunResult:
     best_path: Path | None
     last_path: Path | None
     best_metric: float | None
+    best_name: str | None = None
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     train_time_s: float = 0.0
     effective_batch_size: int = 0
     skipped_images: int = 0
+    val_skipped_images: int = 0
     rank: int = 0
 
 
@@ -390,6 +395,9 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a conflicting run directory; reads only (nothing is deleted before the model is built)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file, not a run directory")
+    _check_writable(run_dir)
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / STATE_FILE).is_file():
@@ -405,6 +413,22 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing to "
             "delete it with --overwrite"
         )
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Prove a file can be created in the run dir, or in the folder it will be made in, now
+    rather than after the data and model are loaded. Leaves nothing behind."""
+    from fundus_edge.fileio import probe_writable
+
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        probe_writable(folder)
+    except OSError as exc:
+        raise UserError(
+            f"--out {run_dir}: cannot write in {folder} ({exc.strerror or type(exc).__name__})"
+        ) from exc
 
 
 def _make_run_dir(run_dir: Path, resume: bool) -> None:
@@ -507,19 +531,24 @@ def _summary(rep: dict) -> dict:
     }
 
 
-def _selection(select: str, rec: dict) -> float:
-    """Higher is better; ``auto``: RIADD score, else macro AUROC, else -val_loss."""
+def _selection_key(select: str, rec: dict) -> str:
+    """The record's key that ``select`` names; ``auto``: RIADD score, else macro AUROC, else
+    the validation loss."""
     if select != "auto":
-        if select not in rec:
-            raise UserError(f"select: {select!r} is not a metric (have: {', '.join(sorted(rec))})")
-        v = rec[select]
-        if v is None:
-            return -math.inf
-        return -float(v) if select.endswith("loss") else float(v)
+        return select  # one of config.SELECT_METRICS, all in every record
     for key in ("val_riadd", "val_macro_auroc"):
         if rec.get(key) is not None:
-            return float(rec[key])
-    return -float(rec["val_loss"])
+            return key
+    return "val_loss"
+
+
+def _selection(select: str, rec: dict) -> float:
+    """Higher is better: the selected metric, negated for a loss; a missing value is worst."""
+    key = _selection_key(select, rec)
+    v = rec[key]
+    if v is None:
+        return -math.inf
+    return -float(v) if key.endswith("loss") else float(v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,6 +821,7 @@ class _TrainData:
     pre: Any
     train_labels: np.ndarray
     skips: _Skips
+    train_fingerprint: str = ""  # which images and labels train: a resumed run must match
 
     @classmethod
     def open(cls, cfg: TrainConfig, dist_: _Dist) -> _TrainData:
@@ -848,7 +878,18 @@ class _TrainData:
             pre,
             train_ds.labels(),
             skips,
+            _fingerprint(train_samples),
         )
+
+
+def _fingerprint(samples) -> str:
+    """A short hash of the training split's ids and labels (``--resume`` refuses other data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.id}\t{''.join('1' if v else '0' for v in s.labels)}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _check_masks(train_ds, mask_weight: float, root: Any, main: bool) -> None:
@@ -997,12 +1038,49 @@ class _Run:
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     def load_state(self) -> None:
-        """Restore everything the state file holds (``--resume``)."""
-        st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        """Restore everything the state file holds (``--resume``).
+
+        Raises:
+            UserError: a damaged state file, or data other than the run's (labels, images).
+        """
+        path = self.state_path
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or not a state file: say so, do not crash
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"{path}: cannot read the run's state ({why}); the run cannot resume from it; "
+                "start a new run, e.g. with --weights on its last.safetensors"
+            ) from exc
+        labels = st.get("label_names")
+        if labels is not None and list(labels) != list(self.data.label_names):
+            raise UserError(
+                f"{path}: the run trained on labels {', '.join(labels)}; --data "
+                f"{self.cfg.data.root} has {', '.join(self.data.label_names)}; resume on the "
+                "run's data, or start a new run with --weights on its last.safetensors"
+            )
+        fp = st.get("train_fingerprint")
+        if fp and fp != self.data.train_fingerprint:
+            raise UserError(
+                f"{path}: the training split of --data {self.cfg.data.root} differs from the "
+                "run's (other images or labels); resume on the run's data, or start a new run "
+                "with --weights on its last.safetensors"
+            )
+        try:
+            self.ensemble.load_state_dict(st["model"])
+        except RuntimeError as exc:  # a state from another model (older runs carry no labels)
+            raise UserError(
+                f"{path}: the saved model does not fit this run's model and data "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         best = self.run_dir / "best.safetensors"
         self.best_path = best if best.exists() else None
-        self.ensemble.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
+        o = self.cfg.optim
+        backbone, head = self.optimizer.param_groups
+        if head["base_lr"] != o.lr:  # --lr given on --resume: the schedule goes on, rescaled
+            log.info("learning rate %.3g -> %.3g from here on", head["base_lr"], o.lr)
+            backbone["base_lr"], head["base_lr"] = o.lr * o.backbone_lr_mult, o.lr
         self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
@@ -1031,6 +1109,8 @@ class _Run:
             "rng": _rng_state(),
             "history": self.history,
             "best_metric": self.best_metric,
+            "label_names": list(self.data.label_names),
+            "train_fingerprint": self.data.train_fingerprint,
             "epoch_loss": (
                 [self.loss_sum, float(self.count), self.mask_sum] if step else [0.0, 0.0, 0.0]
             ),
@@ -1280,19 +1360,29 @@ class _Run:
         if self.dist.enabled:
             torch.distributed.barrier()
         last = self.run_dir / "last.safetensors"
+        best = next((r for r in reversed(self.history) if r.get("best")), None)
+        best_name = _selection_key(self.cfg.select, best) if best is not None else None
         return RunResult(
             run_dir=self.run_dir,
             epochs_done=len(self.history),
             best_path=self.best_path,
             last_path=self.last_path or (last if last.exists() else None),
-            best_metric=self.best_metric,
+            best_metric=None if best is None else best[best_name],
+            best_name=best_name,
             history=self.history,
             stopped_early=self.stopped_early,
             train_time_s=round(time.time() - t_start, 2),
             effective_batch_size=self.effective_bs,
             skipped_images=self.data.skips.total,
+            val_skipped_images=self.history[-1]["val_skipped_images"] if self.history else 0,
             rank=self.dist.rank,
         )
+
+
+#: What ``--resume`` may change: a run continues as it was configured, except these.
+RESUME_MAY_CHANGE = ("epochs", "stop_after", "device", "data.num_workers", "data.root", "optim.lr")
+# Names of a run, not of its training: a recipe or --name may say anything here.
+_RESUME_IGNORED = ("out", "name")
 
 
 def train(
@@ -1300,15 +1390,19 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool | None = None,
+    given: Iterable[str] = (),
 ) -> RunResult:
     """Train an ensemble as ``cfg`` says; write the run directory; return what happened.
 
     Args:
         cfg: the resolved configuration (``cfg.out`` or ``runs/<cfg.name>`` is the run dir).
-        resume: continue the run in the run dir from its state file (the saved config wins
-            except ``epochs`` and ``stop_after``, which may be extended).
+        resume: continue the run in the run dir from its state file: the saved config wins,
+            except the keys of :data:`RESUME_MAY_CHANGE` (``optim.lr`` rescales the schedule
+            from the next step on; ``data.root`` must hold the same training split).
         overwrite: replace an existing run dir.
         show_progress: progress bar on/off (default: on a terminal).
+        given: the dotted keys the user set (recipe, options, ``--set``); on ``resume`` one
+            that differs from the run's and may not change is refused instead of ignored.
 
     Raises:
         UserError: bad options, run dir conflicts, missing data, CUDA requested but absent.
@@ -1323,27 +1417,29 @@ def train(
     if dist_.main:  # other ranks could see the directory rank 0 is about to make
         _check_run_dir(run_dir, resume, overwrite)
     if resume:
-        saved = load_config(run_dir / _RUN_MARKER)
-        # Extending a run is allowed; everything else comes from the run itself.
-        saved.epochs, saved.stop_after = cfg.epochs, cfg.stop_after
-        saved.device, saved.data.num_workers = cfg.device, cfg.data.num_workers
-        if cfg.data.root:
-            saved.data.root = cfg.data.root
-        cfg = saved
+        cfg = _resumed_config(cfg, load_config(run_dir / _RUN_MARKER), given, run_dir)
     cfg.out = str(run_dir)
     cfg.validate()
+    if dist_.main and cfg.optim.freeze_epochs >= cfg.epochs:
+        log.warning(
+            "optim.freeze_epochs=%d >= epochs=%d: the backbone stays frozen the whole run "
+            "(only the heads train)",
+            cfg.optim.freeze_epochs,
+            cfg.epochs,
+        )
     _seed_everything(cfg.seed, cfg.deterministic)
 
-    # Data and model (weights included) first: a failed start leaves the run dir as it was.
+    # Data, model (weights included) and a resumed state first: a start that fails leaves
+    # the run directory as it was (nothing deleted, config.yaml untouched).
     data = _TrainData.open(cfg, dist_)
     run = _Run(cfg, run_dir, dist_, device, data, show_progress)
+    if resume:
+        run.load_state()
     if dist_.main:
         _make_run_dir(run_dir, resume)
         save_config(cfg, run_dir / _RUN_MARKER)
     if dist_.enabled:
         torch.distributed.barrier()
-    if resume:
-        run.load_state()
     with _Interrupt() as interrupt:
         for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch >= cfg.stop_after:
@@ -1351,6 +1447,46 @@ def train(
                 break
             run.end_epoch(epoch, run.train_epoch(epoch, interrupt))
     return run.finish(t_start)
+
+
+def _resumed_config(
+    cfg: TrainConfig, saved: TrainConfig, given: Iterable[str], run_dir: Path
+) -> TrainConfig:
+    """The run's own config with what ``--resume`` may change taken from ``cfg``.
+
+    Raises:
+        UserError: a key the user set differs from the run's and may not change.
+    """
+    new, old = cfg.to_dict(), saved.to_dict()
+    fixed = [
+        k
+        for k in sorted(set(given))
+        if k not in RESUME_MAY_CHANGE
+        and k.split(".")[0] not in _RESUME_IGNORED
+        and _dotted(new, k) != _dotted(old, k)
+    ]
+    if fixed:
+        diff = "; ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in fixed[:4])
+        raise UserError(
+            f"--resume continues {run_dir} as it was configured, but {diff} (may change: "
+            f"{', '.join(RESUME_MAY_CHANGE)}); drop those options, or start a new run with "
+            f"--weights {run_dir / 'last.safetensors'}"
+        )
+    saved.epochs, saved.stop_after = cfg.epochs, cfg.stop_after
+    saved.device, saved.data.num_workers = cfg.device, cfg.data.num_workers
+    if cfg.data.root:
+        saved.data.root = cfg.data.root
+    if "optim.lr" in set(given):
+        saved.optim.lr = cfg.optim.lr
+    return saved
+
+
+def _dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 def _fmt(v: Any) -> str:

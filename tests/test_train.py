@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -84,6 +85,11 @@ def test_train_writes_a_complete_run(reference_run):
     assert len(meta["thresholds"]) == len(meta["label_names"]) == 13
     assert meta["preprocess"]["size"] == 48
     assert meta["config"]["views"] == "both"
+    # The summary line names the selection metric and shows its value as recorded.
+    best = [r for r in recs if r["best"]][-1]
+    m = re.search(r"best (val_\w+) (-?[0-9.]+) -> ", output)
+    assert m is not None, output
+    assert float(m[2]) == pytest.approx(best[m[1]], abs=1e-4)
 
 
 def test_eval_cli_writes_json_and_pngs(reference_run, data_dir, tmp_path):
@@ -209,7 +215,120 @@ def test_failed_start_with_overwrite_keeps_the_old_run(
     assert res.exit_code == 2 and "ImageNet weights for resnet18 not found" in res.output
     res = _invoke([*args, "--set", "model.head=bogus"])
     assert res.exit_code == 2 and "model.head" in res.output
+    res = _invoke([*args, "--set", "select=val_f2"])  # was only noticed after epoch 1
+    assert res.exit_code == 2 and "select: 'val_f2' is not one of auto, val_loss" in res.output
     assert {p.name: _sha(p) for p in old.iterdir() if p.is_file()} == before
+
+
+def _copy_run(ref, dest):
+    import shutil
+
+    shutil.copytree(ref, dest)
+    return dest, (dest / "config.yaml").read_bytes()
+
+
+def test_resume_refusals_leave_the_run_as_it_was(reference_run, data_dir, tmp_path):
+    """A refused --resume says why in one line and leaves config.yaml and the state as they were."""
+    import shutil
+
+    from fundus_edge import trainer
+
+    run, config = _copy_run(reference_run[0], tmp_path / "run")
+    state = (run / trainer.STATE_FILE).read_bytes()
+    base = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--epochs", "3"]
+    # An option that would change the model is refused, not silently ignored.
+    res = _invoke([*base, "--members", "resnet18", "--image-size", "64"])
+    assert res.exit_code == 2
+    line = res.output.strip().splitlines()[-1]
+    assert "--resume continues" in line and "model.members" in line and "model.image_size" in line
+    # Data with other labels (a column dropped).
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    for csv_file in other.rglob("*.csv"):
+        rows = csv_file.read_text().splitlines()
+        csv_file.write_text("".join(",".join(r.split(",")[:-1]) + "\n" for r in rows))
+    res = _invoke(["train", "--data", str(other), "--out", str(run), "--resume", "--epochs", "3"])
+    assert res.exit_code == 2 and "the run trained on labels" in res.output, res.output
+    # The same labels, but another training split (one label of one image changed).
+    shutil.rmtree(other)
+    shutil.copytree(data_dir, other)
+    (train_csv,) = (other / "Training_Set").glob("*.csv")
+    rows = train_csv.read_text().splitlines()
+    cells = rows[1].split(",")
+    cells[2] = "0" if cells[2] == "1" else "1"
+    train_csv.write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    res = _invoke(["train", "--data", str(other), "--out", str(run), "--resume", "--epochs", "3"])
+    assert res.exit_code == 2 and "training split of --data" in res.output, res.output
+    # A damaged state file.
+    (run / trainer.STATE_FILE).write_bytes(state[: len(state) // 2])
+    res = _invoke(base)
+    assert res.exit_code == 2 and "cannot read the run's state" in res.output, res.output
+    assert (run / "config.yaml").read_bytes() == config
+    (run / trainer.STATE_FILE).write_bytes(state)
+
+
+def test_resume_with_a_lower_lr_rescales_the_schedule(reference_run, data_dir, tmp_path):
+    a, _ = _copy_run(reference_run[0], tmp_path / "a")
+    b, _ = _copy_run(reference_run[0], tmp_path / "b")
+    more = ["--data", str(data_dir), *TINY, "--resume", "--epochs", "3"]
+    assert _invoke(["train", "--out", str(a), *more]).exit_code == 0
+    res = _invoke(["train", "--out", str(b), *more, "--lr", "1e-5"])
+    assert res.exit_code == 0, res.output
+    rec_a = json.loads((a / "metrics.jsonl").read_text().splitlines()[-1])
+    rec_b = json.loads((b / "metrics.jsonl").read_text().splitlines()[-1])
+    lr_a = yaml.safe_load((a / "config.yaml").read_text())["optim"]["lr"]
+    assert yaml.safe_load((b / "config.yaml").read_text())["optim"]["lr"] == 1e-5
+    assert rec_b["epoch"] == rec_a["epoch"] == 3
+    assert rec_b["lr"] / rec_a["lr"] == pytest.approx(1e-5 / lr_a, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "optim.lr=-1",
+        "optim.lr=.nan",
+        "optim.weight_decay=-1",
+        "optim.backbone_lr_mult=-1",
+        "optim.min_lr_ratio=5",
+        "optim.momentum=-1",
+        "optim.loss.clip=5",
+        "data.num_workers=-1",
+        "data.hflip=2",
+        "data.rotate=-400",
+        "data.limit=0",
+        "enhance.warmup_epochs=-1",
+    ],
+)
+def test_out_of_range_values_are_refused_by_name(pair):
+    key = pair.split("=")[0]
+    with pytest.raises(UserError, match=rf"{re.escape(key)}: must be in [\[(]"):
+        load_config(None, sets=[pair])
+
+
+def test_recipe_with_a_key_twice_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 2\noptim:\n  lr: 0.1\nepochs: 3\n")
+    with pytest.raises(UserError, match=r"r\.yaml:4: not valid YAML \(key 'epochs' given twice\)"):
+        load_config(recipe)
+
+
+def test_unwritable_outputs_are_one_line_before_any_work(reference_run, data_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(afile), *TINY])
+    assert res.exit_code == 2 and "is a file, not a run directory" in res.output
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(afile / "run"), *TINY])
+    assert res.exit_code == 2 and "cannot write in" in res.output
+    ckpt = str(reference_run[0] / "best.safetensors")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    res = _invoke(["eval", "--model", ckpt, "--data", str(data_dir), "--json", str(folder)])
+    assert res.exit_code == 2 and "is a folder; give a file name" in res.output
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.png"))
+    res = _invoke(["eval", "--model", ckpt, "--data", str(data_dir), "--json", f"{afile}/r.json"])
+    assert res.exit_code == 2 and "cannot write there" in res.output
+    res = _invoke(["eval", "--model", ckpt, "--data", str(data_dir), "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size 0" in res.output
 
 
 def test_config_layers_and_errors(tmp_path):
@@ -312,7 +431,7 @@ def test_unreadable_training_image_is_skipped_and_counted(data_dir, tmp_path):
     res = _invoke(["train", "--data", str(data), "--out", str(out), *SMALL, "--epochs", "1",
                    "--set", "data.cache=false"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "1 unreadable image(s) skipped" in res.output
+    assert "1 unreadable training image(s) skipped" in res.output
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["skipped_images"] == 1 and rec["val_skipped_images"] == 0
     import csv

@@ -20,9 +20,8 @@ from fundus_edge.errors import (
     EXIT_INTERRUPTED,
     EXIT_USER,
     FundusEdgeError,
-    disk_full_message,
 )
-from fundus_edge.fileio import is_disk_full
+from fundus_edge.fileio import os_error_message
 
 __all__ = ["app", "debug_enabled", "main"]
 
@@ -81,8 +80,11 @@ class FundusGroup(TyperGroup):
         except Exception as exc:
             if debug:
                 traceback.print_exc()
-            if is_disk_full(exc):  # a writer outside atomic_open (cv2, onnx, a video sink)
-                _fail(disk_full_message(getattr(exc, "filename", None) or "output"), EXIT_USER)
+            # Permissions, read-only or full disks, a file where a folder should be: the user
+            # can fix these, so one line naming the path, not an "internal error".
+            msg = os_error_message(exc) if isinstance(exc, OSError) else None
+            if msg is not None:
+                _fail(msg, EXIT_USER)
             if debug:
                 _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
             _fail(

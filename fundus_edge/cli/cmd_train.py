@@ -52,7 +52,7 @@ def train(
     ),
 ) -> None:
     """Train the ensemble (CAM-guided enhancement, weighted losses, resumable runs)."""
-    from fundus_edge.config import load_config
+    from fundus_edge.config import given_keys, load_config
     from fundus_edge.errors import UserError
 
     if enhance is not None and enhance not in _ENHANCE:
@@ -91,15 +91,20 @@ def train(
         )
         return
     cfg = load_config(config, overrides, sets=set_)
+    given = given_keys(config, overrides, set_)
 
     from fundus_edge.trainer import train as run_train
 
-    res = run_train(cfg, resume=resume, overwrite=overwrite)
+    res = run_train(cfg, resume=resume, overwrite=overwrite, given=given)
     if res.rank != 0:  # under torchrun only rank 0 reports, as only it wrote the run
         return
-    best = "n/a" if res.best_metric is None else f"{res.best_metric:.4f}"
+    best = "n/a" if res.best_metric is None else f"{res.best_name} {res.best_metric:.4f}"
     state = "stopped (resumable)" if res.stopped_early else "done"
-    skipped = f"; {res.skipped_images} unreadable image(s) skipped" if res.skipped_images else ""
+    skipped = "".join(
+        f"; {n} unreadable {what} image(s) skipped"
+        for n, what in ((res.skipped_images, "training"), (res.val_skipped_images, "validation"))
+        if n
+    )
     typer.echo(
         f"{state}: {res.epochs_done} epoch(s) in {res.run_dir}; best {best} -> {res.best_path}; "
         f"{res.train_time_s:.0f} s{skipped}"
@@ -126,16 +131,24 @@ def eval_(
 ) -> None:
     """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots."""
     from fundus_edge.errors import UserError
+    from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
 
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: choose train, val or test")
     if not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
+    # Where the results go is checked before the evaluation, not after it.
+    if json_file is not None:
+        ensure_writable_file(json_file, "--json")
+    if plots_dir is not None:
+        ensure_writable_dir(plots_dir, "--out" if out is not None else "--json")
     from fundus_edge.evaluate import evaluate_model
     from fundus_edge.trainer import resolve_device
 
     dev = str(resolve_device(device))
-    plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
     rep = evaluate_model(
         model, data, split, json_file, plots_dir, dev, batch_size, data_format=data_format
     )
