@@ -398,7 +398,9 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file, not a run directory")
     _check_writable(run_dir)
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    # A run stopped before its first save (a second Ctrl-C) holds only its config.yaml:
+    # nothing to lose, so it starts again without --overwrite.
+    exists = run_dir.exists() and {p.name for p in run_dir.iterdir()} - {_RUN_MARKER} != set()
     if resume:
         if not (run_dir / STATE_FILE).is_file():
             raise UserError(f"{run_dir}: nothing to resume (no {STATE_FILE})")

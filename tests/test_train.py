@@ -191,6 +191,11 @@ def test_refuses_to_overwrite_and_one_line_errors(reference_run, data_dir, tmp_p
                    "--members", "resnet18,alexnet"])  # fmt: skip
     assert res.exit_code == 2 and "alexnet" in res.output and "vgg19" in res.output
     assert not (tmp_path / "r2").exists()  # a refused start leaves nothing to --overwrite
+    (tmp_path / "r5").mkdir()  # a run stopped before its first save: config.yaml alone
+    (tmp_path / "r5" / "config.yaml").write_text("epochs: 1\n")
+    res = _invoke(["train", "--data", str(data_dir), "--out", str(tmp_path / "r5"), *TINY,
+                   "--epochs", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
     if not torch.cuda.is_available():
         args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r3"), *TINY]
         res = _invoke([*args, "--device", "cuda"])
