@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,24 @@ class TrainConfig:
             )
         if self.stop_after is not None and self.stop_after < 1:
             raise UserError(f"{source}: stop_after: must be >= 1, got {self.stop_after}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(
+                f"{source}: device: {self.device!r}: expected auto, cpu, cuda or cuda:N"
+            )
+        for key, vec, positive in (
+            ("model.mean", self.model.mean, False),
+            ("model.std", self.model.std, True),
+        ):
+            if len(vec) != 3 or (positive and min(vec) <= 0):
+                each = ", each > 0" if positive else ""
+                raise UserError(f"{source}: {key}: expected 3 values (R, G, B){each}, got {vec}")
+        pre = {**self.data.preprocess, "size": self.model.image_size}
+        try:
+            from fundus_edge.preprocess import PreprocessConfig
+
+            PreprocessConfig.from_dict(pre)
+        except UserError as exc:  # name the recipe and section, not just the option
+            raise UserError(f"{source}: data.preprocess: {exc}") from None
         if self.select not in SELECT_METRICS:
             raise UserError(
                 f"{source}: select: {self.select!r} is not one of {', '.join(SELECT_METRICS)}"

@@ -310,6 +310,25 @@ def test_out_of_range_values_are_refused_by_name(pair):
         load_config(None, sets=[pair])
 
 
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("device=gpu", "device: 'gpu': expected auto, cpu, cuda or cuda:N"),
+        ("model.mean=[0.5, 0.5]", "model.mean: expected 3 values"),
+        ("model.std=[0.2, 0, 0.2]", "model.std: expected 3 values (R, G, B), each > 0"),
+        ("data.preprocess={bogus: 1}", "data.preprocess: unknown preprocess option 'bogus'"),
+    ],
+)
+def test_recipe_errors_name_the_recipe_and_key(tmp_path, pair, message):
+    key, value = pair.split("=", 1)
+    recipe = tmp_path / "r.yaml"
+    *parents, leaf = key.split(".")
+    text = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents))
+    recipe.write_text(text + f"{'  ' * len(parents)}{leaf}: {value}\n")
+    with pytest.raises(UserError, match=re.escape(f"{recipe}: {message}")):
+        load_config(recipe)
+
+
 def test_recipe_with_a_key_twice_is_refused(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochs: 2\noptim:\n  lr: 0.1\nepochs: 3\n")
