@@ -52,7 +52,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,18 +65,14 @@ from fundus_edge.config import CAM_METHODS, TrainConfig, save_config
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.fileio import atomic_open, atomic_write_text
 from fundus_edge.log import get_logger, progress
-from fundus_edge.options import load_yaml_mapping
 
 __all__ = [
-    "ABLATION_COLUMNS",
     "STATE_FILE",
     "ModelEMA",
     "NonFiniteLossError",
     "RunResult",
-    "ablation_configs",
     "cam_attention_gradcam",
     "resolve_device",
-    "run_ablation",
     "train",
     "training_step",
 ]
@@ -1393,6 +1389,7 @@ def train(
     overwrite: bool = False,
     show_progress: bool | None = None,
     given: Iterable[str] = (),
+    on_start: Callable[[], None] | None = None,
 ) -> RunResult:
     """Train an ensemble as ``cfg`` says; write the run directory; return what happened.
 
@@ -1405,6 +1402,9 @@ def train(
         show_progress: progress bar on/off (default: on a terminal).
         given: the dotted keys the user set (recipe, options, ``--set``); on ``resume`` one
             that differs from the run's and may not change is refused instead of ignored.
+        on_start: called (rank 0) once data, model and state are ready and the run directory
+            is made: the point from which the run replaces what was there (an ablation
+            clears its old table and other variants here).
 
     Raises:
         UserError: bad options, run dir conflicts, missing data, CUDA requested but absent.
@@ -1440,6 +1440,8 @@ def train(
     if dist_.main:
         _make_run_dir(run_dir, resume)
         save_config(cfg, run_dir / _RUN_MARKER)
+        if on_start is not None:
+            on_start()
     if dist_.enabled:
         torch.distributed.barrier()
     with _Interrupt() as interrupt:
@@ -1512,186 +1514,3 @@ def _epoch_line(rec: dict, epochs: int) -> str:
         f"mAP {_fmt(rec['val_map'])}  RIADD {_fmt(rec['val_riadd'])}  "
         f"lr {rec['lr']:.2e}  {rec['time_s']:.1f}s {flags}".rstrip()
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Ablation
-
-_ABLATION_KEYS = {"base", "variants", "description"}
-
-
-def _substitute_members(value: Any, base_members: list[str], where: str) -> Any:
-    """``[$1]`` -> the base recipe's first member: one spec serves any pair of backbones."""
-    if not isinstance(value, list):
-        return value
-    out = []
-    for item in value:
-        if isinstance(item, str) and item.startswith("$"):
-            try:
-                k = int(item[1:])
-            except ValueError:
-                raise UserError(
-                    f"{where}: {item!r}: expected $1, $2, ... (a base member)"
-                ) from None
-            if not 1 <= k <= len(base_members):
-                raise UserError(
-                    f"{where}: {item!r}: the base config has {len(base_members)} member(s) "
-                    f"({', '.join(base_members)})"
-                )
-            item = base_members[k - 1]
-        out.append(item)
-    return out
-
-
-def ablation_configs(
-    spec_path: str | os.PathLike,
-    base_config: str | os.PathLike | None,
-    overrides: dict,
-    sets: list[str],
-    out_dir: Path,
-) -> list[tuple[str, TrainConfig]]:
-    """The resolved config of every variant an ablation YAML lists (nothing is trained).
-
-    The YAML: ``base`` (a recipe path relative to the YAML; ``base_config`` wins when given)
-    and ``variants``, a mapping of variant name -> dotted overrides (``enhance.op: none``).
-    In ``model.members`` lists, ``$1``, ``$2`` name the base config's members, so one spec
-    ablates whichever pair the base trains. Command-line ``overrides``/``sets`` apply to the
-    base (every variant), the variant's own overrides after them.
-
-    Raises:
-        UserError: missing or malformed spec, unknown key, a bad variant.
-    """
-
-    from fundus_edge.config import apply_overrides, load_config
-
-    spec_path = Path(spec_path)
-    spec = load_yaml_mapping(spec_path, "--ablation")
-    if not isinstance(spec.get("variants"), dict):
-        raise UserError(f"{spec_path}: expected 'variants:' mapping name -> overrides")
-    unknown = sorted(set(spec) - _ABLATION_KEYS)
-    if unknown:
-        raise UserError(f"{spec_path}: unknown key {unknown[0]!r} (known: base, variants)")
-    base = base_config
-    if base is None and spec.get("base"):
-        base = spec_path.parent / spec["base"]
-    base_cfg = load_config(base, overrides, sets=sets)
-    out = []
-    for name, var in spec["variants"].items():
-        where = f"{spec_path}: variants.{name}"
-        if not isinstance(var, dict):
-            raise UserError(f"{where}: expected a mapping of overrides")
-        var = {k: _substitute_members(v, base_cfg.model.members, where) for k, v in var.items()}
-        d = apply_overrides(
-            base_cfg.to_dict(), {**var, "out": str(out_dir / str(name)), "name": str(name)}
-        )
-        cfg = TrainConfig.from_dict(d, where)
-        cfg.validate(where)
-        out.append((str(name), cfg))
-    return out
-
-
-#: Ablation table columns: key -> Markdown header (the paper's three first).
-ABLATION_COLUMNS = {
-    "variant": "variant",
-    "members": "members",
-    "head": "head",
-    "enhance": "CAM enhancement",
-    "accuracy": "accuracy (element-wise)",
-    "precision": "precision (element-wise)",
-    "recall": "recall (element-wise)",
-    "macro_auroc": "macro AUROC",
-    "map": "mAP",
-    "macro_f1": "macro F1",
-    "screening_auroc": "Disease_Risk AUROC",
-    "params_m": "params (M)",
-    "train_time_s": "train time (s)",
-}
-
-
-def run_ablation(
-    spec_path: str | os.PathLike,
-    base_config: str | os.PathLike | None,
-    overrides: dict,
-    sets: list[str],
-    out_dir: Path,
-    overwrite: bool = False,
-    split: str = "test",
-) -> dict:
-    """Train every variant of an ablation YAML and write the paper-shaped comparison table.
-
-    Each variant trains into ``out_dir/<variant>``; its best checkpoint is evaluated on
-    ``split`` (the validation split when the data has no such split). ``ablation.json`` and
-    ``ablation.md`` hold one row per variant with :data:`ABLATION_COLUMNS`: the paper's
-    element-wise accuracy / precision / recall at the thresholds tuned on validation, macro
-    AUROC, mAP, macro F1, the Disease_Risk AUROC, the parameter count and the training time.
-
-    Returns:
-        ``{"rows": [...], "split": str, "table_json": path, "table_md": path}``.
-    """
-    from fundus_edge.evaluate import evaluate_model
-    from fundus_edge.fileio import atomic_write_json
-    from fundus_edge.models import load_checkpoint
-
-    variants = ablation_configs(spec_path, base_config, overrides, sets, out_dir)
-    rows = []
-    used_split = split
-    for name, cfg in variants:
-        log.info("ablation variant %s: members %s, head %s, enhance %s", name,
-                 ",".join(cfg.model.members), cfg.model.head, cfg.enhance.op)  # fmt: skip
-        res = train(cfg, overwrite=overwrite)
-        if res.best_path is None:
-            raise UserError(f"ablation variant {name}: no epoch finished, nothing to evaluate")
-        model, _ = load_checkpoint(res.best_path)
-        device = "cpu" if cfg.device == "cpu" else str(resolve_device(cfg.device))
-        try:
-            rep = evaluate_model(res.best_path, cfg.data.root, split, device=device)
-        except UserError:  # the data has no such split: validation figures instead
-            used_split = "val"
-            rep = evaluate_model(res.best_path, cfg.data.root, "val", device=device)
-        e = rep["elementwise"]
-        rows.append(
-            {
-                "variant": name,
-                "members": "+".join(cfg.model.members),
-                "head": cfg.model.head if len(cfg.model.members) > 1 else cfg.model.member_head,
-                "enhance": cfg.enhance.op,
-                "accuracy": e["accuracy"],
-                "precision": e["precision"],
-                "recall": e["recall"],
-                "macro_auroc": rep["macro"]["auroc"],
-                "map": rep["macro"]["ap"],
-                "macro_f1": rep["macro"]["f1"],
-                "screening_auroc": rep["riadd"]["screening_auroc"],
-                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                "train_time_s": res.train_time_s,
-                "epochs": res.epochs_done,
-                "split": rep["split"],
-                "checkpoint": str(res.best_path),
-            }
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table_json = out_dir / "ablation.json"
-    table_md = out_dir / "ablation.md"
-    atomic_write_json(
-        table_json,
-        {"spec": str(spec_path), "split": used_split, "columns": ABLATION_COLUMNS, "rows": rows},
-    )
-    atomic_write_text(table_md, _markdown_table(rows, used_split))
-    return {"rows": rows, "split": used_split, "table_json": table_json, "table_md": table_md}
-
-
-def _markdown_table(rows: list[dict], split: str) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "n/a"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    cols = list(ABLATION_COLUMNS)
-    lines = [
-        f"Ablation on the {split} split (thresholds tuned on validation).",
-        "",
-        "| " + " | ".join(ABLATION_COLUMNS[c] for c in cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

@@ -486,7 +486,7 @@ def test_preload_records_unreadable_images(data_dir, tmp_path):
     assert dropped == [1] and x2.shape[0] == y2.shape[0] == 3
 
 
-def test_ablation_writes_the_paper_table(data_dir, tmp_path):
+def test_ablation_from_the_cli(data_dir, tmp_path):
     spec = tmp_path / "abl.yaml"
     spec.write_text(
         "variants:\n"
@@ -514,32 +514,6 @@ def test_ablation_writes_the_paper_table(data_dir, tmp_path):
     md = (out / "ablation.md").read_text()
     assert "accuracy (element-wise)" in md and "Disease_Risk AUROC" in md
     assert md.count("\n| ") == 3  # header + 2 rows
-
-
-def test_ablation_spec_resolves_for_both_recipes(tmp_path):
-    from fundus_edge.trainer import ablation_configs
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = os.path.join(repo, "training", "ablation.yaml")
-    demo = dict(ablation_configs(spec, None, {}, [], tmp_path))
-    paper = dict(
-        ablation_configs(spec, os.path.join(repo, "training", "rfmid-paper.yaml"), {}, [], tmp_path)
-    )
-    assert list(demo) == list(paper) == [
-        "member1", "member1_cam", "member2", "member2_cam", "ensemble", "ensemble_cam",
-        "ensemble_cam_fusion",
-    ]  # fmt: skip
-    assert paper["member1"].model.members == ["vgg19"] and paper["member1"].enhance.op == "none"
-    assert paper["member2_cam"].model.members == ["resnet50"]
-    assert paper["member2_cam"].enhance.op == "weight"
-    assert paper["ensemble_cam_fusion"].model.head == "fusion"
-    assert demo["ensemble"].model.members == demo["ensemble_cam"].model.members
-    assert len(demo["ensemble"].model.members) == 2
-    assert demo["member1"].out == str(tmp_path / "member1")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("variants:\n  third: {model.members: [$3]}\n")
-    with pytest.raises(UserError, match=r"variants\.third: '\$3': the base config has 2"):
-        ablation_configs(bad, os.path.join(repo, "training", "demo-cpu.yaml"), {}, [], tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["plain", "kernel", "gradcam"])

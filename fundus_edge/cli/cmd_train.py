@@ -80,11 +80,13 @@ def train(
     if data is not None and not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
     if ablation is not None:
-        from fundus_edge.trainer import run_ablation
+        from fundus_edge.ablation import run_ablation
 
         if out is None:
             raise UserError("--ablation needs --out DIR for the runs and the comparison table")
-        res = run_ablation(ablation, config, overrides, set_, Path(out), overwrite=overwrite)
+        res = run_ablation(
+            ablation, config, overrides, set_, Path(out), overwrite=overwrite, resume=resume
+        )
         typer.echo((Path(res["table_md"])).read_text(encoding="utf-8"))
         typer.echo(
             f"ablation: {len(res['rows'])} runs; tables: {res['table_md']}, {res['table_json']}"

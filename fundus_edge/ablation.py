@@ -1,0 +1,407 @@
+"""Ablation studies: train every variant of a spec YAML, evaluate each, write one table.
+
+A spec (``training/ablation.yaml``) names a ``base`` recipe and ``variants``, each a mapping
+of dotted overrides. :func:`run_ablation` trains ``OUT/<variant>/`` for each (an ordinary run
+directory, see :mod:`fundus_edge.trainer`) and writes ``OUT/ablation.md`` and
+``OUT/ablation.json``, one row per variant.
+
+Reruns never mix old and new results:
+
+- neither ``resume`` nor ``overwrite``: an existing variant directory or table is refused
+  before anything trains;
+- ``overwrite``: once the whole spec resolves and every existing variant directory is known to
+  be a fundus-edge run, the old table and every variant directory of the spec are deleted as
+  the first variant starts (its data and model ready: a start that fails deletes nothing), so
+  an interruption leaves only new, resumable work;
+- ``resume``: finished variants are evaluated without training, variants with a state file
+  continue, the others start; the table is written once every variant has finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fundus_edge.config import TrainConfig
+from fundus_edge.errors import UserError
+from fundus_edge.fileio import atomic_write_json, atomic_write_text
+from fundus_edge.log import get_logger
+from fundus_edge.options import load_yaml_mapping
+from fundus_edge.trainer import STATE_FILE, _check_run_dir, resolve_device, train
+
+__all__ = ["ABLATION_COLUMNS", "ablation_configs", "run_ablation"]
+
+log = get_logger("ablation")
+
+_ABLATION_KEYS = {"base", "variants", "description"}
+_TABLE_FILES = ("ablation.md", "ablation.json")
+_RUN_MARKER = "config.yaml"  # what trainer writes first into every run directory
+# Keys a resumed run may differ in from its saved config (train(resume=True) takes these from
+# the command line); any other difference means the variant is no longer what was trained.
+_RESUME_FREE_KEYS = {"epochs", "stop_after", "device", "out", "data.num_workers", "data.root"}
+
+#: Ablation table columns: key -> Markdown header (the paper's three first).
+ABLATION_COLUMNS = {
+    "variant": "variant",
+    "members": "members",
+    "head": "head",
+    "enhance": "CAM enhancement",
+    "accuracy": "accuracy (element-wise)",
+    "precision": "precision (element-wise)",
+    "recall": "recall (element-wise)",
+    "macro_auroc": "macro AUROC",
+    "map": "mAP",
+    "macro_f1": "macro F1",
+    "screening_auroc": "Disease_Risk AUROC",
+    "params_m": "params (M)",
+    "train_time_s": "train time (s)",
+}
+
+
+def _substitute_members(value: Any, base_members: list[str], where: str) -> Any:
+    """``[$1]`` -> the base recipe's first member: one spec serves any pair of backbones."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, str) and item.startswith("$"):
+            try:
+                k = int(item[1:])
+            except ValueError:
+                raise UserError(
+                    f"{where}: {item!r}: expected $1, $2, ... (a base member)"
+                ) from None
+            if not 1 <= k <= len(base_members):
+                raise UserError(
+                    f"{where}: {item!r}: the base config has {len(base_members)} member(s) "
+                    f"({', '.join(base_members)})"
+                )
+            item = base_members[k - 1]
+        out.append(item)
+    return out
+
+
+def _variant_name(name: Any, spec_path: Path) -> str:
+    """A variant name is one plain path component: its run directory stays inside ``out_dir``."""
+    if isinstance(name, bool) or not isinstance(name, str | int):
+        raise UserError(f"{spec_path}: variants: {name!r}: a variant name must be a string")
+    s = str(name)
+    if (
+        not s.strip()
+        or "/" in s
+        or "\\" in s
+        or s.startswith(".")
+        or "\0" in s
+        or s in _TABLE_FILES
+    ):
+        raise UserError(
+            f"{spec_path}: variants: {s!r}: not a plain name (no '/', '\\', leading '.', "
+            "or table file name); it names the variant's directory in --out"
+        )
+    return s
+
+
+def _head(cfg: TrainConfig) -> str:
+    """The head a variant trains: the ensemble head, or the member's own head when alone."""
+    return cfg.model.head if len(cfg.model.members) > 1 else cfg.model.member_head
+
+
+def ablation_configs(
+    spec_path: str | os.PathLike,
+    base_config: str | os.PathLike | None,
+    overrides: dict,
+    sets: list[str],
+    out_dir: Path,
+) -> list[tuple[str, TrainConfig]]:
+    """The resolved config of every variant an ablation YAML lists (nothing is trained).
+
+    The YAML: ``base`` (a recipe path relative to the YAML; ``base_config`` wins when given)
+    and ``variants``, a non-empty mapping of variant name -> dotted overrides
+    (``enhance.op: none``). In ``model.members`` lists, ``$1``, ``$2`` name the base config's
+    members, so one spec ablates whichever pair the base trains. Command-line
+    ``overrides``/``sets`` apply to the base (every variant), the variant's own overrides
+    after them. Variant ``name`` trains into ``out_dir/name``.
+
+    Args:
+        spec_path: the ablation YAML.
+        base_config: a recipe replacing the spec's ``base`` (``--config``), or None.
+        overrides: dotted keys -> values (the command's named options).
+        sets: ``KEY=VALUE`` strings (``--set``).
+        out_dir: the directory holding the variants' run directories.
+
+    Returns:
+        ``[(variant name, config), ...]`` in the spec's order.
+
+    Raises:
+        UserError: missing or malformed spec, unknown key, no variants, a variant name that is
+            not a plain name, a missing ``base`` file, a bad variant.
+    """
+    from fundus_edge.config import apply_overrides, load_config
+
+    spec_path = Path(spec_path)
+    spec = load_yaml_mapping(spec_path, "--ablation")
+    if not isinstance(spec.get("variants"), dict):
+        raise UserError(f"{spec_path}: expected 'variants:' mapping name -> overrides")
+    unknown = sorted(set(spec) - _ABLATION_KEYS)
+    if unknown:
+        raise UserError(f"{spec_path}: unknown key {unknown[0]!r} (known: base, variants)")
+    if not spec["variants"]:
+        raise UserError(f"{spec_path}: variants: empty; list at least one variant to train")
+    names = [_variant_name(n, spec_path) for n in spec["variants"]]
+    base = base_config
+    if base is None and spec.get("base"):
+        base = spec_path.parent / str(spec["base"])
+        if not base.is_file():
+            # Named as the spec's key: load_config would blame --config, which was not given.
+            raise UserError(f"{spec_path}: base: {spec['base']}: no such file (looked at {base})")
+    base_cfg = load_config(base, overrides, sets=sets)
+    out = []
+    for name, var in zip(names, spec["variants"].values(), strict=True):
+        where = f"{spec_path}: variants.{name}"
+        if not isinstance(var, dict):
+            raise UserError(f"{where}: expected a mapping of overrides")
+        var = {k: _substitute_members(v, base_cfg.model.members, where) for k, v in var.items()}
+        d = apply_overrides(base_cfg.to_dict(), {**var, "out": str(out_dir / name), "name": name})
+        cfg = TrainConfig.from_dict(d, where)
+        cfg.validate(where)
+        out.append((name, cfg))
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_config(name: str, cfg: TrainConfig, run_dir: Path) -> None:
+    """A resumed or reused variant must still be what the spec asks for (else its row lies)."""
+    from fundus_edge.config import load_config
+
+    saved = _flat(load_config(run_dir / _RUN_MARKER).to_dict())
+    wanted = _flat(cfg.to_dict())
+    for key in sorted(saved.keys() | wanted.keys()):
+        if key in _RESUME_FREE_KEYS:
+            continue
+        if saved.get(key) != wanted.get(key):
+            raise UserError(
+                f"ablation variant {name}: {run_dir} was trained with {key}={saved.get(key)!r}, "
+                f"the spec and options now give {wanted.get(key)!r}; pass --overwrite to retrain"
+            )
+
+
+def _plan(
+    variants: list[tuple[str, TrainConfig]], out_dir: Path, resume: bool, overwrite: bool
+) -> dict[str, str]:
+    """Check every variant directory before anything is deleted or trained.
+
+    Returns:
+        variant name -> ``"fresh"`` (start a run), ``"restart"`` (a run directory that never
+        saved a state: nothing to lose, start again), ``"resume"`` (continue from the state
+        file) or ``"done"`` (all epochs finished: evaluate only).
+    """
+    tables = [out_dir / f for f in _TABLE_FILES if (out_dir / f).exists()]
+    if tables and not (resume or overwrite):
+        raise UserError(
+            f"{tables[0]}: an ablation table exists; pass --resume to continue the ablation or "
+            "--overwrite to replace it"
+        )
+    plan = {}
+    for name, cfg in variants:
+        run_dir = Path(cfg.out)
+        exists = run_dir.exists() and any(run_dir.iterdir())
+        if not resume:
+            # Refuses an existing run without --overwrite, and a non-run directory with it.
+            _check_run_dir(run_dir, resume=False, overwrite=overwrite)
+            plan[name] = "fresh"
+        elif not exists:
+            plan[name] = "fresh"
+        elif not (run_dir / STATE_FILE).is_file():
+            if not (run_dir / _RUN_MARKER).is_file():
+                raise UserError(
+                    f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing "
+                    f"to train ablation variant {name} into it"
+                )
+            plan[name] = "restart"
+        else:
+            _check_same_config(name, cfg, run_dir)
+            plan[name] = "done" if _finished(cfg, run_dir) else "resume"
+    return plan
+
+
+def _finished(cfg: TrainConfig, run_dir: Path) -> bool:
+    """The state file (written first after every epoch) says no epoch is left to train.
+
+    ``train(resume=True)`` would run epochs ``state["epoch"] .. cfg.epochs - 1`` (and stop at
+    ``stop_after``); a mid-epoch interruption saves ``step > 0`` with the unfinished epoch.
+    """
+    st = _load_state(run_dir)
+    target = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    return st["epoch"] >= target and st["step"] == 0
+
+
+def _load_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _clear(variants: list[tuple[str, TrainConfig]], out_dir: Path) -> None:
+    """``overwrite``: the old table first (never left beside new runs), then these variants."""
+    for f in _TABLE_FILES:
+        (out_dir / f).unlink(missing_ok=True)
+    for _, cfg in variants:
+        run_dir = Path(cfg.out)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+
+
+def run_ablation(
+    spec_path: str | os.PathLike,
+    base_config: str | os.PathLike | None,
+    overrides: dict,
+    sets: list[str],
+    out_dir: Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    split: str = "test",
+) -> dict:
+    """Train every variant of an ablation YAML and write the paper-shaped comparison table.
+
+    Each variant trains into ``out_dir/<variant>``; its best checkpoint is evaluated on
+    ``split`` (the validation split when the data has no such split). ``ablation.json`` and
+    ``ablation.md`` hold one row per variant with :data:`ABLATION_COLUMNS`: the paper's
+    element-wise accuracy / precision / recall at the thresholds tuned on validation, macro
+    AUROC, mAP, macro F1, the Disease_Risk AUROC, the parameter count and the training time
+    (the sum of the run's epoch times, so a resumed run counts every epoch once).
+
+    Args:
+        spec_path: the ablation YAML (see :func:`ablation_configs`).
+        base_config: a recipe replacing the spec's ``base``, or None.
+        overrides: dotted keys -> values applied to every variant.
+        sets: ``KEY=VALUE`` strings applied to every variant.
+        out_dir: where the variants' run directories and the tables go.
+        overwrite: replace the old table and every variant directory of the spec (deleted once
+            the first variant has started), training all variants.
+        resume: evaluate finished variants without training, continue interrupted ones, start
+            the missing ones.
+        split: the evaluation split.
+
+    Returns:
+        ``{"rows": [...], "split": str, "table_json": path, "table_md": path}``.
+
+    Raises:
+        UserError: a bad spec, ``resume`` with ``overwrite``, an existing variant directory or
+            table without either, a resumed variant whose saved config differs from the spec.
+        KeyboardInterrupt: Ctrl-C during a variant (its state is saved; rerun with ``resume``).
+    """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    out_dir = Path(out_dir)
+    variants = ablation_configs(spec_path, base_config, overrides, sets, out_dir)
+    plan = _plan(variants, out_dir, resume, overwrite)
+    # overwrite: the first variant replaces its own directory and, once it has started, the old
+    # table and the other variants' directories; until then everything old stays.
+    clear_rest = (lambda: _clear(variants[1:], out_dir)) if overwrite else None
+
+    rows = []
+    used_split = split
+    for name, cfg in variants:
+        action = plan[name]
+        log.info(
+            "ablation variant %s (%s): members %s, head %s, enhance %s",
+            name,
+            {"fresh": "training", "restart": "training", "resume": "resuming"}.get(
+                action, "finished, evaluating only"
+            ),
+            ",".join(cfg.model.members),
+            _head(cfg),
+            cfg.enhance.op,
+        )
+        run_dir = Path(cfg.out)
+        if action == "done":
+            history = [dict(r) for r in _load_state(run_dir)["history"]]
+        else:
+            res = train(
+                cfg,
+                resume=action == "resume",
+                overwrite=overwrite or action == "restart",
+                on_start=clear_rest if name == variants[0][0] else None,
+            )
+            history = res.history
+        best = run_dir / "best.safetensors"
+        if not history or not best.is_file():
+            raise UserError(f"ablation variant {name}: no epoch finished, nothing to evaluate")
+        row, rep_split = _evaluate(name, cfg, best, history, split)
+        if rep_split != split:
+            used_split = rep_split
+        rows.append(row)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_json = out_dir / "ablation.json"
+    table_md = out_dir / "ablation.md"
+    atomic_write_json(
+        table_json,
+        {"spec": str(spec_path), "split": used_split, "columns": ABLATION_COLUMNS, "rows": rows},
+    )
+    atomic_write_text(table_md, _markdown_table(rows, used_split))
+    return {"rows": rows, "split": used_split, "table_json": table_json, "table_md": table_md}
+
+
+def _evaluate(
+    name: str, cfg: TrainConfig, best: Path, history: list[dict], split: str
+) -> tuple[dict, str]:
+    """One table row: the best checkpoint on ``split`` (validation when the data lacks it)."""
+    from fundus_edge.evaluate import evaluate_model
+    from fundus_edge.models import load_checkpoint
+
+    model, _ = load_checkpoint(best)
+    device = "cpu" if cfg.device == "cpu" else str(resolve_device(cfg.device))
+    try:
+        rep = evaluate_model(best, cfg.data.root, split, device=device)
+    except UserError:  # the data has no such split: validation figures instead
+        split = "val"
+        rep = evaluate_model(best, cfg.data.root, "val", device=device)
+    e = rep["elementwise"]
+    row = {
+        "variant": name,
+        "members": "+".join(cfg.model.members),
+        "head": _head(cfg),
+        "enhance": cfg.enhance.op,
+        "accuracy": e["accuracy"],
+        "precision": e["precision"],
+        "recall": e["recall"],
+        "macro_auroc": rep["macro"]["auroc"],
+        "map": rep["macro"]["ap"],
+        "macro_f1": rep["macro"]["f1"],
+        "screening_auroc": rep["riadd"]["screening_auroc"],
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "train_time_s": round(sum(float(r.get("time_s", 0.0)) for r in history), 2),
+        "epochs": len(history),
+        "split": rep["split"],
+        "checkpoint": str(best),
+    }
+    return row, split
+
+
+def _markdown_table(rows: list[dict], split: str) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = list(ABLATION_COLUMNS)
+    lines = [
+        f"Ablation on the {split} split (thresholds tuned on validation).",
+        "",
+        "| " + " | ".join(ABLATION_COLUMNS[c] for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
