@@ -388,7 +388,8 @@ def _build_optimizer(cfg: TrainConfig, ensemble: nn.Module) -> torch.optim.Optim
 
 
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a conflicting run directory; reads only (nothing is deleted before the model is built)."""
+    """Refuse a conflicting run directory. Reads only: nothing is deleted before the model is
+    built (:func:`_make_run_dir` does that)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if run_dir.exists() and not run_dir.is_dir():
