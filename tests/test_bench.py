@@ -6,6 +6,7 @@ Speed is never asserted here: targets are met (or not) in the committed benchmar
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -215,6 +216,42 @@ def test_bench_option_errors(onnx_model):
     assert res.exit_code == 2
     res = runner.invoke(app, ["bench", "--model", str(onnx_model), "--batch", "x"])
     assert res.exit_code == 2 and "--batch" in res.output
+    for kwargs, message in (
+        ({"warmup_iters": -1}, "--warmup-iters must be >= 0"),
+        ({"warmup_s": -2.0}, "--warmup-s must be >= 0"),
+        ({"duration_s": -1.0}, "--duration must be > 0"),
+        ({"threads": -1}, "--threads must be >= 0"),
+        ({"calib_method": "bad"}, "--calib-method 'bad': choose minmax, entropy, percentile"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            BenchConfig(model=str(onnx_model), **kwargs)
+
+
+def test_bench_outputs_are_tried_before_measuring(onnx_model, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    base = ["bench", "--model", str(onnx_model), "--backend", "onnxruntime", "--iters", "1"]
+    for extra, message in (
+        (["--md", str(folder)], f"--md {folder}: is a folder"),
+        (["--json", f"{afile}/r.json"], "--json"),
+        (["--out", str(afile)], f"--out {afile}: is a file"),
+    ):
+        res = runner.invoke(app, [*base, *extra])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], res.output  # before any row ran
+
+
+def test_bench_with_nothing_measured_is_not_success(onnx_model):
+    res = runner.invoke(
+        app,
+        ["bench", "--model", str(onnx_model), "--backend", "torch", "--precision", "fp32",
+         "--iters", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output  # torch needs a checkpoint: every row skipped
+    assert "no row was measured (0 failed, 1 skipped" in res.output
 
 
 def test_device_slug():

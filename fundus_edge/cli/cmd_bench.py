@@ -63,7 +63,9 @@ def bench(
     provider: str | None = typer.Option(
         None, "--provider", help="ONNX Runtime provider: cpu, cuda, tensorrt."
     ),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads [default]."),
+    threads: int = typer.Option(
+        0, "--threads", help="ONNX Runtime intra-op threads (0: its own default)."
+    ),
     device: str | None = typer.Option(None, "--device", help="PyTorch device for checkpoints."),
     roofline: bool = typer.Option(
         True, "--roofline/--no-roofline", help="Jetson roofline projection (an estimate)."
@@ -92,9 +94,18 @@ def bench(
     side-by-side suite (interleaved variants, bootstrap intervals on the speed-up ratios).
     """
     from fundus_edge.errors import UserError
+    from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
 
     if model is not None and (suite is not None or quick):
         raise UserError("--model benchmarks one model; --suite/--quick run the suite: pick one")
+    # Where the results go is tried before measuring, not after minutes of it.
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: is a file; give a folder")
+        ensure_writable_dir(out, "--out")
+    for option, path in (("--json", json_path), ("--md", md_path)):
+        if path is not None:
+            ensure_writable_file(path, option)
     if suite is not None or quick:
         from fundus_edge.perf.scenarios import run_suite_files
 
@@ -137,6 +148,16 @@ def bench(
     _print_summary(result)
     for kind, p in paths.items():
         typer.echo(f"wrote {kind}: {p}")
+    statuses = [r.status for r in result.rows]
+    if "ok" not in statuses:
+        # Nothing was measured: a script must not take this for success. Broken rows are
+        # exit 1; rows that cannot run here (no TensorRT, no checkpoint) are the user's pick.
+        typer.echo(
+            f"fundus-edge: error: no row was measured ({statuses.count('failed')} failed, "
+            f"{statuses.count('skipped')} skipped; reasons above)",
+            err=True,
+        )
+        raise typer.Exit(1 if "failed" in statuses else 2)
 
 
 def _print_summary(result) -> None:

@@ -27,7 +27,17 @@ from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_bytes
 from fundus_edge.log import get_logger
 
-__all__ = ["FLOAT_NODE_PATTERNS", "float_nodes", "onnx_to_fp16", "onnx_to_int8", "toposort"]
+__all__ = [
+    "CALIB_METHODS",
+    "FLOAT_NODE_PATTERNS",
+    "float_nodes",
+    "onnx_to_fp16",
+    "onnx_to_int8",
+    "toposort",
+]
+
+#: INT8 calibration methods (ONNX Runtime's MinMax, Entropy and Percentile calibrators).
+CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 log = get_logger("convert.quantize")
 

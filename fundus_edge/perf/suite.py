@@ -153,6 +153,21 @@ class BenchConfig:
         ):
             if v is not None and v < 1:
                 raise UserError(f"{name} must be >= 1, got {v}")
+        for name, v, low in (
+            ("--warmup-iters", self.warmup_iters, 0),
+            ("--warmup-s", self.warmup_s, 0),
+            ("--threads", self.threads, 0),
+        ):
+            if v is not None and v < low:
+                raise UserError(f"{name} must be >= {low}, got {v}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise UserError(f"--duration must be > 0 seconds, got {self.duration_s}")
+        from fundus_edge.convert.quantize import CALIB_METHODS
+
+        if self.calib_method not in CALIB_METHODS:
+            raise UserError(
+                f"--calib-method {self.calib_method!r}: choose {', '.join(CALIB_METHODS)}"
+            )
         if self.frame_size < 64:
             raise UserError(f"--frame-size must be >= 64, got {self.frame_size}")
         if self.calib is not None and not Path(self.calib).exists():
