@@ -843,7 +843,8 @@ def _read_csv(
         if not found:
             raise DataError(
                 f"{table}:1: no image-path column (one of {', '.join(_PATH_COLUMNS)}); "
-                "name it with image_column"
+                "rename the image-path column to one of these (or pass image_column= to "
+                "fundus_edge.datasets.open_dataset)"
             )
         path_col = found[0]
     split_col = lower.get("split")

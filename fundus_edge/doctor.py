@@ -152,8 +152,9 @@ def tensorrt_info() -> dict[str, Any]:
             __import__(mod)
         except Exception:
             continue
-        cuda_bindings = mod.split(".")[0] if mod != "pycuda.driver" else "pycuda"
-        cuda_bindings = "cuda-python" if cuda_bindings == "cuda" else cuda_bindings
+        # The module that imported (cuda.bindings comes with cuda-bindings, which CUDA builds of
+        # torch pull in without the cuda-python metapackage that the package list checks).
+        cuda_bindings = mod.rsplit(".", 1)[0] if mod != "pycuda.driver" else "pycuda"
         break
     info["cuda_bindings"] = cuda_bindings
     return info

@@ -42,6 +42,9 @@ __all__ = [
     "square_around",
 ]
 
+#: Largest output side: fundus cameras top out near 6,000 px; 8,192 px RGB is 200 MB an image.
+MAX_SIZE = 8192
+
 CONTRASTS = ("none", "clahe", "local_mean")
 INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
@@ -378,8 +381,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise UserError(f"preprocess option 'size' must be an integer, got {self.size!r}")
-        if self.size < 1:
-            raise UserError(f"preprocess option 'size' must be >= 1, got {self.size}")
+        if not 1 <= self.size <= MAX_SIZE:  # beyond any fundus camera; and RAM per image
+            raise UserError(f"preprocess option 'size' must be in [1, {MAX_SIZE}], got {self.size}")
         if not (-0.5 < self.margin <= 1.0):
             raise UserError(f"preprocess option 'margin' must be in (-0.5, 1], got {self.margin}")
         if self.contrast not in CONTRASTS:

@@ -217,6 +217,9 @@ def test_cli_prepare(tmp_path):
         app, ["prepare", str(src), str(tmp_path / "d3"), "--size", "8", "--contrast", "sharp"]
     )
     assert res.exit_code == 2 and "contrast" in res.output
+    res = runner.invoke(app, ["prepare", str(src), str(tmp_path / "d4"), "--size", "100000"])
+    assert res.exit_code == 2 and "'size' must be in [1, 8192], got 100000" in res.output
+    assert not (tmp_path / "d4").exists()  # refused before anything is written
     res = runner.invoke(app, ["prepare", str(tmp_path / "none"), str(dst), "--size", "8"])
     assert res.exit_code == 2 and "does not exist" in res.output
 

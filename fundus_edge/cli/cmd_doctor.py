@@ -89,7 +89,7 @@ def _render(r: dict) -> None:
             "OpenCV",
             cv["version"],
             f"GStreamer {_yn(cv.get('gstreamer'))}, V4L2 {_yn(cv.get('v4l2'))}, FFMPEG {_yn(cv.get('ffmpeg'))}; "
-            f"video I/O: {', '.join(cv.get('video_backends') or [])}; pip wheel: {_yn(cv.get('from_pip_wheel'))}",
+            f"video I/O registered: {', '.join(cv.get('video_backends') or [])}; pip wheel: {_yn(cv.get('from_pip_wheel'))}",
         )
     else:
         t.add_row("OpenCV", "no", cv.get("reason", ""))
