@@ -47,6 +47,10 @@ class FundusGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         debug = debug_enabled(argv)
+        # OpenCV prints "[ WARN ...]" lines of its own (a camera it cannot open, a codec):
+        # our one-line errors say what failed; --debug lets its chatter through.
+        if not debug:
+            os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
         if "--debug" in argv:  # accepted anywhere on the line, handled as the global option
             argv = ["--debug", *[a for a in argv if a != "--debug"]]
         try:
