@@ -71,6 +71,31 @@ def test_clip_cli_and_errors(tmp_path):
         assert words in res.output and len(res.output.strip().splitlines()) == 1
 
 
+def test_clip_checks_the_output_folder_and_ignores_non_images(tmp_path, monkeypatch):
+    _images(tmp_path, 2)
+    (tmp_path / "notes.txt").write_text("not an image")  # ignored, as `run` ignores it
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # nothing can be written under a regular file (root too)
+    res = runner.invoke(app, ["clip", str(tmp_path), "--out", str(blocker / "c.mp4")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "--out" in res.output and "cannot write there" in res.output
+    assert "OpenCV" not in res.output
+    for args, words in (
+        (["--fps", "0"], "--fps must be > 0"),
+        (["--fps", "nan"], "--fps must be > 0"),
+        (["--hold", "0"], "--hold must be >= 1"),
+    ):
+        res = runner.invoke(app, ["clip", str(tmp_path), "--out", str(tmp_path / "c.avi"), *args])
+        assert res.exit_code == 2 and words in res.output, (args, res.output)
+    res = runner.invoke(
+        app, ["clip", str(tmp_path), "--out", str(tmp_path / "c.avi"), "--size", "64x48"]
+    )
+    assert res.exit_code == 0 and "from 2 images" in res.output, res.output
+    monkeypatch.chdir(tmp_path)  # "" must not mean the current folder (which has images)
+    res = runner.invoke(app, ["clip", "", "--out", str(tmp_path / "d.avi")])
+    assert res.exit_code == 2 and "empty input" in res.output, res.output
+
+
 @pytest.mark.parametrize("suffix", [".gif"])
 def test_unknown_video_type(tmp_path, suffix):
     _images(tmp_path, 1)

@@ -25,6 +25,7 @@ from fundus_edge.backends import Backend
 from fundus_edge.cli.app import app
 from fundus_edge.errors import UserError
 from fundus_edge.runtime import Predictor, RunConfig, open_source, run
+from fundus_edge.runtime.clip import expand_inputs
 from fundus_edge.runtime.pipeline import _Channel
 from fundus_edge.runtime.render import render
 from fundus_edge.runtime.sources import (
@@ -36,6 +37,7 @@ from fundus_edge.runtime.sources import (
     StreamSource,
     VideoFileSource,
     csi_pipeline,
+    list_image_files,
 )
 
 runner = CliRunner()
@@ -128,14 +130,41 @@ def test_video_file_every_frame_rgb_and_loop(tmp_path):
     assert len(looped) == 30 and looped[-1].index == 29
 
 
-def test_folder_skips_corrupt_and_non_images(folder):
+def test_folder_skips_corrupt_images_and_ignores_non_images(folder):
     src = open_source(str(folder))
     assert isinstance(src, ImageFilesSource)
     frames = drain(src)
     assert [Path(f.name).name for f in frames] == ["a.png", "b.jpg", "c_dark.png"]
     skipped = {Path(s.item).name: s.reason for s in src.skipped}
-    assert set(skipped) == {"d_corrupt.png", "notes.txt"}
-    assert "cannot read image" in skipped["notes.txt"]
+    # notes.txt is not an image by its name: ignored, not skipped.
+    assert set(skipped) == {"d_corrupt.png"}
+    assert "cannot read image" in skipped["d_corrupt.png"]
+
+
+def test_one_folder_rule_for_run_and_clip(tmp_path, retina):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for name in ("b.png", "A.JPG", "c.webp", ".hidden.png"):
+        cv2.imwrite(str(d / name), retina[:, :, ::-1])
+    (d / "notes.txt").write_text("hello")
+    (d / "clip.mp4").write_bytes(b"not listed")
+    (d / "sub.png").mkdir()  # a folder with an image's name
+    expected = ["A.JPG", "b.png", "c.webp"]
+    assert [p.name for p in list_image_files(d)] == expected
+    assert [p.name for p in open_source(str(d)).paths] == expected
+    assert [p.name for p in expand_inputs([d])] == expected  # clip lists the same files
+    # Ignored files do not fail --strict; the run reads every listed image.
+    cfg = RunConfig(model="x", source=str(d), headless=True, strict=True)
+    summary = run(cfg, predictor=Predictor(FakeBackend(make_metadata())), handle_signals=False)
+    assert summary.frames_read == 3 and summary.skipped == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no files found"):
+        list_image_files(tmp_path / "empty")
+    only_text = tmp_path / "text"
+    only_text.mkdir()
+    (only_text / "a.txt").write_text("x")
+    with pytest.raises(UserError, match=r"text: no image files found \(looks for .png"):
+        open_source(str(only_text))
 
 
 def test_glob_and_single_image(folder, retina):
@@ -159,6 +188,9 @@ def test_source_spec_dispatch_and_errors(tmp_path):
         open_source(str(tmp_path / "*.png"))
     with pytest.raises(UserError, match="csi://N"):
         open_source("csi://front")
+    for empty in ("", "   "):  # Path("") would be the current folder
+        with pytest.raises(UserError, match="empty SOURCE"):
+            open_source(empty)
     pipe = csi_pipeline(1, 1280, 720, 60)
     assert (
         "nvarguscamerasrc sensor-id=1" in pipe and "width=1280, height=720, framerate=60/1" in pipe
@@ -332,14 +364,14 @@ def test_run_folder_jsonl_savedir_and_strict(onnx_model, folder, tmp_path):
     assert recs[0]["inferred"] and set(recs[0]["probabilities"]) == set(LABELS)
     assert Path(recs[0]["image"]).name == "a.png" and recs[0]["source"] == str(folder)
     assert recs[2]["quality"]["reason"] == "underexposed" and recs[2]["probabilities"] is None
-    assert summary.frames_gated == 1 and len(summary.skipped) == 2
+    assert summary.frames_gated == 1 and len(summary.skipped) == 1
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.png", "b.png", "c_dark.png"]
 
     res = runner.invoke(
         app, ["run", str(onnx_model), str(folder), "--headless", "--strict"], catch_exceptions=False
     )
     assert res.exit_code == 2, res.output
-    assert "2 item(s) skipped under --strict" in res.output
+    assert "1 item(s) skipped under --strict" in res.output
     assert "d_corrupt.png" in res.output  # the summary lists what was skipped
 
 
@@ -400,6 +432,97 @@ def test_capture_saves_best_passing_frame(tmp_path, folder):
         ],
     )
     assert res.exit_code == 2 and "no frame passed the quality gate" in res.output
+    # The closing report says the file was not written (and was not).
+    shot.unlink()
+    res = runner.invoke(
+        app,
+        ["run", str(make_onnx_model(tmp_path / "m.onnx")), str(dark / "x.png"), "--headless",
+         "--capture", str(tmp_path / "none.png")],
+    )  # fmt: skip
+    assert res.exit_code == 2 and not (tmp_path / "none.png").exists()
+    assert f"nothing captured; {tmp_path / 'none.png'} not written" in res.output
+    assert "wrote" not in res.output, res.output
+
+
+def test_capture_window_zero_keeps_the_first_good_frame(tmp_path, folder):
+    shot = tmp_path / "first.png"
+    cfg = RunConfig(
+        model="x", source=str(folder), headless=True, capture=shot, capture_window=0, reconnect=0
+    )
+    summary = run(cfg, predictor=Predictor(FakeBackend(make_metadata())), handle_signals=False)
+    assert summary.captured and summary.stop_reason == "captured"
+    assert Path(json.loads(shot.with_name("first.png.json").read_text())["image"]).name == "a.png"
+
+
+class NeverRead(Source):
+    """A source that must not be read: the run was to fail before capture began."""
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> Frame | None:
+        raise AssertionError("the source was read before the outputs were checked")
+
+
+@pytest.mark.parametrize(
+    ("option", "name"),
+    [("capture", "cap.png"), ("save_video", "v.mp4"), ("jsonl", "l.jsonl"), ("save_dir", "vis")],
+)
+def test_unwritable_outputs_fail_before_the_source_runs(tmp_path, option, name):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a path under a regular file can never be written (root too)
+    cfg = RunConfig(model="x", source=NeverRead("never"), headless=True)
+    setattr(cfg, option, blocker / name)
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UserError, match=f"^{flag} .*a-file.*cannot") as err:
+        run(cfg, predictor=Predictor(FakeBackend(make_metadata())), handle_signals=False)
+    assert ".tmp" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_checks_outputs_source_and_numbers_up_front(onnx_model, folder, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    base = ["run", str(onnx_model), str(folder), "--headless"]
+    for extra, words in (
+        (["--summary-json", str(blocker / "s.json")], "--summary-json"),
+        (["--capture", str(blocker / "cap.png")], "--capture"),
+        (["--fps", "-5"], "--fps must be > 0"),
+        (["--fps", "0"], "--fps must be > 0"),
+        (["--capture-window", "-4"], "--capture-window must be >= 0"),
+        (["--reconnect", "-1"], "--reconnect must be >= 0"),
+        (["--reconnect", "nan"], "--reconnect must be >= 0"),
+    ):
+        res = runner.invoke(app, [*base, *extra])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, (extra, res.output)  # no summary: no run
+        assert words in lines[0] and ".tmp" not in lines[0], (extra, res.output)
+    # 0 is meaningful for these two (no reconnecting; the first good frame).
+    res = runner.invoke(
+        app, [*base, "--reconnect", "0", "--capture-window", "0", "--max-frames", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    # An empty SOURCE is not the current folder (which here holds readable images).
+    monkeypatch.chdir(folder)
+    res = runner.invoke(app, ["run", str(onnx_model), "", "--headless"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+    assert "empty SOURCE" in res.output
+
+
+def test_cli_nothing_readable_is_exit_2(onnx_model, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for source, words in (
+        (bad, "nothing could be read (1 item(s) skipped, first"),
+        (bad / "x.png", "nothing could be read"),
+    ):
+        res = runner.invoke(app, ["run", str(onnx_model), str(source), "--headless"])
+        assert res.exit_code == 2 and words in res.output, res.output
+        assert "0 read" in res.output  # the summary still comes first
+    (bad / "x.png").unlink()
+    (bad / "a.txt").write_text("x")
+    res = runner.invoke(app, ["run", str(onnx_model), str(bad), "--headless"])
+    assert res.exit_code == 2 and "no image files found" in res.output, res.output
 
 
 def test_cli_missing_camera_exit_2_one_line(onnx_model):

@@ -23,17 +23,20 @@ def run(
     ),
     source: str | None = typer.Argument(
         None,
-        help="Video file, image, folder, glob ('imgs/*.png'), /dev/videoN, csi://N, rtsp://, http://.",
+        help="Video file, image, folder (its image files), glob ('imgs/*.png'), /dev/videoN, "
+        "csi://N, rtsp://, http://.",
     ),
     camera: int | None = typer.Option(None, "--camera", "-c", help="V4L2 camera index."),
     width: int | None = typer.Option(None, "--width", help="Requested capture width (cameras)."),
     height: int | None = typer.Option(None, "--height", help="Requested capture height (cameras)."),
     fps: float | None = typer.Option(
-        None, "--fps", help="Requested capture frame rate; also the --save-video rate."
+        None, "--fps", help="Requested capture frame rate (> 0); also the --save-video rate."
     ),
     loop: bool = typer.Option(False, "--loop", help="Start a file source over at its end."),
     reconnect: float = typer.Option(
-        10.0, "--reconnect", help="Seconds to keep reconnecting a lost camera or stream."
+        10.0,
+        "--reconnect",
+        help="Seconds (>= 0) to keep reconnecting a lost camera or stream; 0: do not.",
     ),
     provider: str | None = typer.Option(
         None, "--provider", help="ONNX Runtime provider: tensorrt, cuda, cpu (default: best)."
@@ -56,7 +59,9 @@ def run(
         help="Save the best frame once the quality gate passes (the original frame, + .json), then stop.",
     ),
     capture_window: int = typer.Option(
-        10, "--capture-window", help="Frames watched after the first good one for --capture."
+        10,
+        "--capture-window",
+        help="Frames (>= 0) watched after the first good one for --capture.",
     ),
     strict: bool = typer.Option(
         False, "--strict", help="Exit 2 when any file or frame had to be skipped."
@@ -81,17 +86,24 @@ def run(
 ) -> int:
     """Run a model on a camera, stream, video or images: maps, labels, quality gate, logs.
 
-    Exit codes: 0 done (also after a lost camera, see the summary); 2 bad input, or
-    skipped files/frames with --strict, or nothing captured with --capture; 130 interrupted
-    (outputs are complete).
+    Exit codes: 0 done (also after a lost camera, see the summary); 2 bad input, nothing
+    could be read from the source, skipped files/frames with --strict, or nothing captured
+    with --capture; 130 interrupted (outputs are complete).
     """
     from fundus_edge.errors import EXIT_INTERRUPTED, DataError, UserError
-    from fundus_edge.fileio import atomic_write_json
+    from fundus_edge.fileio import atomic_write_json, ensure_writable_file
     from fundus_edge.runtime.pipeline import RunConfig
     from fundus_edge.runtime.pipeline import run as run_pipeline
 
     if (source is None) == (camera is None):
         raise UserError("give exactly one source: a SOURCE argument or --camera N")
+    if source is not None and not source.strip():
+        raise UserError(
+            "empty SOURCE: give a camera index, /dev/videoN, csi://N, a URL, a file, a folder or a glob"
+        )
+    if summary_json is not None:
+        # Written when the source ends, maybe hours from now: prove the place writable first.
+        ensure_writable_file(summary_json, "--summary-json")
     cfg = RunConfig(
         model=model,
         source=camera if camera is not None else source,  # type: ignore[arg-type]
@@ -119,9 +131,19 @@ def run(
     for line in summary.lines():
         typer.echo(line)
     if summary_json is not None:
-        atomic_write_json(summary_json, summary.to_dict())
+        try:
+            atomic_write_json(summary_json, summary.to_dict())
+        except OSError as exc:  # the folder changed during the run
+            why = exc.strerror or type(exc).__name__
+            raise UserError(f"--summary-json {summary_json}: cannot write ({why})") from None
     if summary.interrupted:
         return EXIT_INTERRUPTED
+    if summary.frames_read == 0:
+        why = summary.stop_reason or "end of source"
+        if summary.skipped:
+            first = summary.skipped[0]
+            why = f"{len(summary.skipped)} item(s) skipped, first {first.item}: {first.reason}"
+        raise DataError(f"{summary.source}: nothing could be read ({why})")
     if strict and summary.skipped:
         first = summary.skipped[0]
         raise DataError(

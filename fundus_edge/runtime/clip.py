@@ -17,22 +17,30 @@ import cv2
 import numpy as np
 
 from fundus_edge.errors import UserError
+from fundus_edge.fileio import ensure_writable_file
 from fundus_edge.preprocess import read_image
+from fundus_edge.runtime.sources import list_image_files
 
 __all__ = ["expand_inputs", "letterbox", "make_clip"]
 
 _FOURCC = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
-_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files, folders (their images, sorted) and globs, in the order given."""
+    """Files, folders (their images, sorted) and globs, in the order given.
+
+    A folder lists its image files by extension, as ``run`` does
+    (:func:`~fundus_edge.runtime.sources.list_image_files`); other files are ignored.
+    """
     out: list[Path] = []
     for item in inputs:
         text = os.fspath(item)
+        if not text.strip():
+            # Path("") is the current folder: an empty input must not quietly mean "here".
+            raise UserError("empty input: give image files, folders or globs")
         p = Path(text)
         if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in _IMAGE_EXT))
+            out.extend(list_image_files(p))
         elif any(ch in text for ch in "*?["):
             matches = sorted(glob.glob(text))
             if not matches:
@@ -84,12 +92,15 @@ def make_clip(
         raise UserError(f"--out {out}: use one of {', '.join(_FOURCC)}")
     if width % 2 or height % 2 or width < 16 or height < 16:
         raise UserError(f"--size {width}x{height}: need even numbers >= 16")
-    if hold < 1 or fps <= 0:
-        raise UserError("--hold must be >= 1 and --fps > 0")
+    if hold < 1:
+        raise UserError(f"--hold must be >= 1, got {hold}")
+    if not fps > 0:  # also NaN
+        raise UserError(f"--fps must be > 0, got {fps:g}")
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError("no images given")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Permissions first: OpenCV only says it "cannot write" whatever the cause.
+    ensure_writable_file(out, "--out")
     partial = out.with_name(f".{out.stem}.partial{suffix}")
     writer = cv2.VideoWriter(
         str(partial), cv2.VideoWriter_fourcc(*_FOURCC[suffix]), fps, (width, height)

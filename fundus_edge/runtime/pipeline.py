@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fundus_edge.errors import UserError
+from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
 from fundus_edge.log import get_logger
 from fundus_edge.runtime.predictor import Predictor
 from fundus_edge.runtime.render import render
@@ -101,7 +102,8 @@ class RunSummary:
     stop_reason: str = ""
     interrupted: bool = False
     reconnects: int = 0
-    outputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # what was written
+    not_written: list[str] = field(default_factory=list)  # outputs with nothing to write
     captured: bool | None = None  # None: no --capture
 
     @property
@@ -135,6 +137,7 @@ class RunSummary:
             out.append(f"skipped {len(self.skipped)}:")
             out.extend(f"  {s.item}: {s.reason}" for s in self.skipped)
         out.extend(f"wrote {o}" for o in self.outputs)
+        out.extend(self.not_written)
         return out
 
 
@@ -386,13 +389,46 @@ class _Run:
         s.stage_ms = {k: round(self._ms[k] / n, 3) for k in STAGES}
         if self._rendered:
             s.stage_ms["render"] = round(self._ms["render"] / self._rendered, 3)
-        s.outputs = [sink.describe() for sink in self.sinks if not isinstance(sink, WindowSink)]
+        files = [sink for sink in self.sinks if not isinstance(sink, WindowSink)]
+        s.outputs = [sink.describe() for sink in files if sink.written]
+        s.not_written = [sink.describe() for sink in files if not sink.written]
         captures = [sink for sink in self.sinks if isinstance(sink, CaptureSink)]
         if captures:
             s.captured = captures[0].saved
         if self.errors:
             raise self.errors[0]
         return s
+
+
+def _check_options(cfg: RunConfig) -> None:
+    """Numbers out of range: one line naming the option, before anything opens."""
+    if cfg.max_frames is not None and cfg.max_frames < 1:
+        raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
+    # `not x > 0` rather than `x <= 0`: NaN is out of range too.
+    if cfg.fps is not None and not cfg.fps > 0:
+        raise UserError(f"--fps must be > 0 (frames per second), got {cfg.fps:g}")
+    if not cfg.reconnect >= 0:
+        raise UserError(
+            f"--reconnect must be >= 0 seconds (0: do not reconnect), got {cfg.reconnect:g}"
+        )
+    if cfg.capture_window < 0:
+        raise UserError(
+            f"--capture-window must be >= 0 frames (0: the first good frame), got {cfg.capture_window}"
+        )
+
+
+def _check_outputs(cfg: RunConfig) -> None:
+    """Prove every output place writable before the model loads and the source runs: a
+    --capture or a video is written at the end, maybe hours later."""
+    for path, option in (
+        (cfg.jsonl, "--jsonl"),
+        (cfg.capture, "--capture"),
+        (cfg.save_video, "--save-video"),
+    ):
+        if path is not None:
+            ensure_writable_file(path, option)
+    if cfg.save_dir is not None:
+        ensure_writable_dir(cfg.save_dir, "--save-dir")
 
 
 def _make_sinks(cfg: RunConfig, source: Source) -> list[Sink]:
@@ -441,8 +477,7 @@ def run(
     Raises:
         UserError: a bad source, model or option (one line).
     """
-    if cfg.max_frames is not None and cfg.max_frames < 1:
-        raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
+    _check_options(cfg)
     if predictor is None and not Path(cfg.model).is_file():
         raise UserError(f"{cfg.model}: no such model file")
     if isinstance(cfg.source, Source):
@@ -461,6 +496,7 @@ def run(
     own_predictor = predictor is None
     sinks: list[Sink] = []
     try:
+        _check_outputs(cfg)
         if predictor is None:
             predictor = Predictor(
                 cfg.model,

@@ -19,7 +19,12 @@ import cv2
 import numpy as np
 
 from fundus_edge.errors import UserError
-from fundus_edge.fileio import atomic_write_bytes, atomic_write_json
+from fundus_edge.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_writable_dir,
+    ensure_writable_file,
+)
 from fundus_edge.runtime.predictor import Prediction
 from fundus_edge.runtime.sources import Frame
 
@@ -58,6 +63,12 @@ class Sink(ABC):
     visual: bool = False
     lossy: bool = False
     done: bool = False
+
+    @property
+    def written(self) -> bool:
+        """Its file or folder exists now; :meth:`describe` then names what was written
+        (otherwise it says what was not, and why)."""
+        return True
 
     @abstractmethod
     def write(self, out: Output) -> None: ...
@@ -128,12 +139,8 @@ class VideoSink(Sink):
         self._writer: Any = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(
-                f"--save-video {self.path}: cannot write ({exc.strerror or exc})"
-            ) from None
+        # Permissions now, not at the first frame: OpenCV only says it "cannot write".
+        ensure_writable_file(self.path, "--save-video")
 
     def write(self, out: Output) -> None:
         img = out.rendered if out.rendered is not None else out.frame.image
@@ -158,7 +165,13 @@ class VideoSink(Sink):
             self._writer = None
             os.replace(self._partial, self.path)
 
+    @property
+    def written(self) -> bool:
+        return self.frames > 0
+
     def describe(self) -> str:
+        if not self.frames:
+            return f"no frames; {self.path} not written"
         return f"{self.path} ({self.frames} frames)"
 
 
@@ -172,12 +185,7 @@ class DirSink(Sink):
         self.folder = Path(folder)
         self.lossy = lossy
         self.files = 0
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(
-                f"--save-dir {self.folder}: cannot create ({exc.strerror or exc})"
-            ) from None
+        ensure_writable_dir(self.folder, "--save-dir")
 
     def write(self, out: Output) -> None:
         img = out.rendered if out.rendered is not None else out.frame.image
@@ -249,6 +257,9 @@ class CaptureSink(Sink):
         self.path = Path(path)
         if self.path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
             raise UserError(f"--capture {self.path}: give an image file name (.png, .jpg, .tif)")
+        # The still (and its .json) is written at the end of a watch that can take hours:
+        # prove the folder is writable now.
+        ensure_writable_file(self.path, "--capture")
         self.window = max(0, window)
         self.best: Output | None = None
         self.best_score = -1.0  # of any frame, to explain a run that never passed
@@ -284,7 +295,11 @@ class CaptureSink(Sink):
         if self.best is not None and not self.saved:
             self._save()
 
+    @property
+    def written(self) -> bool:
+        return self.saved
+
     def describe(self) -> str:
         if self.saved and self.best is not None:
             return f"{self.path} (frame {self.best.frame.index}, quality {self.best.prediction.quality.score:.2f})"
-        return f"{self.path} (nothing captured)"
+        return f"nothing captured; {self.path} not written"

@@ -38,6 +38,7 @@ __all__ = [
     "StreamSource",
     "VideoFileSource",
     "csi_pipeline",
+    "list_image_files",
     "open_source",
 ]
 
@@ -406,8 +407,8 @@ class VideoFileSource(Source):
 class ImageFilesSource(Source):
     """Image files (one, a folder's or a glob's), in sorted order.
 
-    Files that cannot be read (corrupt, not images) are skipped and listed in
-    :attr:`skipped`; hidden files and sub-folders are ignored.
+    Files that cannot be decoded are skipped and listed in :attr:`skipped`. (Which files a
+    folder holds is :func:`list_image_files`'s rule: non-images are never listed here.)
     """
 
     def __init__(self, paths: list[Path], description: str, loop: bool = False) -> None:
@@ -446,8 +447,33 @@ class ImageFilesSource(Source):
 # ----------------------------------------------------------------------------------------------
 
 
-def _list_folder(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def list_image_files(folder: str | os.PathLike, option: str = "") -> list[Path]:
+    """The image files of a folder, sorted: the one rule of ``run`` and ``clip``.
+
+    A file counts by its extension (:data:`IMAGE_SUFFIXES`, any case); other files, hidden
+    files and sub-folders are ignored, not skipped. A listed file that then cannot be
+    decoded is the reader's to skip (and fails ``--strict``).
+
+    Raises:
+        UserError: the folder cannot be listed, or holds no image file.
+    """
+    folder = Path(folder)
+    prefix = f"{option} " if option else ""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise UserError(f"{prefix}{folder}: cannot list ({exc.strerror or exc})") from None
+    images = sorted(
+        p
+        for p in entries
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    if not images:
+        what = "no files found" if not entries else "no image files found"
+        raise UserError(
+            f"{prefix}{folder}: {what} (looks for {', '.join(IMAGE_SUFFIXES)}; other files are ignored)"
+        )
+    return images
 
 
 def open_source(
@@ -473,6 +499,11 @@ def open_source(
     """
     live_opts = {"width": width, "height": height, "fps": fps, "reconnect": reconnect}
     text = str(spec).strip()
+    if not text:
+        # Path("") is the current folder: an empty SOURCE must not quietly mean "here".
+        raise UserError(
+            "empty SOURCE: give a camera index, /dev/videoN, csi://N, a URL, a file, a folder or a glob"
+        )
     if isinstance(spec, int) or text.isdigit():
         return CameraSource(int(text), **live_opts)
     if re.fullmatch(r"/dev/video\d+", text):
@@ -491,7 +522,7 @@ def open_source(
         return ImageFilesSource(paths, text, loop=loop)
     path = Path(text).expanduser()
     if path.is_dir():
-        return ImageFilesSource(_list_folder(path), str(path), loop=loop)
+        return ImageFilesSource(list_image_files(path), str(path), loop=loop)
     if not path.exists():
         raise UserError(f"{text}: no such file, folder or camera")
     if path.suffix.lower() in IMAGE_SUFFIXES:
