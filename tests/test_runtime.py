@@ -491,6 +491,8 @@ def test_cli_checks_outputs_source_and_numbers_up_front(onnx_model, folder, tmp_
         (["--capture-window", "-4"], "--capture-window must be >= 0"),
         (["--reconnect", "-1"], "--reconnect must be >= 0"),
         (["--reconnect", "nan"], "--reconnect must be >= 0"),
+        (["--width", "0"], "--width must be >= 1"),
+        (["--height", "-2"], "--height must be >= 1"),
     ):
         res = runner.invoke(app, [*base, *extra])
         lines = [ln for ln in res.output.splitlines() if ln.strip()]

@@ -411,6 +411,9 @@ def _check_options(cfg: RunConfig) -> None:
         raise UserError(
             f"--reconnect must be >= 0 seconds (0: do not reconnect), got {cfg.reconnect:g}"
         )
+    for option, value in (("--width", cfg.width), ("--height", cfg.height)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be >= 1 pixel, got {value}")
     if cfg.capture_window < 0:
         raise UserError(
             f"--capture-window must be >= 0 frames (0: the first good frame), got {cfg.capture_window}"
