@@ -500,3 +500,173 @@ def test_gradcam_parity_of_members_on_different_grids(tmp_path):
     wrong[:, 1] = np.flip(wrong[:, 1], axis=-1)  # the resampled member's maps mirrored
     bad = verify.gradcam_parity(fused, imgs, wrong)
     assert bad["max_abs"] > 1e-2 or bad["min_correlation"] < 0.999
+
+
+# --- staged export: OUT holds the old complete export or the new one, never a mix ------------
+
+
+def _fast(ckpt: Path, out: Path, **kw) -> ExportConfig:
+    return ExportConfig(model=str(ckpt), out=str(out), verify=False, simplify=False, **kw)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_interrupt_keeps_previous_export_and_leaves_no_staging(small_export, tmp_path, monkeypatch):
+    from fundus_edge.convert import onnx_export, pipeline
+
+    ckpt, done, _ = small_export
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.onnx", "export_report.json"):
+        (out / name).write_bytes((done / name).read_bytes())
+    # An artifact the old report lists that the new export will not make (an FP16 ONNX).
+    old_report = json.loads((out / "export_report.json").read_text())
+    old_report["artifacts"]["onnx_fp16"] = {"path": "model.fp16.onnx"}
+    (out / "export_report.json").write_text(json.dumps(old_report))
+    (out / "model.fp16.onnx").write_bytes(b"old fp16")
+    before = _snapshot(out)
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    # Ctrl-C at the last step before the swap: every artifact is built, none may land.
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_write_report", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(_fast(ckpt, out, format="triton"))
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+    # Ctrl-C in the middle of the build, in a folder the export had to create.
+    fresh = tmp_path / "new" / "deeper"
+    with monkeypatch.context() as m:
+        m.setattr(onnx_export, "simplify", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(ExportConfig(model=str(ckpt), out=str(fresh), verify=False))
+    assert not (tmp_path / "new").exists()
+
+    # Then a complete export: the new report is in place, the old report's extra is gone.
+    rep = export_model(_fast(ckpt, out, format="triton"))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["export_report.json", "model.onnx", "triton"]
+    assert json.loads((out / "export_report.json").read_text())["deploy"] == rep["deploy"]
+    assert (out / "model.onnx").read_bytes() != before["model.onnx"]
+    assert read_metadata(out / "triton" / "model" / "1" / "model.onnx")["input_size"] == 64
+    assert "max_batch_size: 8\n" in (out / "triton" / "model" / "config.pbtxt").read_text()
+
+
+def test_sigint_waits_until_the_swap_is_done():
+    import os
+    import signal
+
+    from fundus_edge.convert.pipeline import _sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), _sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("renames finished")
+    assert done == ["renames finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_engine_build_is_staged_and_a_refused_rebuild_keeps_the_old(
+    small_export, tmp_path, monkeypatch
+):
+    ckpt, _, _ = small_export
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT())
+    monkeypatch.setattr(tensorrt, "gpu_compute_capability", lambda: "8.7")
+    out = tmp_path / "eng"
+    rep = export_model(_fast(ckpt, out, format="engine", precision="fp16", batch=(1, 2, 4)))
+    eng = "model.fp16.trt10.3.0.sm87.engine"
+    assert rep["deploy"] == eng and rep["artifacts"]["engine"]["path"] == eng
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["export_report.json", "model.onnx", eng, eng + ".json", "tensorrt.timing.cache"]
+    )
+    assert (out / eng).read_bytes() == b"PLAN"
+    # The engine on disk is for another GPU; --rebuild never refuses it and changes nothing.
+    side = json.loads((out / (eng + ".json")).read_text())
+    side["tensorrt"]["compute_capability"] = "7.2"
+    (out / (eng + ".json")).write_text(json.dumps(side))
+    before = _snapshot(out)
+    with pytest.raises(UserError, match="stale engine"):
+        export_model(_fast(ckpt, out, format="engine", precision="fp16", rebuild="never"))
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"calib_method": "foo"}, r"--calib-method 'foo': choose minmax, entropy, percentile"),
+        ({"format": "triton", "triton_max_batch": 0}, r"--max-batch 0: must be at least 1"),
+        ({"batch": (4, 2, 1)}, r"--batch '4,2,1': need 1 <= min <= opt <= max"),
+        ({"batch": (0, 1, 4)}, r"--batch '0,1,4'"),
+        ({"batch": (1, 4)}, r"three numbers"),
+        ({"calib_count": 0}, r"--calib-count 0"),
+        ({"verify_images": 0}, r"verify_images 0"),
+        ({"triton_kind": "GPU"}, r"triton_kind 'GPU': choose KIND_GPU, KIND_CPU"),
+        ({"name": "a/b"}, r"--name 'a/b'"),
+        (
+            {"format": "triton", "triton_backend": "engine", "triton_max_batch": 8},
+            r"--max-batch 8: above the engine's max batch 4",
+        ),
+        (
+            {"calib_method": "foo", "profile": "p.yaml", "profile_keys": ("calib_method",)},
+            r"calib_method: 'foo' in --profile p.yaml",
+        ),
+    ],
+)
+def test_config_rejects_bad_options_before_any_work(kw, match):
+    with pytest.raises(UserError, match=match):
+        ExportConfig(model="m.safetensors", **kw)
+
+
+def test_triton_config_refuses_max_batch_below_one():
+    from fundus_edge.convert.triton import triton_config
+
+    meta = {"input_size": 64, "label_names": ["a"], "members": ["r"], "map_size": [2, 2]}
+    assert "max_batch_size: 1\n" in triton_config(meta, "m", "onnxruntime_onnx", max_batch_size=1)
+    with pytest.raises(UserError, match="at least 1"):
+        triton_config(meta, "m", "onnxruntime_onnx", max_batch_size=0)
+
+
+def test_cli_fails_fast_naming_the_option_and_the_profile(small_export, tmp_path, monkeypatch):
+    from fundus_edge import fileio
+
+    ckpt, _, _ = small_export
+    out = tmp_path / "never"
+
+    def cli(*args):
+        return runner.invoke(app, ["export", "--model", str(ckpt), "--out", str(out), *args])
+
+    for args, needle in [
+        (["--calib-method", "foo"], "--calib-method 'foo'"),
+        (["--format", "triton", "--max-batch", "0"], "--max-batch 0"),
+        (["--batch", "4,2,1"], "--batch '4,2,1'"),
+        (["--calib", str(tmp_path / "nope")], "--calib"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 2 and needle in res.output, (args, res.output)
+        assert not out.exists()
+    res = cli("--profile", "x86-cpu-int8")
+    assert res.exit_code == 2, res.output
+    assert "x86-cpu-int8.yaml needs --calib" in res.output and "--int8" not in res.output
+    assert "--int8 needs --calib" in cli("--int8").output
+    # --out: a regular file, or a folder that cannot be written.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = runner.invoke(app, ["export", "--model", str(ckpt), "--out", str(afile)])
+    assert res.exit_code == 2 and f"--out {afile}: is a file" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+    def denied(folder):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio, "probe_writable", denied)
+    res = cli()
+    assert res.exit_code == 2 and f"--out {out}: cannot write there" in res.output
+    assert not out.exists()

@@ -76,6 +76,8 @@ def export(
     Writes OUT/<name>.onnx (FP32), OUT/<name>.fp16.onnx or OUT/<name>.int8.onnx when asked,
     a TensorRT engine with a sidecar JSON (--format engine, on the device), a Triton
     repository (--format triton), and OUT/export_report.json with every check's figures.
+    All are built in a staging folder inside OUT and moved in at the end, the report last:
+    a failed or interrupted export leaves OUT as it was.
     """
     from fundus_edge.convert.pipeline import (
         ExportConfig,
@@ -111,7 +113,10 @@ def export(
             given["batch"] = tuple(int(b) for b in batch.split(","))
         except ValueError:
             raise UserError(f"--batch {batch!r}: expected three integers like 1,1,4") from None
-    values.update({k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    values.update(given)
+    # Messages about a value name the profile only when the profile set it.
+    values["profile_keys"] = tuple(k for k in values.get("profile_keys", ()) if k not in given)
     values["model"] = str(model)
     values.setdefault("out", str(Path("exports") / model.stem))
     values.setdefault("format", "engine" if _tensorrt_available() else "onnx")

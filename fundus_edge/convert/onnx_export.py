@@ -178,11 +178,23 @@ def simplify(
     Returns:
         A record: per-candidate median latency (ms, batch 1, ORT CPU), node counts, the kept one.
     """
+    path = Path(path)
+    slim_path = path.with_name(f".{path.stem}.slim.onnx")
+    basic_path = path.with_name(f".{path.stem}.ortbasic.onnx")
+    try:
+        return _simplify(path, slim_path, basic_path, image_size, meta, runs)
+    finally:
+        # The candidates go on any exit, Ctrl-C included: each is as big as the model.
+        slim_path.unlink(missing_ok=True)
+        basic_path.unlink(missing_ok=True)
+
+
+def _simplify(
+    path: Path, slim_path: Path, basic_path: Path, image_size: int, meta: dict[str, Any], runs: int
+) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
-    path = Path(path)
-    tmpdir = path.parent
     cands: dict[str, Path] = {"exported": path}
     notes: dict[str, str] = {}
     try:
@@ -190,22 +202,20 @@ def simplify(
 
         slim = onnxslim.slim(onnx.load(str(path)))
         embed_metadata(slim, meta)
-        p = tmpdir / f".{path.stem}.slim.onnx"
-        atomic_write_bytes(p, slim.SerializeToString())
-        cands["onnxslim"] = p
+        atomic_write_bytes(slim_path, slim.SerializeToString())
+        cands["onnxslim"] = slim_path
     except Exception as exc:  # onnxslim is optional; record why it was not used
         notes["onnxslim"] = f"{type(exc).__name__}: {exc}"
     try:
-        p = tmpdir / f".{path.stem}.ortbasic.onnx"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(p)
+        opts.optimized_model_filepath = str(basic_path)
         opts.log_severity_level = 3
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        m = onnx.load(str(p))
+        m = onnx.load(str(basic_path))
         embed_metadata(m, meta)
-        atomic_write_bytes(p, m.SerializeToString())
-        cands["ort-basic"] = p
+        atomic_write_bytes(basic_path, m.SerializeToString())
+        cands["ort-basic"] = basic_path
     except Exception as exc:
         notes["ort-basic"] = f"{type(exc).__name__}: {exc}"
 
@@ -238,8 +248,5 @@ def simplify(
     record["kept"] = best
     if best != "exported":
         cands[best].replace(path)
-    for p in cands.values():
-        if p != path and p.exists():
-            p.unlink()
     log.info("graph simplification: kept %s (%s)", best, record["candidates"])
     return record

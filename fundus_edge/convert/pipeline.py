@@ -7,8 +7,16 @@ this module chains them, runs the parity checks and writes ``export_report.json`
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
+import os
 import platform
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from fundus_edge import __version__
+from fundus_edge.convert.quantize import CALIB_METHODS
 from fundus_edge.errors import UserError
-from fundus_edge.fileio import atomic_write_json, sha256_file
+from fundus_edge.fileio import atomic_write_json, ensure_writable_dir, sha256_file
 from fundus_edge.log import get_logger
 from fundus_edge.options import load_yaml_mapping
 
@@ -27,6 +36,26 @@ log = get_logger("convert")
 
 FORMATS = ("onnx", "engine", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
+REPORT = "export_report.json"
+
+# Command-line spelling of ExportConfig fields (profile-only fields keep their key).
+_FLAGS = {
+    "model": "--model",
+    "out": "--out",
+    "format": "--format",
+    "precision": "--precision",
+    "calib": "--calib",
+    "calib_count": "--calib-count",
+    "calib_method": "--calib-method",
+    "int8_target": "--int8-target",
+    "opset": "--opset",
+    "workspace_mb": "--workspace",
+    "batch": "--batch",
+    "rebuild": "--rebuild",
+    "triton_backend": "--triton-backend",
+    "triton_max_batch": "--max-batch",
+    "name": "--name",
+}
 
 
 @dataclass
@@ -55,6 +84,8 @@ class ExportConfig:
         triton_instances: model instances per GPU.
         triton_kind: ``KIND_GPU`` or ``KIND_CPU``.
         name: model name (file stem and Triton model name).
+        profile: the profile file the defaults came from, if any.
+        profile_keys: the fields whose value came from ``profile`` (so messages name it).
     """
 
     model: str = ""
@@ -78,23 +109,65 @@ class ExportConfig:
     triton_kind: str = "KIND_GPU"
     name: str = "model"
     profile: str | None = field(default=None)
+    profile_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.batch = tuple(int(b) for b in self.batch)  # type: ignore[assignment]
-        if self.format not in FORMATS:
-            raise UserError(f"--format {self.format!r}: choose {', '.join(FORMATS)}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
-        if self.rebuild not in ("stale", "always", "never"):
-            raise UserError(f"--rebuild {self.rebuild!r}: choose stale, always or never")
-        if self.int8_target not in ("auto", "tensorrt", "cpu"):
-            raise UserError(f"--int8-target {self.int8_target!r}: choose auto, tensorrt or cpu")
-        if self.triton_backend not in ("onnx", "engine"):
-            raise UserError(f"--triton-backend {self.triton_backend!r}: choose onnx or engine")
+        # Every option is checked here, before any work: a bad value must not cost an export.
+        try:
+            self.batch = tuple(int(b) for b in self.batch)  # type: ignore[assignment]
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{self.where('batch')}: expected three integers min,opt,max like 1,1,4"
+            ) from None
+        self.profile_keys = tuple(self.profile_keys)
+        choices = {
+            "format": FORMATS,
+            "precision": PRECISIONS,
+            "calib_method": CALIB_METHODS,
+            "rebuild": ("stale", "always", "never"),
+            "int8_target": ("auto", "tensorrt", "cpu"),
+            "triton_backend": ("onnx", "engine"),
+            "triton_kind": ("KIND_GPU", "KIND_CPU"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UserError(f"{self.where(key)}: choose {', '.join(allowed)}")
+        for key in (
+            "calib_count",
+            "verify_images",
+            "workspace_mb",
+            "triton_max_batch",
+            "triton_instances",
+        ):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"{self.where(key)}: must be at least 1")
         if len(self.batch) != 3:
-            raise UserError("--batch needs three numbers: min,opt,max")
+            raise UserError(f"{self.where('batch')}: needs three numbers min,opt,max")
+        lo, opt, hi = self.batch
+        if not 1 <= lo <= opt <= hi:
+            raise UserError(f"{self.where('batch')}: need 1 <= min <= opt <= max")
+        if (
+            self.format == "triton"
+            and self.triton_backend == "engine"
+            and self.triton_max_batch > hi
+        ):
+            raise UserError(
+                f"{self.where('triton_max_batch')}: above the engine's max batch {hi} "
+                f"({self.where('batch')}); Triton would refuse to load the plan"
+            )
         if self.opset < 9 or self.opset > 20:
-            raise UserError(f"--opset {self.opset}: TensorRT 10 parses opsets 9-20")
+            raise UserError(f"{self.where('opset')}: TensorRT 10 parses opsets 9-20")
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise UserError(f"{self.where('name')}: a plain file name, without folders")
+
+    def where(self, key: str) -> str:
+        """Where the value of ``key`` came from, for messages: the option, or the profile file."""
+        value = getattr(self, key)
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        if self.profile and key in self.profile_keys:
+            return f"{key}: {value!r} in --profile {self.profile}"
+        return f"{_FLAGS.get(key, key)} {value!r}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,6 +196,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{path}: unknown export option(s): {', '.join(unknown)}")
     data["profile"] = str(path)
+    data["profile_keys"] = tuple(k for k in data if k != "profile")
     return data
 
 
@@ -230,9 +304,137 @@ def _macro_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
 def export_model(cfg: ExportConfig) -> dict[str, Any]:
     """Export a checkpoint as ``cfg`` says; returns the report (also written as JSON).
 
+    Every artifact is built in a staging folder inside ``cfg.out`` and moved into place only
+    at the end, the report last: an interrupted or failed export leaves ``cfg.out`` as it was
+    (the previous complete export, or no folder if it created it).
+
     Raises:
         UserError: bad inputs, a failed parity check, an unsupported operator, or
             ``format='engine'`` without TensorRT (after the ONNX and report are written).
+    """
+    checkpoint = Path(cfg.model)
+    if not cfg.model or not checkpoint.is_file():
+        raise UserError(f"--model {cfg.model or '(missing)'}: no such checkpoint")
+    if cfg.precision == "int8" and not cfg.calib:
+        if cfg.profile and "precision" in cfg.profile_keys:
+            source = f"precision: int8 in --profile {cfg.profile}"
+        else:
+            source = "--int8"
+        raise UserError(
+            f"{source} needs --calib DIR: real preprocessed fundus images to calibrate on"
+        )
+    if cfg.calib and not Path(cfg.calib).exists():
+        raise UserError(f"--calib {cfg.calib}: no such folder")
+    out = Path(cfg.out)
+    created = _prepare_out(out)
+    stage: Path | None = None
+    committed = False
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+        report, error = _build(cfg, checkpoint, stage, out)
+        _commit(stage, out)
+        committed = True
+    finally:
+        # Also on KeyboardInterrupt: nothing half-built stays behind.
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if not committed:
+            for folder in created:  # deepest first; only the ones this call made, if empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    if error is not None:
+        raise error
+    return report
+
+
+def _prepare_out(out: Path) -> list[Path]:
+    """Check ``--out`` before any work; create it. Returns the folders created, deepest first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    missing = []
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        ensure_writable_dir(out, "--out")
+    except UserError:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return missing
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Move the staged export into ``out``: artifacts first, the report last.
+
+    The old report goes first, so a swap cut short (a full disk) leaves models without a
+    report (unverified, visibly) rather than new models beside an old report. Artifacts the
+    old report listed that this export did not make are removed: they belong to no report.
+    """
+    new_files = sorted(
+        p.relative_to(stage) for p in stage.rglob("*") if p.is_file() and p.name != REPORT
+    )
+    stale = _old_artifacts(out) - {f.parts[0] for f in new_files}
+    with _sigint_deferred():
+        (out / REPORT).unlink(missing_ok=True)
+        for rel in new_files:
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, dest)
+        os.replace(stage / REPORT, out / REPORT)
+    for name in stale:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _old_artifacts(out: Path) -> set[str]:
+    """Top-level names in ``out`` that its current report lists (files, sidecars, folders)."""
+    try:
+        old = json.loads((out / REPORT).read_text())
+        arts = old.get("artifacts", {}).values()
+        names = set()
+        for art in arts:
+            first = Path(str(art["path"])).parts[0]
+            if first not in (".", "..", REPORT) and not Path(first).is_absolute():
+                names.add(first)
+                if first.endswith(".engine"):
+                    names.add(first + ".json")
+        return names
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return set()  # no report, or not one of ours: touch nothing
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C during the (fast) renames; raise KeyboardInterrupt after them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(
+            signal.SIGINT, previous if previous is not None else signal.default_int_handler
+        )
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _build(
+    cfg: ExportConfig, checkpoint: Path, out: Path, final: Path
+) -> tuple[dict[str, Any], UserError | None]:
+    """Write every artifact and the report into ``out`` (the staging folder).
+
+    ``final`` is the folder they will be moved to: an engine and timing cache there are
+    reused as before. Returns the report and the error to raise once it is in place.
     """
     import torch
 
@@ -241,13 +443,6 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     from fundus_edge.models.fused import FusedModel
     from fundus_edge.preprocess import PreprocessConfig
 
-    checkpoint = Path(cfg.model)
-    if not cfg.model or not checkpoint.is_file():
-        raise UserError(f"--model {cfg.model or '(missing)'}: no such checkpoint")
-    if cfg.precision == "int8" and not cfg.calib:
-        raise UserError("--int8 needs --calib DIR: real preprocessed fundus images to calibrate on")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ensemble, ckpt_meta = load_checkpoint(checkpoint)
     fused = FusedModel(ensemble).eval()
     size = ensemble.config.image_size
@@ -266,7 +461,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
 
     # 1. FP32 fused graph, simplified, hygiene-checked.
     onnx_path = out / f"{cfg.name}.onnx"
-    log.info("exporting %s -> %s", checkpoint.name, onnx_path)
+    log.info("exporting %s -> %s", checkpoint.name, final / onnx_path.name)
     onnx_export.torch_to_onnx(fused, onnx_path, size, meta, opset=cfg.opset)
     if cfg.simplify:
         report["simplify"] = onnx_export.simplify(onnx_path, size, meta)
@@ -373,12 +568,14 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
             _write_report(out, report)
             from fundus_edge.convert.tensorrt import TRT_INSTALL_HINT
 
-            raise UserError(f"{TRT_INSTALL_HINT}. The ONNX and its report are in {out}")
+            return report, UserError(f"{TRT_INSTALL_HINT}. The ONNX and its report are in {final}")
         from fundus_edge.convert.tensorrt import onnx_to_engine
 
         src = onnx_path if cfg.precision in ("fp32", "fp16") else deploy_onnx
+        _seed_engine_cache(src, cfg.precision, cfg.rebuild, final)
         engine_path = onnx_to_engine(
             src,
+            timing_cache=out / "tensorrt.timing.cache",
             precision=cfg.precision,
             workspace_mb=cfg.workspace_mb,
             batch=cfg.batch,
@@ -402,7 +599,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
             instances=cfg.triton_instances,
             kind=cfg.triton_kind,
         )
-        report["artifacts"]["triton"] = {"path": str(repo.relative_to(out))}
+        report["artifacts"]["triton"] = {"path": repo.relative_to(out).as_posix()}
     report["deploy"] = (engine_path or deploy_onnx).name
     _write_report(out, report)
     if not report["passed"]:
@@ -411,10 +608,30 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
             for k, v in report["checks"].items()
             if isinstance(v, dict) and v.get("passed") is False
         ]
-        raise UserError(
-            f"{out / 'export_report.json'}: parity check(s) failed: {', '.join(failed)}"
-        )
-    return report
+        return report, UserError(f"{final / REPORT}: parity check(s) failed: {', '.join(failed)}")
+    return report, None
+
+
+def _seed_engine_cache(src: Path, precision: str, rebuild: str, final: Path) -> None:
+    """Link the timing cache and a previous engine from ``final`` into the staging folder.
+
+    ``onnx_to_engine`` then applies its reuse policy (stale / always / never) to the engine
+    the folder already holds, exactly as if it were building in place.
+    """
+    import tensorrt as trt
+
+    from fundus_edge.convert.tensorrt import engine_path_for, gpu_compute_capability
+
+    names = ["tensorrt.timing.cache"]
+    if rebuild != "always":
+        eng = engine_path_for(src, precision, trt.__version__, gpu_compute_capability()).name
+        names += [eng, eng + ".json"]
+    for name in names:
+        if (final / name).is_file():
+            try:
+                os.link(final / name, src.parent / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(final / name, src.parent / name)
 
 
 def _tensorrt_available() -> bool:
@@ -468,4 +685,4 @@ def _int8_check(
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
-    atomic_write_json(out / "export_report.json", report)
+    atomic_write_json(out / REPORT, report)

@@ -45,7 +45,16 @@ def triton_config(
     instances: int = 1,
     kind: str = "KIND_GPU",
 ) -> str:
-    """``config.pbtxt`` text for the fused graph described by ``meta`` (the artifact contract)."""
+    """``config.pbtxt`` text for the fused graph described by ``meta`` (the artifact contract).
+
+    Raises:
+        UserError: ``max_batch_size`` below 1 (the batch dimension is Triton's here, and
+            ``dims`` exclude it) or ``instances`` below 1.
+    """
+    if int(max_batch_size) < 1:
+        raise UserError(f"--max-batch {max_batch_size}: Triton max_batch_size must be at least 1")
+    if int(instances) < 1:
+        raise UserError(f"triton_instances {instances}: must be at least 1")
     size = int(meta["input_size"])
     c = len(meta["label_names"])
     m = len(meta["members"])
