@@ -135,3 +135,21 @@ def test_doctor_table_runner(args):
     assert res.exit_code == 0, res.output
     for word in ("python", "PyTorch", "ONNX Runtime", "TensorRT", "OpenCV", "Jetson"):
         assert word in res.output
+
+
+def test_ctrl_c_in_a_command_says_interrupted_and_exits_130():
+    import typer
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def slow() -> None:
+        raise KeyboardInterrupt  # as Ctrl-C arrives in a long command (synth, prepare, bench)
+
+    app.add_typer(probe, name="probe-int")
+    try:
+        res = runner.invoke(app, ["probe-int", "slow"])
+    finally:
+        app.registered_groups[:] = [g for g in app.registered_groups if g.name != "probe-int"]
+    assert res.exit_code == 130
+    assert res.output.strip() == "fundus-edge: interrupted"

@@ -41,12 +41,24 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Set when a command was stopped by Ctrl-C (typer would otherwise exit 130 without a word).
+_SIGINT_SEEN: list[int] = []
+
+
 class FundusGroup(TyperGroup):
     """Runs the command in non-standalone mode and maps every failure to one line + exit code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # typer turns it into a silent exit 130: note it first
+            _SIGINT_SEEN.append(1)
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         debug = debug_enabled(argv)
+        _SIGINT_SEEN.clear()
         # OpenCV prints "[ WARN ...]" lines of its own (a camera it cannot open, a codec):
         # our one-line errors say what failed; --debug lets its chatter through.
         if not debug:
@@ -96,7 +108,10 @@ class FundusGroup(TyperGroup):
                 f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback, and please report it)",
                 EXIT_INTERNAL,
             )
-        # In non-standalone mode click returns the command's return value (an int or None).
+        # In non-standalone mode click returns the command's return value (an int or None);
+        # typer turns a Ctrl-C it catches into a silent 130, so say what happened.
+        if rv == EXIT_INTERRUPTED and _SIGINT_SEEN:
+            typer.echo("fundus-edge: interrupted", err=True)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
