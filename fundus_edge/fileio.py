@@ -106,6 +106,8 @@ def ensure_writable_dir(folder: str | os.PathLike, option: str) -> Path:
     from .errors import UserError
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: is a file, not a folder: cannot write there")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe_writable(folder)

@@ -349,8 +349,6 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
 
 def _prepare_out(out: Path) -> list[Path]:
     """Check ``--out`` before any work; create it. Returns the folders created, deepest first."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder")
     missing = []
     p = out.absolute()
     while not p.exists() and p != p.parent:
