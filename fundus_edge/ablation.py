@@ -31,7 +31,13 @@ from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger
 from fundus_edge.options import load_yaml_mapping
-from fundus_edge.trainer import STATE_FILE, _check_run_dir, resolve_device, train
+from fundus_edge.trainer import (
+    _RUN_MARKER,
+    STATE_FILE,
+    _check_run_dir,
+    resolve_device,
+    train,
+)
 
 __all__ = ["ABLATION_COLUMNS", "ablation_configs", "run_ablation"]
 
@@ -39,7 +45,6 @@ log = get_logger("ablation")
 
 _ABLATION_KEYS = {"base", "variants", "description"}
 _TABLE_FILES = ("ablation.md", "ablation.json")
-_RUN_MARKER = "config.yaml"  # what trainer writes first into every run directory
 # Keys a resumed run may differ in from its saved config (train(resume=True) takes these from
 # the command line); any other difference means the variant is no longer what was trained.
 _RESUME_FREE_KEYS = {"epochs", "stop_after", "device", "out", "data.num_workers", "data.root"}
@@ -172,30 +177,17 @@ def ablation_configs(
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_same_config(name: str, cfg: TrainConfig, run_dir: Path) -> None:
     """A resumed or reused variant must still be what the spec asks for (else its row lies)."""
-    from fundus_edge.config import load_config
+    from fundus_edge.config import config_changes, load_config
 
-    saved = _flat(load_config(run_dir / _RUN_MARKER).to_dict())
-    wanted = _flat(cfg.to_dict())
-    for key in sorted(saved.keys() | wanted.keys()):
-        if key in _RESUME_FREE_KEYS:
-            continue
-        if saved.get(key) != wanted.get(key):
-            raise UserError(
-                f"ablation variant {name}: {run_dir} was trained with {key}={saved.get(key)!r}, "
-                f"the spec and options now give {wanted.get(key)!r}; pass --overwrite to retrain"
-            )
+    changes = config_changes(load_config(run_dir / _RUN_MARKER), cfg, keep=_RESUME_FREE_KEYS)
+    if changes:
+        key, was, now = changes[0]
+        raise UserError(
+            f"ablation variant {name}: {run_dir} was trained with {key}={was!r}, "
+            f"the spec and options now give {now!r}; pass --overwrite to retrain"
+        )
 
 
 def _plan(

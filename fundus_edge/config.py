@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "OptimSection",
     "TrainConfig",
     "apply_overrides",
+    "config_changes",
     "given_keys",
     "load_config",
     "save_config",
@@ -433,12 +435,48 @@ def given_keys(
     return keys
 
 
-def _leaves(d: dict, prefix: str = "") -> list[str]:
+def config_changes(
+    old: TrainConfig,
+    new: TrainConfig,
+    keys: Iterable[str] | None = None,
+    keep: Iterable[str] = (),
+) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for each dotted key whose value differs, sorted.
+
+    Args:
+        old, new: the two configs.
+        keys: the keys to compare (default: every key of either, preprocess options included).
+        keep: keys that may differ, by full key or by top-level section (``out``).
+    """
+    a, b = old.to_dict(), new.to_dict()
+    if keys is None:
+        keys = set(_leaves(a, whole=())) | set(_leaves(b, whole=()))
+    keep = set(keep)
+    changes = []
+    for key in sorted(set(keys)):
+        if key in keep or key.split(".")[0] in keep:
+            continue
+        va, vb = _dotted(a, key), _dotted(b, key)
+        if va != vb:
+            changes.append((key, va, vb))
+    return changes
+
+
+def _dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _leaves(d: dict, prefix: str = "", whole: tuple[str, ...] = ("data.preprocess",)) -> list[str]:
+    """Dotted keys of a nested mapping; the mappings named in ``whole`` count as one key."""
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "data.preprocess":
-            out += _leaves(v, f"{key}.")
+        if isinstance(v, dict) and key not in whole:
+            out += _leaves(v, f"{key}.", whole)
         else:
             out.append(key)
     return out

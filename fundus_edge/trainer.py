@@ -1462,16 +1462,11 @@ def _resumed_config(
     Raises:
         UserError: a key the user set differs from the run's and may not change.
     """
-    new, old = cfg.to_dict(), saved.to_dict()
-    fixed = [
-        k
-        for k in sorted(set(given))
-        if k not in RESUME_MAY_CHANGE
-        and k.split(".")[0] not in _RESUME_IGNORED
-        and _dotted(new, k) != _dotted(old, k)
-    ]
+    from fundus_edge.config import config_changes
+
+    fixed = config_changes(saved, cfg, given, keep=(*RESUME_MAY_CHANGE, *_RESUME_IGNORED))
     if fixed:
-        diff = "; ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in fixed[:4])
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in fixed[:4])
         raise UserError(
             f"--resume continues {run_dir} as it was configured, but {diff} (may change: "
             f"{', '.join(RESUME_MAY_CHANGE)}); drop those options, or start a new run with "
@@ -1484,14 +1479,6 @@ def _resumed_config(
     if "optim.lr" in set(given):
         saved.optim.lr = cfg.optim.lr
     return saved
-
-
-def _dotted(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 def _fmt(v: Any) -> str:
