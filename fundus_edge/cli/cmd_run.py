@@ -97,10 +97,6 @@ def run(
 
     if (source is None) == (camera is None):
         raise UserError("give exactly one source: a SOURCE argument or --camera N")
-    if source is not None and not source.strip():
-        raise UserError(
-            "empty SOURCE: give a camera index, /dev/videoN, csi://N, a URL, a file, a folder or a glob"
-        )
     if summary_json is not None:
         # Written when the source ends, maybe hours from now: prove the place writable first.
         ensure_writable_file(summary_json, "--summary-json")
