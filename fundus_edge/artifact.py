@@ -131,7 +131,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _read_onnx(path: Path) -> dict[str, Any]:
     from fundus_edge.errors import require
 
-    ort = require("onnxruntime", "cpu-wheels", "reading ONNX model metadata")
+    ort = require("onnxruntime", purpose="reading ONNX model metadata")
     opts = ort.SessionOptions()
     # Only the metadata is wanted: skip graph optimisation, it costs seconds on big graphs.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

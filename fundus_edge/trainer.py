@@ -331,7 +331,7 @@ def cam_attention_gradcam(
     """
     from fundus_edge.errors import require
 
-    require("pytorch_grad_cam", "train", "--cam-method " + method)
+    require("pytorch_grad_cam", purpose="--cam-method " + method)
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

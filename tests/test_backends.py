@@ -286,7 +286,7 @@ def test_tensorrt_missing_is_clear(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     with pytest.raises(
         MissingDependencyError,
-        match=r"'tensorrt' is needed for running TensorRT engines.*fundus-edge\[trt\]",
+        match=r"needs 'tensorrt' for running TensorRT engines.*fundus-edge\[trt\]",
     ):
         load_backend(engine)
 

@@ -17,7 +17,7 @@ from fundus_edge.perf.roofline import (
     roofline,
 )
 
-onnx = pytest.importorskip("onnx", reason="onnx is not installed (extra: train)")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (a base dependency)")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 np = pytest.importorskip("numpy")

@@ -73,7 +73,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, provider: str | None = None, threads: int = 0) -> None:
         from fundus_edge.artifact import metadata_from_session
 
-        ort = require("onnxruntime", "cpu-wheels", "running .onnx models")
+        ort = require("onnxruntime", purpose="running .onnx models")
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such model file")

@@ -211,10 +211,14 @@ def open_cuda() -> CudaRuntime:
         except ImportError:
             continue
         return cls(mod)
-    raise MissingDependencyError(
-        "running TensorRT engines needs CUDA Python bindings (cuda-python or pycuda), none is "
-        "installed; install them with: pip install 'fundus-edge[trt]'"
-    )
+    from fundus_edge.doctor import cuda_info
+    from fundus_edge.errors import missing_dependency_message
+
+    # The bindings must match the CUDA installed here: doctor knows which (cuda-python 12.x
+    # for CUDA 12, 13.x for CUDA 13).
+    advice = cuda_info().get("advice") or ""
+    base = missing_dependency_message("cuda", "running TensorRT engines (cuda-python or pycuda)")
+    raise MissingDependencyError(f"{base}; for this machine: {advice}" if advice else base)
 
 
 class TensorRTBackend(Backend):
@@ -233,7 +237,7 @@ class TensorRTBackend(Backend):
     def __init__(self, path: Path, cuda_graph: bool = False) -> None:
         self.path = Path(path)
         self.metadata = read_metadata(self.path)  # the sidecar; checks the file exists too
-        trt = require("tensorrt", "trt", "running TensorRT engines")
+        trt = require("tensorrt", purpose="running TensorRT engines")
         major = int(str(trt.__version__).split(".")[0])
         if major < 10:
             raise UserError(

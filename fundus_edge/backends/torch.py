@@ -14,7 +14,7 @@ import numpy as np
 
 from fundus_edge.artifact import contract_from_checkpoint
 from fundus_edge.backends.base import Backend
-from fundus_edge.errors import UserError, require
+from fundus_edge.errors import UserError, require, require_all
 from fundus_edge.log import get_logger
 
 __all__ = ["TorchBackend", "contract_from_checkpoint"]  # re-exported for callers
@@ -38,8 +38,14 @@ class TorchBackend(Backend):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such checkpoint")
-        torch = require("torch", "train", "running PyTorch checkpoints")
-        require("fundus_edge.models.fused", "train", "running PyTorch checkpoints")
+        require_all(
+            [
+                ("torch", "running PyTorch checkpoints"),
+                ("torchvision", "running PyTorch checkpoints"),
+                ("safetensors", "reading checkpoints"),
+            ]
+        )
+        torch = require("torch", purpose="running PyTorch checkpoints")
         from fundus_edge.models import load_checkpoint
         from fundus_edge.models.fused import FusedModel
 

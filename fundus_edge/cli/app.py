@@ -16,10 +16,13 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from fundus_edge import __version__
 from fundus_edge.errors import (
+    EXIT_DEPENDENCY,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_USER,
     FundusEdgeError,
+    missing_dependency_message,
+    missing_module_of,
 )
 from fundus_edge.fileio import os_error_message
 
@@ -47,6 +50,14 @@ _SIGINT_SEEN: list[int] = []
 
 class FundusGroup(TyperGroup):
     """Runs the command in non-standalone mode and maps every failure to one line + exit code."""
+
+    def resolve_command(self, ctx, args):  # type: ignore[override]
+        from fundus_edge.errors import set_command
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        # Messages about a missing package name the command that needed it.
+        set_command(cmd.name if cmd is not None else name)
+        return name, cmd, rest
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
@@ -93,6 +104,18 @@ class FundusGroup(TyperGroup):
             if debug:
                 traceback.print_exc()
             _fail(str(exc).replace("\n", " "), exc.exit_code)
+        except ImportError as exc:
+            # An optional module imported without `require`: still exit 3 naming the extra.
+            module = missing_module_of(exc)
+            if debug:
+                traceback.print_exc()
+            if module is None:
+                _fail(
+                    f"internal error: {type(exc).__name__}: {exc} "
+                    f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback, and please report it)",
+                    EXIT_INTERNAL,
+                )
+            _fail(missing_dependency_message(module, detail=str(exc)), EXIT_DEPENDENCY)
         except Exception as exc:
             if debug:
                 traceback.print_exc()

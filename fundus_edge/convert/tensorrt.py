@@ -168,7 +168,7 @@ def onnx_to_engine(
     Returns:
         The engine path.
     """
-    trt = require("tensorrt", "trt", "building TensorRT engines")
+    trt = require("tensorrt", purpose="building TensorRT engines")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path}: no such ONNX file")

@@ -417,7 +417,7 @@ def render_markdown(result: BenchResult, title: str = "fundus-edge benchmark") -
 
 def _figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas, without touching pyplot's global state."""
-    require("matplotlib", "train", "benchmark plots")
+    require("matplotlib", purpose="benchmark plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -349,7 +349,7 @@ def count_graph(
             batch dimension conflicts with ``batch``.
         DataError: the file is not a readable ONNX model.
     """
-    onnx = require("onnx", "train", "roofline estimates")
+    onnx = require("onnx", purpose="roofline estimates")
     from onnx import shape_inference
 
     if batch < 1:
