@@ -3,9 +3,12 @@ the RIADD challenge score; threshold tuning; map localisation against lesion mas
 
 Conventions:
 * ``y_true`` ``(N, C)`` 0/1, ``y_prob`` ``(N, C)`` probabilities, ``label_names`` ``C`` names.
-* Rank metrics (AUROC, AP) come from scikit-learn. A label with only one class in the split has
-  no AUROC/AP: it is reported as ``None`` (JSON ``null``) and left out of the macro means; the
-  ``notes`` list of the report names it.
+* Rank metrics (AUROC, AP) are computed here in numpy, with scikit-learn's definitions (the
+  tests compare them with scikit-learn to 1e-12), so ``eval`` runs on an edge install: AUROC
+  is the trapezoidal area under the ROC curve (ties between scores count half), AP is
+  ``sum_n (R_n - R_{n-1}) P_n`` over the distinct thresholds (no interpolation). A label with
+  only one class in the split has no AUROC/AP: it is reported as ``None`` (JSON ``null``) and
+  left out of the macro means; the ``notes`` list of the report names it.
 * RIADD score (DESIGN.md section 3): ``0.5·AUROC(Disease_Risk) + 0.5·(macro AUROC + mAP)/2``,
   the classification part over every label except the screening label.
 """
@@ -16,18 +19,78 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
+    "average_precision_score",
     "binary_counts",
     "elementwise_scores",
     "energy_inside",
     "multilabel_report",
     "nanmean_or_none",
     "pointing_game",
+    "precision_recall_curve",
     "riadd_score",
+    "roc_auc_score",
+    "roc_curve",
     "tune_thresholds",
 ]
+
+
+def _binary_clf_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positives at each distinct score, highest score first.
+
+    Returns:
+        ``(fps, tps, thresholds)``: counts of predictions ``score >= threshold``.
+    """
+    y = np.asarray(y_true).ravel() > 0.5
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"y_true {y.shape} and y_score {s.shape} differ")
+    order = np.argsort(s, kind="mergesort")[::-1]  # (N,) descending, stable
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last index of each distinct score
+    tps = np.cumsum(y, dtype=np.float64)[last]
+    fps = 1.0 + last - tps
+    return fps, tps, s[last]
+
+
+def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` of a binary problem, starting at (0, 0) (threshold +inf)."""
+    fps, tps, thr = _binary_clf_curve(y_true, y_score)
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
+    tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
+    return fpr, tpr, np.r_[np.inf, thr]
+
+
+def roc_auc_score(y_true, y_score) -> float:
+    """Area under the ROC curve (trapezoidal: tied scores count half).
+
+    Raises:
+        ValueError: only one class in ``y_true`` (AUROC is undefined).
+    """
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        raise ValueError("only one class present in y_true: ROC AUC is not defined")
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def precision_recall_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(precision, recall, thresholds)``, recall decreasing, ending at (P=1, R=0).
+
+    As scikit-learn: one point per distinct score, then the (1, 0) end point.
+    """
+    fps, tps, thr = _binary_clf_curve(y_true, y_score)
+    ps = tps + fps
+    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+    recall = tps / tps[-1] if tps[-1] > 0 else np.ones_like(tps)
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1]
+
+
+def average_precision_score(y_true, y_score) -> float:
+    """AP: ``sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds (no interpolation)."""
+    precision, recall, _ = precision_recall_curve(y_true, y_score)
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
 def _has_both(y: np.ndarray) -> bool:

@@ -19,7 +19,9 @@ __all__ = ["plot_map_grid", "plot_pr", "plot_roc", "plot_training_curves"]
 
 
 def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 5.0)):
-    import matplotlib
+    from fundus_edge.errors import require
+
+    matplotlib = require("matplotlib", purpose="PNG plots")
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -37,7 +39,12 @@ def _save(plt, fig, path: str | Path) -> Path:
 
 
 def _curves(y_true, y_prob, label_names, kind: str, path, title: str) -> Path:
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+    from fundus_edge.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
 
     y_true = np.asarray(y_true) > 0.5
     y_prob = np.asarray(y_prob, dtype=np.float64)
@@ -57,7 +64,8 @@ def _curves(y_true, y_prob, label_names, kind: str, path, title: str) -> Path:
             continue  # one class: no curve
         if kind == "roc":
             fpr, tpr, _ = roc_curve(t, y_prob[:, j])
-            ax.plot(fpr, tpr, lw=1.2, color=colours(j), label=f"{name} {auc(fpr, tpr):.3f}")
+            auc = roc_auc_score(t, y_prob[:, j])
+            ax.plot(fpr, tpr, lw=1.2, color=colours(j), label=f"{name} {auc:.3f}")
         else:
             prec, rec, _ = precision_recall_curve(t, y_prob[:, j])
             ap = average_precision_score(t, y_prob[:, j])

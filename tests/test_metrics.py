@@ -134,3 +134,44 @@ def test_localisation_report_leaves_global_labels_out_of_the_mean(tmp_path):
     assert rep["macro"]["pointing_game"] == 0.0 and rep["excluded"] == ["MH"]
     both = localisation_report([sample], preds, ["DR", "MH"])
     assert both["macro"]["pointing_game"] == 0.5
+
+
+def test_numpy_rank_metrics_equal_sklearn_with_ties():
+    """eval runs on the edge install: AUROC, AP and the curves are ours, equal to sklearn's."""
+    from sklearn.metrics import precision_recall_curve as sk_pr
+    from sklearn.metrics import roc_curve as sk_roc
+
+    from fundus_edge import metrics as m
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 120))
+        y = rng.integers(0, 2, n)
+        y[0], y[-1] = 0, 1
+        s = rng.random(n)
+        if trial % 3 == 0:
+            s = np.round(s, 1)  # many ties
+        if trial % 7 == 0:
+            s = rng.integers(0, 3, n).astype(float)
+        assert m.roc_auc_score(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert m.average_precision_score(y, s) == pytest.approx(
+            average_precision_score(y, s), abs=1e-12
+        )
+        for ours, theirs in zip(m.precision_recall_curve(y, s), sk_pr(y, s), strict=True):
+            np.testing.assert_allclose(ours, theirs, atol=1e-12)
+        for ours, theirs in zip(
+            m.roc_curve(y, s), sk_roc(y, s, drop_intermediate=False), strict=True
+        ):
+            np.testing.assert_allclose(ours, theirs, atol=1e-12)
+    with pytest.raises(ValueError, match="one class"):
+        m.roc_auc_score([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_metrics_import_no_sklearn():
+    import subprocess
+    import sys
+
+    code = "import sys, fundus_edge.metrics, fundus_edge.evaluate; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
