@@ -19,7 +19,8 @@ from typer.testing import CliRunner  # noqa: E402
 from fundus_edge.artifact import read_metadata  # noqa: E402
 from fundus_edge.cli import app  # noqa: E402
 from fundus_edge.convert import hygiene, tensorrt  # noqa: E402
-from fundus_edge.convert.pipeline import ExportConfig, export_model, load_profile  # noqa: E402
+from fundus_edge.convert.chain import export_model  # noqa: E402
+from fundus_edge.convert.export_config import ExportConfig, load_profile  # noqa: E402
 from fundus_edge.errors import UserError  # noqa: E402
 from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint  # noqa: E402
 
@@ -516,7 +517,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_interrupt_keeps_previous_export_and_leaves_no_staging(small_export, tmp_path, monkeypatch):
-    from fundus_edge.convert import onnx_export, pipeline
+    from fundus_edge.convert import chain, onnx_export
 
     ckpt, done, _ = small_export
     out = tmp_path / "out"
@@ -535,7 +536,7 @@ def test_interrupt_keeps_previous_export_and_leaves_no_staging(small_export, tmp
 
     # Ctrl-C at the last step before the swap: every artifact is built, none may land.
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "_write_report", interrupted)
+        m.setattr(chain, "atomic_write_json", interrupted)
         with pytest.raises(KeyboardInterrupt):
             export_model(_fast(ckpt, out, format="triton"))
     assert _snapshot(out) == before
@@ -563,7 +564,7 @@ def test_sigint_waits_until_the_swap_is_done():
     import os
     import signal
 
-    from fundus_edge.convert.pipeline import _sigint_deferred
+    from fundus_edge.convert.staging import _sigint_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt), _sigint_deferred():

@@ -1,4 +1,4 @@
-"""``fundus-edge export``: checkpoint -> one fused ONNX graph -> TensorRT engine / Triton repository."""
+"""``fundus-edge export``: checkpoint or FP32 ONNX -> fused ONNX (FP16 / INT8) -> engine / Triton."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ from fundus_edge.cli.app import app
 @app.command()
 def export(
     model: Path = typer.Option(
-        ..., "--model", "-m", help="Checkpoint (.safetensors) written by train."
+        ...,
+        "--model",
+        "-m",
+        help="Checkpoint (.safetensors) written by train, or the FP32 model.onnx written by "
+        "export (on the device: no PyTorch needed).",
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Output folder [default: exports/<checkpoint stem>]."
+        None, "--out", "-o", help="Output folder [default: exports/<model file stem>]."
     ),
     fmt: str | None = typer.Option(
         None,
@@ -69,22 +73,25 @@ def export(
         None, "--triton-backend", help="Triton: onnx | engine."
     ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Triton max_batch_size [8]."),
-    name: str | None = typer.Option(None, "--name", help="Artifact / Triton model name [model]."),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="Artifact / Triton model name [model; from an ONNX: its file stem].",
+    ),
 ) -> None:
     """Fuse both backbones, their CAM kernels and the enhancement into one ONNX graph; verify parity.
 
+    From a checkpoint (workstation, needs the train extra) or from the FP32 model.onnx that
+    export wrote (the device: the same chain from its second step, without PyTorch).
     Writes OUT/<name>.onnx (FP32), OUT/<name>.fp16.onnx or OUT/<name>.int8.onnx when asked,
     a TensorRT engine with a sidecar JSON (--format engine, on the device), a Triton
-    repository (--format triton), and OUT/export_report.json with every check's figures.
+    repository (--format triton), and OUT/export_report.json with every step's checks.
     All are built in a staging folder inside OUT and moved in at the end, the report last:
     a failed or interrupted export leaves OUT as it was.
     """
-    from fundus_edge.convert.pipeline import (
-        ExportConfig,
-        _tensorrt_available,
-        export_model,
-        load_profile,
-    )
+    from fundus_edge.convert.chain import export_model, source_kind
+    from fundus_edge.convert.export_config import ExportConfig, load_profile
+    from fundus_edge.convert.steps import tensorrt_available
     from fundus_edge.errors import UserError
 
     if fp16 and int8:
@@ -118,8 +125,10 @@ def export(
     # Messages about a value name the profile only when the profile set it.
     values["profile_keys"] = tuple(k for k in values.get("profile_keys", ()) if k not in given)
     values["model"] = str(model)
+    if source_kind(model) == "onnx":
+        values.setdefault("name", model.stem)
     values.setdefault("out", str(Path("exports") / model.stem))
-    values.setdefault("format", "engine" if _tensorrt_available() else "onnx")
+    values.setdefault("format", "engine" if tensorrt_available() else "onnx")
     report = export_model(ExportConfig(**values))
     _summary(report, Path(values["out"]))
 
@@ -143,8 +152,22 @@ def _summary(report: dict, out: Path) -> None:
             figs.append(f"map corr={rec['cams_correlation']['overall']:.5f}")
         if isinstance(rec.get("auroc"), dict) and rec["auroc"].get("change") is not None:
             figs.append(f"AUROC change={rec['auroc']['change']:+.4f}")
+        if rec.get("problems"):
+            figs.append("; ".join(rec["problems"]))
+        elif "problems" in rec:
+            figs.append(f"outputs match the contract on {rec['images']} images")
         t.add_row(name, status, ", ".join(figs))
     console.print(t)
+    chain = " -> ".join(
+        f"{s['step']} ({s['seconds']:.1f} s)" if "seconds" in s else f"{s['step']} (not run)"
+        for s in report.get("steps", [])
+    )
+    console.print(f"chain: {chain}")
+    carried = (report.get("source") or {}).get("report")
+    if carried:
+        console.print(
+            f"source checks carried from {carried['file']}: {', '.join(carried['checks'])}"
+        )
     for kind, art in report["artifacts"].items():
         size = f" ({art['size_mb']} MB)" if "size_mb" in art else ""
         console.print(f"{kind}: {out / art['path']}{size}")

@@ -5,7 +5,9 @@
   package's own normalisation (min-max, bilinear resize, min-max): max |Δ| <= 1e-2 and
   correlation >= 0.999 (maps that are constant in both are counted, not correlated).
 * Reduced precision vs FP32 ONNX: FP16 ``probs`` within 1e-2 and maps correlating >= 0.99;
-  INT8 reports the AUROC change and map correlation.
+  INT8 reports the AUROC change and map correlation (not gated: INT8 accuracy is judged on
+  the user's data). Two INT8 graphs quantised from the same FP32 graph on the same images
+  (the workstation's and the device's) agree within ``int8_probs`` (5e-2) on ``probs``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Tolerances:
     cam_corr: float = 0.999
     fp16_probs: float = 1e-2
     fp16_map_corr: float = 0.99
+    int8_probs: float = 5e-2
 
 
 TOLERANCES = Tolerances()
