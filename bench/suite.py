@@ -1,4 +1,10 @@
-"""The ``bench/`` suite: side-by-side ratios, each measured in one run with interleaved variants.
+"""The side-by-side benchmark suite: ratios, each measured in one run with interleaved variants.
+
+A repository tool, not part of the wheel: ``python bench/run_suite.py`` from a source
+checkout with the ``train`` extra (it times eager PyTorch and the ``grad-cam`` package against
+the fused graph). Every artifact it times comes from the export chain's own steps
+(:mod:`fundus_edge.convert.steps`): the fused graph and its no-maps twin from
+``CheckpointToOnnx``, FP16 and INT8 from ``OnnxToFp16`` / ``OnnxToInt8``.
 
 Every scenario times two or more variants in rounds (A, B, A, B ... with the order reversed
 every other round), so machine noise - other processes, thermal drift, turbo - hits every
@@ -36,19 +42,21 @@ from typing import Any
 
 import numpy as np
 
+from fundus_edge.convert.calibration import synthetic_frames, synthetic_images
+from fundus_edge.convert.steps import (
+    Artifact,
+    CheckpointToOnnx,
+    OnnxToFp16,
+    OnnxToInt8,
+    StepContext,
+)
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 from fundus_edge.options import load_yaml_mapping
+from fundus_edge.perf.bench import device_slug, parity_record, write_outputs
 from fundus_edge.perf.device import device_record
 from fundus_edge.perf.report import BenchResult, BenchRow
 from fundus_edge.perf.stats import LatencyStats, Ratio, speedup
-from fundus_edge.perf.suite import (
-    calibration_images,
-    device_slug,
-    export_onnx,
-    synthetic_frames,
-    write_outputs,
-)
 from fundus_edge.perf.timer import measure
 
 __all__ = [
@@ -64,9 +72,9 @@ __all__ = [
     "run_suite_files",
 ]
 
-log = get_logger("perf.suite")
+log = get_logger("bench.suite")
 
-SUITE_DIR = Path(__file__).resolve().parents[2] / "bench"
+SUITE_DIR = Path(__file__).resolve().parent  # bench/
 
 
 @dataclass
@@ -272,33 +280,42 @@ class Workspace:
     def ensemble(self) -> Any:
         return self.ensemble_and_meta[0]
 
-    def _export(self, name: str, **kw: Any) -> Path:
-        ens, meta, ckpt = self.ensemble_and_meta
+    @cached_property
+    def steps(self) -> StepContext:
+        """The export steps' context: artifacts go to the workspace, checks are the suite's."""
+        return StepContext(out=self.root, verify=False, seed=self.cfg.seed)
+
+    def _export(self, name: str, with_maps: bool = True) -> Artifact:
+        _, _, ckpt = self.ensemble_and_meta
         t0 = time.perf_counter()
-        path = export_onnx(ckpt, self.root / name, ensemble=ens, meta=meta, **kw)
-        log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
-        return path
+        step = CheckpointToOnnx(name, simplify=False, with_maps=with_maps)
+        art = step.run(Artifact("checkpoint", ckpt), self.steps).artifact
+        log.info("exported %s in %.1f s", art.path.name, time.perf_counter() - t0)
+        return art
 
     @cached_property
+    def fused(self) -> Artifact:
+        return self._export("fused")
+
+    @property
     def fused_onnx(self) -> Path:
-        return self._export("fused.onnx")
+        return self.fused.path
 
     @cached_property
     def nomaps_onnx(self) -> Path:
-        return self._export("nomaps.onnx", with_maps=False)
+        return self._export("nomaps", with_maps=False).path
 
     @cached_property
     def preprocess_config(self) -> Any:
-        from fundus_edge.artifact import read_metadata
         from fundus_edge.preprocess import PreprocessConfig
 
-        return PreprocessConfig.from_dict(read_metadata(self.fused_onnx)["preprocess"])
+        return PreprocessConfig.from_dict(self.fused.meta["preprocess"])
 
     def images(self, n: int) -> np.ndarray:
         """``n`` preprocessed synthetic fundus images, uint8 (n, S, S, 3) (generated once)."""
         if self._pool is None or len(self._pool) < n:
             pre = self.preprocess_config
-            self._pool = calibration_images(None, pre, max(n, 4), self.cfg.seed)[0]
+            self._pool = synthetic_images(pre, max(n, 4), self.cfg.seed).images
         return self._pool[:n]
 
     def ort(self, path: Path) -> Any:
@@ -416,21 +433,19 @@ def scenario_cam_overhead(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
 
 
 def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
-    from fundus_edge.convert.quantize import onnx_to_fp16, onnx_to_int8
-    from fundus_edge.perf.suite import parity_record
+    from fundus_edge.convert.calibration import SYNTHETIC_NOTE, ImageSet
 
     res = ScenarioResult("precision")
     n_cal = _opt(opts, "calib_images", 8)
     method = str(opts.get("calib_method", "minmax"))
     calib = ws.images(max(n_cal, 4))
     paths = {"fp32": ws.fused_onnx}
-    p16 = ws.root / "fused.fp16.onnx"
-    onnx_to_fp16(ws.fused_onnx, p16)
-    paths["fp16"] = p16
+    ctx = StepContext(
+        out=ws.root, verify=False, calib_set=ImageSet(calib[:n_cal], None, SYNTHETIC_NOTE)
+    )
+    paths["fp16"] = OnnxToFp16("fused").run(ws.fused, ctx).artifact.path
     t0 = time.perf_counter()
-    p8 = ws.root / "fused.int8.onnx"
-    onnx_to_int8(ws.fused_onnx, p8, calib[:n_cal], method, target="cpu")
-    paths["int8"] = p8
+    paths["int8"] = OnnxToInt8("fused", method, "cpu", n_cal).run(ws.fused, ctx).artifact.path
     res.notes.append(
         f"precision: INT8 = static Q/DQ for the CPU (u8 activations, s8 per-channel weights; "
         f"ONNX Runtime), {method} calibration on "
@@ -751,7 +766,11 @@ def run_suite_files(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bench/run_suite.py``."""
+    """Entry point of ``bench/run_suite.py``: one line and an exit code on failure."""
+    import sys
+
+    from fundus_edge.errors import FundusEdgeError, require_all
+
     ap = argparse.ArgumentParser(description="Run the fundus-edge benchmark suite.")
     ap.add_argument("--suite", help="suite YAML [bench/scenarios/full.yaml]")
     ap.add_argument("--quick", action="store_true", help="the short suite (quick.yaml, < 60 s)")
@@ -761,7 +780,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fundus_edge.log import setup_logging
 
     setup_logging()
-    paths = run_suite_files(args.suite, quick=args.quick, out=args.out, only=args.only)
+    try:
+        # The suite times eager PyTorch and grad-cam against the fused graph: a workstation tool.
+        require_all(
+            [
+                ("torch", "the benchmark suite"),
+                ("torchvision", "the benchmark suite"),
+                ("pytorch_grad_cam", "the benchmark suite"),
+                ("matplotlib", "the suite's plots"),
+            ]
+        )
+        paths = run_suite_files(args.suite, quick=args.quick, out=args.out, only=args.only)
+    except FundusEdgeError as exc:
+        print(f"run_suite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("run_suite: interrupted", file=sys.stderr)
+        return 130
     for kind, p in paths.items():
         print(f"wrote {kind}: {p}")
     return 0

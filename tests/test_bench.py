@@ -1,4 +1,5 @@
-"""``fundus-edge bench`` and the ``bench/`` suite: outputs, skipped rows, parity, scenario plumbing.
+"""``fundus-edge bench`` and the ``bench/`` suite (bench/suite.py): outputs, skipped rows, parity,
+scenario plumbing.
 
 Speed is never asserted here: targets are met (or not) in the committed benchmark results.
 """
@@ -17,23 +18,23 @@ torch = pytest.importorskip("torch", reason="the bench tests build a model with 
 pytest.importorskip("onnxruntime", reason="the bench tests run ONNX Runtime")
 pytest.importorskip("pytorch_grad_cam", reason="the suite's baselines use the grad-cam package")
 
-from typer.testing import CliRunner  # noqa: E402
-
-import fundus_edge.cli.cmd_bench  # noqa: E402, F401  (registers `bench` before the lead does)
-from fundus_edge.cli.app import app  # noqa: E402
-from fundus_edge.errors import UserError  # noqa: E402
-from fundus_edge.perf import BenchResult, read_result  # noqa: E402
-from fundus_edge.perf.scenarios import (  # noqa: E402
+from suite import (  # noqa: E402  (bench/suite.py: a repository tool, on pytest's pythonpath)
     SCENARIOS,
     SuiteConfig,
     interleave,
     load_suite,
     run_suite,
 )
-from fundus_edge.perf.suite import (  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+import fundus_edge.cli.cmd_bench  # noqa: E402, F401  (registers `bench` before the lead does)
+from fundus_edge.cli.app import app  # noqa: E402
+from fundus_edge.convert.steps import Artifact, CheckpointToOnnx, StepContext  # noqa: E402
+from fundus_edge.errors import UserError  # noqa: E402
+from fundus_edge.perf import BenchResult, read_result  # noqa: E402
+from fundus_edge.perf.bench import (  # noqa: E402
     BenchConfig,
     device_slug,
-    export_onnx,
     parity_record,
     render_bench_markdown,
     run_bench,
@@ -59,7 +60,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_model(checkpoint, tmp_path_factory) -> Path:
-    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    ctx = StepContext(out=tmp_path_factory.mktemp("onnx"), verify=False)
+    step = CheckpointToOnnx("tiny", simplify=False)
+    return step.run(Artifact("checkpoint", checkpoint), ctx).artifact.path
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +295,9 @@ def test_suite_rejects_unknown_scenario(tmp_path):
 
 def test_quick_suite_plumbing_on_tiny_model(tmp_path):
     """Every scenario runs end to end on a tiny model; rows, ratios, targets are all there."""
-    from fundus_edge.perf.scenarios import _ratio_plot
-    from fundus_edge.perf.suite import write_outputs
+    from suite import _ratio_plot
+
+    from fundus_edge.perf.bench import write_outputs
 
     cfg = SuiteConfig(
         name="tiny",

@@ -78,43 +78,36 @@ def bench(
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
     md_path: Path | None = typer.Option(None, "--md", help="Write the Markdown report here."),
-    suite: Path | None = typer.Option(
-        None,
-        "--suite",
-        help="Run a benchmark suite (a YAML in bench/scenarios/) instead of one model.",
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="Run the short suite (bench/scenarios/quick.yaml, < 60 s)."
+    plots: bool = typer.Option(
+        True,
+        "--plots/--no-plots",
+        help="PNG plots in --out (needs matplotlib: the plots extra).",
     ),
 ) -> None:
     """Measure a model per backend x precision x batch: latency percentiles, FPS, parity with FP32,
     end-to-end stage times, memory and the device record (Ultralytics/trtexec-style tables).
 
-    Columns: see bench/README.md. Without --model, --suite FILE or --quick runs the
-    side-by-side suite (interleaved variants, bootstrap intervals on the speed-up ratios).
+    Columns: see bench/README.md. The side-by-side suite (the fused graph against its
+    alternatives) is a repository tool: python bench/run_suite.py.
     """
-    from fundus_edge.errors import UserError
+    from fundus_edge.errors import UserError, require
     from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
 
-    if model is not None and (suite is not None or quick):
-        raise UserError("--model benchmarks one model; --suite/--quick run the suite: pick one")
-    # Where the results go is tried before measuring, not after minutes of it.
+    if model is None:
+        raise UserError(
+            "--model is required (the side-by-side suite runs from a source checkout: "
+            "python bench/run_suite.py)"
+        )
+    # Where the results go, and what writes them, are tried before measuring.
     if out is not None:
         ensure_writable_dir(out, "--out")
+        if plots:
+            require("matplotlib", purpose="the PNG plots in --out (or pass --no-plots)")
     for option, path in (("--json", json_path), ("--md", md_path)):
         if path is not None:
             ensure_writable_file(path, option)
-    if suite is not None or quick:
-        from fundus_edge.perf.scenarios import run_suite_files
 
-        paths = run_suite_files(suite, quick=quick, out=out, json_path=json_path, md_path=md_path)
-        for kind, p in paths.items():
-            typer.echo(f"wrote {kind}: {p}")
-        return
-    if model is None:
-        raise UserError("--model is required (or --suite FILE / --quick for the suite)")
-
-    from fundus_edge.perf.suite import BenchConfig, run_bench, write_outputs
+    from fundus_edge.perf.bench import BenchConfig, run_bench, write_outputs
 
     try:
         batch_sizes = tuple(int(b) for b in _split(batches, "--batch"))
@@ -142,7 +135,7 @@ def bench(
         work_dir=str(work_dir) if work_dir else None,
     )
     result = run_bench(cfg)
-    paths = write_outputs(result, out, json_path=json_path, md_path=md_path)
+    paths = write_outputs(result, out, json_path=json_path, md_path=md_path, plots=plots)
     _print_summary(result)
     for kind, p in paths.items():
         typer.echo(f"wrote {kind}: {p}")

@@ -5,11 +5,14 @@
 
 What a run does, in order:
 
-1. **Artifacts.** The model is an ``.onnx``, a TensorRT ``.engine``/``.plan`` or a checkpoint
-   (``.safetensors``/``.pt``). A checkpoint is exported to an FP32 ONNX in the work folder
-   (:func:`export_onnx`). Precisions other than the file's are derived from the FP32 ONNX:
-   FP16 with ``onnx_to_fp16``, INT8 with ``onnx_to_int8`` calibrated on ``--calib`` images or,
-   labelled as such in the result, on generated synthetic fundus images.
+1. **Artifacts**, made by the export chain's own steps (:mod:`fundus_edge.convert.steps`),
+   never by a copy of export logic. The model is an ``.onnx``, a TensorRT ``.engine``/``.plan``
+   or a checkpoint (``.safetensors``/``.pt``, the ``train`` extra). A checkpoint goes through
+   ``CheckpointToOnnx`` into the work folder. Precisions other than the file's are derived
+   from the FP32 ONNX: FP16 by ``OnnxToFp16``, INT8 by ``OnnxToInt8`` calibrated on
+   ``--calib`` images or, labelled as such in the result, on generated synthetic fundus
+   images; TensorRT rows build engines with ``OnnxToEngine``. On an edge install (no
+   PyTorch) an ``.onnx`` or an engine is benchmarked with the base dependencies alone.
 2. **Model-only rows** per backend x precision x batch: warm-up, then timed ``infer`` calls
    (min/mean/median/p90/p95/p99/std, throughput). Every backend's ``infer`` returns host
    arrays (TensorRT synchronises its stream, PyTorch copies to the CPU), so each sample
@@ -39,7 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from fundus_edge.errors import UserError
+from fundus_edge.convert.calibration import SYNTHETIC_NOTE, load_images, synthetic_frames
+from fundus_edge.convert.steps import (
+    Artifact,
+    CheckpointToOnnx,
+    OnnxToEngine,
+    OnnxToFp16,
+    OnnxToInt8,
+    StepContext,
+)
+from fundus_edge.errors import UserError, require_all
 from fundus_edge.fileio import atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger
 from fundus_edge.perf.device import RssSampler, device_record, memory_record, start_tegrastats
@@ -50,14 +62,12 @@ from fundus_edge.perf.timer import StageTimer, measure
 __all__ = [
     "BACKEND_NAMES",
     "PRECISIONS",
+    "SYNTHETIC_NOTE",
     "BenchConfig",
-    "calibration_images",
     "device_slug",
-    "export_onnx",
     "parity_record",
     "render_bench_markdown",
     "run_bench",
-    "synthetic_frames",
     "write_outputs",
 ]
 
@@ -68,10 +78,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 E2E_STAGES = ("decode", "preprocess", "infer", "postprocess", "render")
 # Parity tolerances on probs vs FP32 (same as the export checks); INT8 is reported, not gated.
 PARITY_TOLERANCE: dict[str, float | None] = {"fp32": 1e-4, "fp16": 1e-2, "int8": None}
-SYNTHETIC_NOTE = (
-    "generated synthetic fundus images (fundus_edge.synth), not real data: INT8 scales and "
-    "parity figures are only indicative"
-)
 
 
 @dataclass
@@ -193,43 +199,7 @@ class BenchConfig:
         return d
 
 
-# ---------------------------------------------------------------------------- images
-
-
-def synthetic_frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` generated fundus photographs (size, size, 3) uint8 RGB, deterministic per seed."""
-    from fundus_edge.synth import DEFAULT_PREVALENCE, generate_image, sample_labels
-
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7, i)))
-        out.append(generate_image(rng, size, sample_labels(rng, DEFAULT_PREVALENCE))[0])
-    return out
-
-
-def calibration_images(
-    calib: str | os.PathLike | None, pre_cfg: Any, n: int, seed: int = 0
-) -> tuple[np.ndarray, str]:
-    """Preprocessed uint8 (n, S, S, 3) images and where they came from, in words.
-
-    Args:
-        calib: folder searched recursively for images; None generates synthetic ones.
-        pre_cfg: the model's :class:`~fundus_edge.preprocess.PreprocessConfig`.
-        n: how many.
-        seed: seed of the synthetic images.
-    """
-    from fundus_edge.preprocess import preprocess, read_image
-
-    if calib is None:
-        frames = synthetic_frames(n, max(256, pre_cfg.size), seed)
-        return np.stack([preprocess(f, pre_cfg).image for f in frames]), SYNTHETIC_NOTE
-    root = Path(calib)
-    exts = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts)[:n]
-    if not paths:
-        raise UserError(f"--calib {root}: no images (.png/.jpg/.tif/.bmp) found")
-    imgs = [preprocess(read_image(p), pre_cfg).image for p in paths]
-    return np.stack(imgs), f"{len(imgs)} images from {root}"
+# ---------------------------------------------------------------------------- artifacts
 
 
 def _batch_of(images: np.ndarray, batch: int) -> np.ndarray:
@@ -238,72 +208,13 @@ def _batch_of(images: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(images[idx])
 
 
-# ---------------------------------------------------------------------------- artifacts
-
-
-def export_onnx(
-    checkpoint: str | os.PathLike,
-    path: str | os.PathLike,
-    *,
-    with_maps: bool = True,
-    ensemble: Any = None,
-    meta: dict[str, Any] | None = None,
-) -> Path:
-    """Trace a checkpoint's fused graph to ``path`` the way ``fundus-edge export`` does.
-
-    Only the trace (``torch_to_onnx``, with its constant folding and metadata): no
-    simplification, parity checks or TensorRT hygiene gate, which are the exporter's job.
-
-    Args:
-        checkpoint: the ``.safetensors`` checkpoint (its metadata becomes the contract).
-        path: output ``.onnx``.
-        with_maps: ``False`` exports :class:`FusedModel` ``(with_maps=False)``, the
-            comparison graph without maps, attention or enhancement.
-        ensemble: an already loaded ensemble of that checkpoint (saves loading it again).
-        meta: its checkpoint metadata (with ``ensemble``).
-    """
-    import torch
-
-    from fundus_edge.convert.onnx_export import torch_to_onnx
-    from fundus_edge.convert.pipeline import build_metadata
-    from fundus_edge.models import load_checkpoint
-    from fundus_edge.models.fused import FusedModel
-
-    checkpoint = Path(checkpoint)
-    if ensemble is None or meta is None:
-        ensemble, meta = load_checkpoint(checkpoint)
-    fused = FusedModel(ensemble, with_maps=with_maps).eval()
-    size = ensemble.config.image_size
-    with torch.no_grad():
-        probe = fused.predict(torch.zeros((1, size, size, 3), dtype=torch.uint8))
-    contract = build_metadata(meta, ensemble, checkpoint, tuple(probe["cams"].shape[-2:]), "fp32")
-    if not with_maps:
-        contract["outputs"] = ["probs", "logits"]
-        contract["benchmark_variant"] = "no maps (FusedModel with_maps=False)"
-    return torch_to_onnx(fused, Path(path), size, contract)
-
-
-def _set_precision(path: Path, precision: str) -> None:
-    """Record the precision in a derived ONNX's contract (the converters copy the FP32 one)."""
-    import onnx
-
-    from fundus_edge.artifact import read_metadata
-    from fundus_edge.convert.onnx_export import embed_metadata
-    from fundus_edge.fileio import atomic_write_bytes
-
-    meta = read_metadata(path)
-    model = onnx.load(str(path))
-    embed_metadata(model, {**meta, "precision": precision})
-    atomic_write_bytes(path, model.SerializeToString())
-
-
 @dataclass
 class _Artifacts:
     """What each precision runs from, per backend kind, or why it cannot."""
 
     kind: str  # "onnx", "engine" or "checkpoint"
     source: Path
-    onnx: dict[str, Path] = field(default_factory=dict)
+    onnx: dict[str, Artifact] = field(default_factory=dict)
     onnx_skip: dict[str, str] = field(default_factory=dict)
     engine_precision: str | None = None
     input_size: int = 0
@@ -318,8 +229,9 @@ def _model_kind(path: Path) -> str:
     return {"onnxruntime": "onnx", "tensorrt": "engine", "torch": "checkpoint"}[name]
 
 
-def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str]:
-    """Resolve/derive every precision's ONNX; return them with the parity/calibration images."""
+def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str, StepContext]:
+    """Resolve/derive every precision's ONNX with the export chain's steps; return them with
+    the parity/calibration images and the steps' context (engines are built later in it)."""
     from fundus_edge.artifact import read_metadata
     from fundus_edge.preprocess import PreprocessConfig
 
@@ -328,29 +240,42 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str]
         raise UserError(f"--model {src}: no such file")
     kind = _model_kind(src)
     art = _Artifacts(kind=kind, source=src)
+    needs_onnx = "onnxruntime" in cfg.backends or "tensorrt" in cfg.backends
+    if kind == "checkpoint":
+        # Benchmarking a checkpoint is a workstation job: PyTorch, checked before any work.
+        require_all(
+            CheckpointToOnnx(gradcam=False).needs()
+            if needs_onnx
+            else [("torch", "checkpoints"), ("safetensors", "checkpoints")]
+        )
     if kind == "checkpoint":
         from fundus_edge.artifact import contract_from_checkpoint
         from fundus_edge.models import read_checkpoint_meta
 
         meta = contract_from_checkpoint(read_checkpoint_meta(src), str(src))
-        needs_onnx = "onnxruntime" in cfg.backends or "tensorrt" in cfg.backends
         file_precision = "fp32"
-        if needs_onnx:
-            log.info("exporting %s to ONNX for the ONNX Runtime / TensorRT rows", src.name)
-            art.onnx["fp32"] = export_onnx(src, work / "model.fp32.onnx")
-            art.derived["fp32"] = "exported from the checkpoint (torch_to_onnx)"
     else:
         meta = read_metadata(src)
         file_precision = str(meta.get("precision") or "fp32")
         if kind == "onnx":
-            art.onnx[file_precision] = src
+            art.onnx[file_precision] = Artifact(f"onnx_{file_precision}", src, meta)
         else:
             art.engine_precision = file_precision
     art.input_size = int(meta["input_size"])
     art.preprocess = dict(meta["preprocess"])
     pre_cfg = PreprocessConfig.from_dict(art.preprocess)
     n_img = max(cfg.parity_images, cfg.calib_count if "int8" in cfg.precisions else 0)
-    images, origin = calibration_images(cfg.calib, pre_cfg, n_img, cfg.seed)
+    images = load_images(cfg.calib, pre_cfg, n_img, seed=cfg.seed)
+    # The export chain's steps make every derived artifact: the same code as export.
+    ctx = StepContext(out=work, verify=False, calib_set=images)
+    if kind == "checkpoint" and needs_onnx:
+        log.info("exporting %s to ONNX for the ONNX Runtime / TensorRT rows", src.name)
+        art.onnx["fp32"] = (
+            CheckpointToOnnx("model", simplify=False, gradcam=False)
+            .run(Artifact("checkpoint", src), ctx)
+            .artifact
+        )
+        art.derived["fp32"] = "exported from the checkpoint (export step torch_to_onnx)"
 
     fp32 = art.onnx.get("fp32")
     for p in cfg.precisions:
@@ -362,32 +287,26 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str]
                 "or the checkpoint"
             )
             continue
-        dst = work / f"model.{p}.onnx"
         try:
             if p == "fp16":
-                from fundus_edge.convert.quantize import onnx_to_fp16
-
-                onnx_to_fp16(fp32, dst)
-                art.derived[p] = "onnx_to_fp16 of the FP32 ONNX"
+                art.onnx[p] = OnnxToFp16("model").run(fp32, ctx).artifact
+                art.derived[p] = "export step onnx_to_fp16 of the FP32 ONNX"
             else:
                 # One INT8 file serves every row: the TensorRT-ready symmetric Q/DQ when a
                 # TensorRT row asks for it, else ONNX Runtime's faster u8s8 CPU variant.
-                import importlib.util
-
-                from fundus_edge.convert.quantize import onnx_to_int8
-
-                trt_rows = "tensorrt" in cfg.backends and importlib.util.find_spec("tensorrt")
-                target = "tensorrt" if trt_rows else "cpu"
-                rec = onnx_to_int8(
-                    fp32, dst, images[: cfg.calib_count], cfg.calib_method, target=target
+                trt_rows = "tensorrt" in cfg.backends and _tensorrt_missing() is None
+                step = OnnxToInt8(
+                    "model", cfg.calib_method, "tensorrt" if trt_rows else "cpu", cfg.calib_count
                 )
-                art.derived[p] = {"how": "onnx_to_int8 of the FP32 ONNX", "calibration": origin}
-                art.derived[p].update(rec)
-            _set_precision(dst, p)
-            art.onnx[p] = dst
+                res = step.run(fp32, ctx)
+                art.onnx[p] = res.artifact
+                art.derived[p] = {
+                    "how": "export step onnx_to_int8 of the FP32 ONNX",
+                    **res.record["quantization"],
+                }
         except UserError as exc:
             art.onnx_skip[p] = f"deriving {p} failed: {exc}"
-    return art, images[: cfg.parity_images], origin
+    return art, images.images[: cfg.parity_images], images.origin, ctx
 
 
 # ---------------------------------------------------------------------------- rows
@@ -453,7 +372,7 @@ class _Failure(str):
     """A reason that marks its rows ``failed`` (something broke), not ``skipped``."""
 
 
-def _plan(cfg: BenchConfig, art: _Artifacts, work: Path) -> Iterator[tuple[str, str, Any]]:
+def _plan(cfg: BenchConfig, art: _Artifacts, ctx: StepContext) -> Iterator[tuple[str, str, Any]]:
     """(backend, precision, model path | skip reason) in run order: FP32 first."""
     order = sorted(cfg.precisions, key=PRECISIONS.index)
     for precision in order:
@@ -461,10 +380,12 @@ def _plan(cfg: BenchConfig, art: _Artifacts, work: Path) -> Iterator[tuple[str, 
             if backend == "onnxruntime":
                 if art.kind == "engine":
                     yield backend, precision, "a TensorRT engine runs on TensorRT only"
+                elif precision in art.onnx:
+                    yield backend, precision, art.onnx[precision].path
                 else:
-                    yield backend, precision, art.onnx.get(precision) or art.onnx_skip[precision]
+                    yield backend, precision, art.onnx_skip[precision]
             elif backend == "tensorrt":
-                yield backend, precision, _engine_for(art, precision, work)
+                yield backend, precision, _engine_for(art, precision, ctx)
             else:
                 if art.kind != "checkpoint":
                     yield (
@@ -478,7 +399,7 @@ def _plan(cfg: BenchConfig, art: _Artifacts, work: Path) -> Iterator[tuple[str, 
                     yield backend, precision, art.source
 
 
-def _engine_for(art: _Artifacts, precision: str, work: Path) -> Path | str:
+def _engine_for(art: _Artifacts, precision: str, ctx: StepContext) -> Path | str:
     if art.kind == "engine":
         if precision != art.engine_precision:
             return (
@@ -492,14 +413,9 @@ def _engine_for(art: _Artifacts, precision: str, work: Path) -> Path | str:
     src = art.onnx.get("int8" if precision == "int8" else "fp32")
     if src is None:
         return art.onnx_skip.get(precision, f"no ONNX to build a {precision} engine from")
-    from fundus_edge.artifact import read_metadata
-    from fundus_edge.convert.tensorrt import onnx_to_engine
-
-    meta = {**read_metadata(src), "precision": precision}
     try:
-        return onnx_to_engine(
-            src, work / f"model.{precision}.engine", precision=precision, meta=meta, batch=(1, 1, 8)
-        )
+        step = OnnxToEngine(precision, batch=(1, 1, 8), rebuild="always")
+        return step.run(src, ctx).artifact.path
     except UserError as exc:  # the row reports it; other precisions and backends still run
         return _Failure(f"building the {precision} engine failed: {exc}")
 
@@ -608,7 +524,7 @@ def _run(cfg: BenchConfig, work: Path) -> BenchResult:
     import cv2
 
     t_start = time.perf_counter()
-    art, images, origin = _prepare(cfg, work)
+    art, images, origin, ctx = _prepare(cfg, work)
     result = BenchResult(device=device_record())
     jpegs: list[bytes] = []
     if cfg.pipeline:
@@ -618,7 +534,7 @@ def _run(cfg: BenchConfig, work: Path) -> BenchResult:
                 raise UserError("OpenCV cannot encode JPEG here (needed for the decode stage)")
             jpegs.append(buf.tobytes())
     reference: tuple[str, dict[str, np.ndarray]] | None = None
-    for backend_name, precision, target in _plan(cfg, art, work):
+    for backend_name, precision, target in _plan(cfg, art, ctx):
         if isinstance(target, str):
             for b in cfg.batches:
                 row = _skip(backend_name, precision, b, target)
@@ -685,7 +601,7 @@ def _run(cfg: BenchConfig, work: Path) -> BenchResult:
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
     if cfg.roofline and "fp32" in art.onnx:
-        result.roofline = _roofline(art.onnx["fp32"], art.input_size, result)
+        result.roofline = _roofline(art.onnx["fp32"].path, art.input_size, result)
     return result
 
 
