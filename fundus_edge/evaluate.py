@@ -428,15 +428,16 @@ def evaluate_model(
     split: str = "test",
     json_path: str | Path | None = None,
     out_dir: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 16,
     data_format: str = "auto",
 ) -> dict:
     """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
 
-    A checkpoint (``.safetensors``) runs in PyTorch; an exported graph (``.onnx``,
-    ``.engine``/``.plan``) runs through its :mod:`fundus_edge.backends` backend with the
-    labels, thresholds and preprocessing of its own metadata.
+    A checkpoint (``.safetensors``) runs in PyTorch on ``device`` (``auto``, ``cpu``,
+    ``cuda[:N]``); an exported graph (``.onnx``, ``.engine``/``.plan``) runs through its
+    :mod:`fundus_edge.backends` backend with the labels, thresholds and preprocessing of its
+    own metadata, and needs no PyTorch.
 
     Raises:
         UserError: missing model or data, unknown split, no samples.
@@ -461,10 +462,21 @@ def evaluate_model(
         labels = list(meta["label_names"])
         pre = PreprocessConfig.from_dict(meta["preprocess"])
     else:
-        from fundus_edge.models import load_checkpoint
+        from fundus_edge.errors import require_all
 
+        require_all(
+            [
+                ("torch", "evaluating a checkpoint (export it to run on the edge install)"),
+                ("torchvision", "evaluating a checkpoint"),
+                ("safetensors", "reading checkpoints"),
+            ]
+        )
+        from fundus_edge.models import load_checkpoint
+        from fundus_edge.trainer import resolve_device
+
+        dev = str(resolve_device(device))
         model, meta = load_checkpoint(model_path)
-        predict = torch_predictor(model, device)
+        predict = torch_predictor(model, dev)
         labels = list(meta.get("label_names") or model.config.label_names)
         pre = PreprocessConfig.from_dict(
             meta.get("preprocess") or {"size": model.config.image_size}

@@ -53,7 +53,17 @@ def train(
 ) -> None:
     """Train the ensemble (CAM-guided enhancement, weighted losses, resumable runs)."""
     from fundus_edge.config import given_keys, load_config
-    from fundus_edge.errors import UserError
+    from fundus_edge.errors import UserError, require_all
+
+    # The workstation's extra, checked before any work (exit 3 naming it).
+    require_all(
+        [
+            ("torch", "training"),
+            ("torchvision", "training"),
+            ("safetensors", "training checkpoints"),
+            ("matplotlib", "the training curves"),
+        ]
+    )
 
     if enhance is not None and enhance not in _ENHANCE:
         raise UserError(f"--enhance {enhance!r}: choose one of {', '.join(_ENHANCE)}")
@@ -125,15 +135,27 @@ def eval_(
     split: str = typer.Option("test", "--split", help="train | val | test."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the full report here."),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Folder for roc.png, pr.png, maps.png (default: beside --json)."
+        None,
+        "--out",
+        "-o",
+        help="Folder for roc.png, pr.png, maps.png (needs matplotlib: the plots extra) "
+        "[default: beside --json, when matplotlib is installed].",
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device: str = typer.Option(
+        "auto", "--device", help="PyTorch device for checkpoints: auto | cpu | cuda | cuda:N."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     data_format: str = typer.Option("auto", "--format", help="auto | rfmid | odir | csv."),
 ) -> None:
-    """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots."""
-    from fundus_edge.errors import UserError
+    """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots.
+
+    An exported model (.onnx, .engine) needs only the edge install: the metrics are numpy.
+    """
+    import importlib.util
+
+    from fundus_edge.errors import UserError, require
     from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
+    from fundus_edge.log import get_logger
 
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: choose train, val or test")
@@ -142,17 +164,23 @@ def eval_(
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
+    if out is not None:
+        require("matplotlib", purpose="the plots in --out")  # asked for: checked before work
+    elif plots_dir is not None and importlib.util.find_spec("matplotlib") is None:
+        get_logger("evaluate").warning(
+            "plots skipped: matplotlib is not installed (pip install 'fundus-edge[plots]'); "
+            "the JSON report is written"
+        )
+        plots_dir = None
     # Where the results go is checked before the evaluation, not after it.
     if json_file is not None:
         ensure_writable_file(json_file, "--json")
     if plots_dir is not None:
         ensure_writable_dir(plots_dir, "--out" if out is not None else "--json")
     from fundus_edge.evaluate import evaluate_model
-    from fundus_edge.trainer import resolve_device
 
-    dev = str(resolve_device(device))
     rep = evaluate_model(
-        model, data, split, json_file, plots_dir, dev, batch_size, data_format=data_format
+        model, data, split, json_file, plots_dir, device, batch_size, data_format=data_format
     )
     _render(rep)
 
