@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "collect", "cpu_info", "jetson_info", "opencv_info"]
+__all__ = ["PACKAGES", "collect", "cpu_info", "cuda_info", "jetson_info", "opencv_info"]
 
 # Distribution name -> import name; versions are read from metadata without importing.
 PACKAGES = {
@@ -33,6 +33,7 @@ PACKAGES = {
     "grad-cam": "pytorch_grad_cam",
     "tensorrt": "tensorrt",
     "cuda-python": "cuda",
+    "cuda-bindings": "cuda.bindings",
     "pycuda": "pycuda",
     "typer": "typer",
     "rich": "rich",
@@ -157,6 +158,82 @@ def tensorrt_info() -> dict[str, Any]:
         cuda_bindings = mod.rsplit(".", 1)[0] if mod != "pycuda.driver" else "pycuda"
         break
     info["cuda_bindings"] = cuda_bindings
+    return info
+
+
+def _cuda_version() -> tuple[str | None, str | None]:
+    """The installed CUDA toolkit/runtime version and where it was read, or (None, None)."""
+    import json
+
+    for root in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        text = _read(f"{root}/version.json")
+        if text:
+            try:
+                version = json.loads(text)["cuda"]["version"]
+                return ".".join(str(version).split(".")[:2]), f"{root}/version.json"
+            except (ValueError, KeyError, TypeError):
+                pass
+        text = _read(f"{root}/version.txt")  # CUDA <= 11.0
+        m = re.search(r"CUDA Version (\d+\.\d+)", text or "")
+        if m:
+            return m.group(1), f"{root}/version.txt"
+    out = _run(["nvcc", "--version"])
+    m = re.search(r"release (\d+\.\d+)", out or "")
+    if m:
+        return m.group(1), "nvcc --version"
+    out = _run(["ldconfig", "-p"])
+    m = re.search(r"libcudart\.so\.(\d+)(?:\.(\d+))?", out or "")
+    if m:
+        return (f"{m.group(1)}.{m.group(2)}" if m.group(2) else m.group(1)), "ldconfig (libcudart)"
+    return None, None
+
+
+def cuda_info() -> dict[str, Any]:
+    """The CUDA installed here, the Python CUDA bindings, whether they match, and how to fix it.
+
+    TensorRT's Python runtime needs CUDA bindings of the same major version as the CUDA
+    runtime (cuda-python 12.x for CUDA 12, 13.x for CUDA 13), or pycuda built against it.
+    """
+    version, source = _cuda_version()
+    driver = _run(["nvidia-smi"])
+    m = re.search(r"CUDA Version:\s*(\d+\.\d+)", driver or "")
+    info: dict[str, Any] = {
+        "version": version,
+        "source": source,
+        "driver_supports": m.group(1) if m else None,
+        "bindings": {},
+    }
+    for dist in ("cuda-python", "cuda-bindings", "pycuda"):
+        try:
+            info["bindings"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    major = version.split(".")[0] if version else None
+    cuda_py = info["bindings"].get("cuda-bindings") or info["bindings"].get("cuda-python")
+    want = f"'cuda-python>={version},<{int(major) + 1}'" if major and major.isdigit() else None
+    if version is None:
+        info["match"] = None
+        info["advice"] = (
+            "no CUDA installation found: TensorRT engines cannot run here (on Jetson CUDA "
+            "comes with JetPack: sudo apt install nvidia-jetpack)"
+        )
+    elif cuda_py is not None and cuda_py.split(".")[0] == major:
+        info["match"] = True
+        info["advice"] = f"cuda-python {cuda_py} matches CUDA {version}"
+    elif cuda_py is not None:
+        info["match"] = False
+        info["advice"] = (
+            f"cuda-python {cuda_py} is for CUDA {cuda_py.split('.')[0]}, this machine has CUDA "
+            f"{version}: pip install {want}"
+        )
+    elif "pycuda" in info["bindings"]:
+        info["match"] = True
+        info["advice"] = (
+            f"pycuda {info['bindings']['pycuda']} (built against the local CUDA {version})"
+        )
+    else:
+        info["match"] = False
+        info["advice"] = f"no CUDA Python bindings: pip install {want} (or pycuda)"
     return info
 
 
@@ -303,6 +380,7 @@ def collect(probe_cameras: bool = True, import_torch: bool = True) -> dict[str, 
             "tensorrt": safe(tensorrt_info),
         },
         "gpus": safe(gpu_info),
+        "cuda": safe(cuda_info),
         "opencv": safe(opencv_info),
         "cameras": safe(cameras, probe_cameras),
         "jetson": safe(jetson_info),

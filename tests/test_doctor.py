@@ -52,3 +52,43 @@ def test_failing_probe_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(doctor, "opencv_info", broken)
     report = doctor.collect(probe_cameras=False, import_torch=False)
     assert report["opencv"] == {"error": "RuntimeError: driver exploded"}
+
+
+def test_cuda_bindings_advice(monkeypatch):
+    """doctor names the CUDA installed, the bindings, whether they match and what to install."""
+    from importlib import metadata
+
+    files = {"/usr/local/cuda/version.json": '{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}'}
+    monkeypatch.setattr(doctor, "_read", lambda p: files.get(p))
+    monkeypatch.setattr(doctor, "_run", lambda cmd, timeout=5.0: None)
+    versions: dict[str, str] = {}
+
+    def version(dist):
+        if dist in versions:
+            return versions[dist]
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(doctor.metadata, "version", version)
+    info = doctor.cuda_info()
+    assert info["version"] == "12.6" and info["match"] is False
+    assert "pip install 'cuda-python>=12.6,<13'" in info["advice"]
+    versions["cuda-python"] = "13.0.1"
+    info = doctor.cuda_info()
+    assert info["match"] is False and "is for CUDA 13, this machine has CUDA 12.6" in info["advice"]
+    versions["cuda-python"] = "12.6.2"
+    assert doctor.cuda_info()["match"] is True
+    # Older toolkits: version.txt; no toolkit files: nvcc; nothing: say so.
+    files = {"/usr/local/cuda/version.txt": "CUDA Version 10.2.89"}
+    assert doctor.cuda_info()["version"] == "10.2"
+    files = {}
+    monkeypatch.setattr(
+        doctor,
+        "_run",
+        lambda cmd, timeout=5.0: (
+            "Cuda compilation tools, release 13.0, V13.0.88" if cmd[0] == "nvcc" else None
+        ),
+    )
+    assert doctor.cuda_info()["source"] == "nvcc --version"
+    monkeypatch.setattr(doctor, "_run", lambda cmd, timeout=5.0: None)
+    info = doctor.cuda_info()
+    assert info["version"] is None and "no CUDA installation found" in info["advice"]

@@ -77,6 +77,18 @@ def _render(r: dict) -> None:
         (trt.get("version") if trt.get("available") else trt.get("reason", ""))
         + f"; CUDA bindings: {trt.get('cuda_bindings') or 'none'}",
     )
+    cuda = r.get("cuda") or {}
+    if "error" not in cuda:
+        t.add_row(
+            "CUDA",
+            cuda.get("version") or "no",
+            cuda.get("advice", "")
+            + (
+                f"; driver supports CUDA {cuda['driver_supports']}"
+                if cuda.get("driver_supports")
+                else ""
+            ),
+        )
     gpus = r.get("gpus")
     t.add_row(
         "GPU",
