@@ -17,7 +17,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[train,dev,openvino]'
 	@touch $@
 
 venv: $(STAMP)
@@ -46,7 +46,10 @@ demo: $(STAMP)
 	$(FE) train --config training/demo-cpu.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite
 	$(FE) eval --model $(DEMO)/run/best.safetensors --data $(DEMO)/data --split test \
 		--json $(DEMO)/eval/test.json --out $(DEMO)/eval
-	$(FE) export --model $(DEMO)/run/best.safetensors --out $(DEMO)/export --format onnx \
+	# The workstation: checkpoint -> FP32 ONNX (PyTorch parity, grad-cam check).
+	$(FE) export --model $(DEMO)/run/best.safetensors --out $(DEMO)/export --format onnx
+	# The device: the same chain from that ONNX (no PyTorch needed) -> INT8 Q/DQ.
+	$(FE) export --model $(DEMO)/export/model.onnx --out $(DEMO)/export --format onnx \
 		--int8 --calib $(DEMO)/data --calib-count 64
 	$(BIN)/python -c "import cv2, skimage.data as d; cv2.imwrite('$(DEMO)/retina.png', d.retina()[:, :, ::-1])"
 	$(FE) clip '$(DEMO)/data/Test_Set/Test/1?.png' $(DEMO)/retina.png --out $(DEMO)/clip.mp4 --fps 5 --hold 3

@@ -73,13 +73,35 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
     names, thresholds = meta["label_names"], meta["thresholds"]
     if not isinstance(names, list) or not names:
         raise UserError(f"{source}: model metadata label_names must be a non-empty list")
+    if not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{source}: model metadata label_names must be non-empty strings")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{source}: model metadata names label {dup[0]!r} twice")
     if not isinstance(thresholds, list) or len(thresholds) != len(names):
         raise UserError(
             f"{source}: model metadata has {len(thresholds) if isinstance(thresholds, list) else '?'} "
             f"thresholds for {len(names)} labels"
         )
+    for name, t in zip(names, thresholds, strict=True):
+        # A null or out-of-range threshold would switch a finding off (or on) without a word.
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise UserError(
+                f"{source}: model metadata threshold of {name} is {t!r}; expected a number in [0, 1]"
+            )
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is not None and not (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ):
+            raise UserError(f"{source}: model metadata {key} must be three numbers, got {v!r}")
+    for key in ("preprocess", "quality"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise UserError(f"{source}: model metadata {key} must be a mapping, got {meta[key]!r}")
     size = meta["input_size"]
-    if not isinstance(size, int) or size <= 0:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise UserError(
             f"{source}: model metadata input_size must be a positive integer, got {size!r}"
         )
@@ -98,7 +120,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate the metadata of an exported model.
 
     ``.onnx``: the ``fundus_edge`` entry of ``metadata_props`` (read with ONNX Runtime alone).
-    ``.engine`` / ``.plan``: the sidecar ``<path>.json``. ``.json``: that file.
+    ``.engine`` / ``.plan`` (TensorRT) and ``.xml`` (OpenVINO IR): the sidecar
+    ``<path>.json``. ``.json``: that file.
 
     Args:
         path: the model file.
@@ -115,12 +138,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return _read_onnx(path)
-    if suffix in (".engine", ".plan"):
+    if suffix in (".engine", ".plan", ".xml"):
         side = sidecar_path(path)
         if not side.is_file():
+            kind = "OpenVINO IR" if suffix == ".xml" else "TensorRT engine"
             raise UserError(
-                f"{path}: TensorRT engine has no metadata sidecar {side.name} "
-                "(export writes it next to the engine; copy both files together)"
+                f"{path}: {kind} has no metadata sidecar {side.name} "
+                "(export writes it next to the model; copy the files together)"
             )
         return parse_metadata(side.read_text(encoding="utf-8"), str(side))
     if suffix == ".json":

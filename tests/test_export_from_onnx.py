@@ -270,3 +270,130 @@ def test_export_config_refuses_a_profile_that_is_not_shipped():
     assert {"jetson-orin-nano-fp16", "x86-cpu-int8"} <= set(profile_names())
     with pytest.raises(UserError, match="shipped: agx-orin-int8"):
         load_profile("no-such-profile")
+
+
+def test_a_graph_that_breaks_its_contract_is_refused_and_the_previous_export_kept(
+    workstation, tmp_path
+):
+    _, ws, _ = workstation
+    meta = read_metadata(ws / "model.onnx")
+    bad = _with_meta(
+        ws / "model.onnx", tmp_path / "bad.onnx", json.dumps({**meta, "map_size": [7, 7]})
+    )
+    out = tmp_path / "prev"
+    export_model(ExportConfig(model=str(ws / "model.onnx"), out=str(out), name="bad"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for verify in (True, False):
+        with pytest.raises(UserError, match=r"does not match its own contract: cams .* != "):
+            export_model(
+                ExportConfig(model=str(bad), out=str(out), verify=verify, precision="fp16")
+            )
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": [None, 0.5, 0.5, 0.5]}, "threshold of Disease_Risk is None"),
+        ({"thresholds": ["abc", 0.5, 0.5, 0.5]}, "threshold of Disease_Risk is 'abc'"),
+        ({"thresholds": [1.5, 0.5, 0.5, 0.5]}, "expected a number in [0, 1]"),
+        ({"label_names": ["Disease_Risk", "DR", "DR", "MH"]}, "names label 'DR' twice"),
+        ({"mean": "0.5"}, "mean must be three numbers"),
+        ({"preprocess": [1, 2]}, "preprocess must be a mapping"),
+        ({"input_size": True}, "input_size must be a positive integer"),
+    ],
+)
+def test_contract_values_of_the_wrong_type_are_refused(workstation, tmp_path, change, message):
+    _, ws, _ = workstation
+    meta = {**read_metadata(ws / "model.onnx"), **change}
+    bad = _with_meta(ws / "model.onnx", tmp_path / "bad.onnx", json.dumps(meta))
+    with pytest.raises(UserError) as exc:
+        export_model(ExportConfig(model=str(bad), out=str(tmp_path / "out")))
+    assert message in str(exc.value) and "bad.onnx" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_model_is_copied_never_shared(workstation, tmp_path):
+    _, ws, _ = workstation
+    (tmp_path / "in").mkdir()
+    link = tmp_path / "in" / "link.onnx"
+    link.symlink_to(Path("..") / ".." / ws.relative_to(ws.parents[1]) / "model.onnx")
+    if not link.is_file():  # the relative link did not resolve in this layout: use an absolute one
+        link.unlink()
+        link.symlink_to(ws / "model.onnx")
+    out = tmp_path / "out"
+    export_model(ExportConfig(model=str(link), out=str(out), name="model"))
+    made = out / "model.onnx"
+    assert not made.is_symlink() and made.stat().st_nlink == 1
+    assert made.read_bytes() == (ws / "model.onnx").read_bytes()
+
+
+def test_checks_are_carried_through_several_device_exports(workstation, tmp_path):
+    _, ws, _ = workstation
+    dev1 = tmp_path / "dev1"
+    export_model(ExportConfig(model=str(ws / "model.onnx"), out=str(dev1), precision="fp16"))
+    rep = export_model(ExportConfig(model=str(dev1 / "model.onnx"), out=str(tmp_path / "dev2")))
+    carried = rep["source"]["report"]["checks"]
+    assert {"cams_vs_gradcam", "onnxruntime_vs_pytorch", "fp16_vs_fp32"} <= set(carried)
+
+
+def test_histogram_calibration_does_not_fall_back_on_an_odd_image_count(
+    workstation, tiny_synth, tmp_path
+):
+    _, ws, _ = workstation
+    rep = export_model(
+        ExportConfig(
+            model=str(ws / "model.onnx"),
+            out=str(tmp_path / "q"),
+            precision="int8",
+            calib=str(tiny_synth),
+            calib_count=7,
+            calib_method="entropy",
+            verify=False,
+        )
+    )
+    assert rep["quantization"]["method"] == "entropy" and rep["quantization"]["fallback"] is None
+
+
+def test_names_that_would_break_triton_or_files_are_refused():
+    with pytest.raises(UserError, match="letters, digits"):
+        ExportConfig(model="m.onnx", name="my model")
+    with pytest.raises(UserError, match="--calib-count 'lots': must be an integer"):
+        ExportConfig(model="m.onnx", calib_count="lots")
+    # Triton on an engine takes the engine's max batch unless told otherwise.
+    assert (
+        ExportConfig(model="m.onnx", format="triton", triton_backend="engine").triton_max_batch == 4
+    )
+    assert ExportConfig(model="m.onnx", format="triton").triton_max_batch == 8
+
+
+def test_sigterm_cleans_up_and_an_abandoned_stage_is_removed(workstation, tiny_synth, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    _, ws, _ = workstation
+    out = tmp_path / "out"
+    export_model(ExportConfig(model=str(ws / "model.onnx"), out=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    exe = Path(sys.executable).with_name("fundus-edge")
+    cmd = [str(exe), "export", "--model", str(ws / "model.onnx"), "--out", str(out), "--int8",
+           "--calib", str(tiny_synth), "--calib-count", "20"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob(".export-*/model.onnx")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A stage left by a killed process (its pid gone) is removed by the next export.
+    stale = out / ".export-old"
+    stale.mkdir()
+    (stale / ".pid").write_text("999999999")
+    (stale / "junk").write_bytes(b"x" * 10)
+    export_model(ExportConfig(model=str(ws / "model.onnx"), out=str(out)))
+    assert not stale.exists()
+    assert os.path.isfile(out / "export_report.json")

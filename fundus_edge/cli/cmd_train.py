@@ -144,6 +144,14 @@ def eval_(
     device: str = typer.Option(
         "auto", "--device", help="PyTorch device for checkpoints: auto | cpu | cuda | cuda:N."
     ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="Exported models: onnxruntime | openvino | tensorrt [default: by the file's suffix].",
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="OpenVINO compute: fp32 | bf16 | int8 [default: the file's]."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     data_format: str = typer.Option("auto", "--format", help="auto | rfmid | odir | csv."),
 ) -> None:
@@ -166,21 +174,30 @@ def eval_(
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
     if out is not None:
         require("matplotlib", purpose="the plots in --out")  # asked for: checked before work
-    elif plots_dir is not None and importlib.util.find_spec("matplotlib") is None:
+    # Where the results go is checked before the evaluation, not after it.
+    if json_file is not None:
+        ensure_writable_file(json_file, "--json")
+    if out is None and plots_dir is not None and importlib.util.find_spec("matplotlib") is None:
         get_logger("evaluate").warning(
             "plots skipped: matplotlib is not installed (pip install 'fundus-edge[plots]'); "
             "the JSON report is written"
         )
         plots_dir = None
-    # Where the results go is checked before the evaluation, not after it.
-    if json_file is not None:
-        ensure_writable_file(json_file, "--json")
     if plots_dir is not None:
         ensure_writable_dir(plots_dir, "--out" if out is not None else "--json")
     from fundus_edge.evaluate import evaluate_model
 
     rep = evaluate_model(
-        model, data, split, json_file, plots_dir, device, batch_size, data_format=data_format
+        model,
+        data,
+        split,
+        json_file,
+        plots_dir,
+        device,
+        batch_size,
+        data_format=data_format,
+        backend=backend,
+        precision=precision,
     )
     _render(rep)
 

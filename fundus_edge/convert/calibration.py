@@ -110,6 +110,8 @@ def load_images(
     root = Path(path)
     if not root.exists():
         raise UserError(f"{option} {root}: no such folder")
+    if not root.is_dir():
+        raise UserError(f"{option} {root}: must be a folder of images or a dataset")
     labels = None
     try:
         from fundus_edge.datasets import open_dataset

@@ -8,6 +8,7 @@ package on the device; ``--profile`` also takes a path to a profile of one's own
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from fundus_edge.options import load_yaml_mapping
 
 __all__ = ["FORMATS", "PRECISIONS", "PROFILE_DIR", "ExportConfig", "load_profile", "profile_names"]
 
-FORMATS = ("onnx", "engine", "triton")
+FORMATS = ("onnx", "engine", "triton", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The profiles shipped with the package (``export/`` of the repository).
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -51,7 +52,8 @@ class ExportConfig:
         model: the checkpoint (``.safetensors``) to export, or an FP32 ``.onnx`` written by
             export (the device's starting point: everything but the grad-cam check).
         out: output folder.
-        format: ``onnx``, ``engine`` (TensorRT, built here: run it on the device) or ``triton``.
+        format: ``onnx``, ``engine`` (TensorRT, built here: run it on the device), ``triton``
+            or ``openvino`` (an IR for OpenVINO: FP16-stored weights, or INT8 from the Q/DQ graph).
         precision: ``fp32``, ``fp16`` or ``int8``.
         calib: folder of fundus images or a dataset, for INT8 calibration and parity checks.
         calib_count: images used for calibration.
@@ -66,7 +68,8 @@ class ExportConfig:
         batch: TensorRT optimisation profile (min, opt, max).
         rebuild: TensorRT engine reuse policy: stale, always, never.
         triton_backend: for ``triton``: ``onnx`` (onnxruntime_onnx) or ``engine`` (tensorrt_plan).
-        triton_max_batch: Triton ``max_batch_size``.
+        triton_max_batch: Triton ``max_batch_size`` [8; with ``triton_backend: engine``, the
+            engine's max batch].
         triton_instances: model instances per GPU.
         triton_kind: ``KIND_GPU`` or ``KIND_CPU``.
         name: model name (file stem and Triton model name).
@@ -90,7 +93,7 @@ class ExportConfig:
     batch: tuple[int, int, int] = (1, 1, 4)
     rebuild: str = "stale"
     triton_backend: str = "onnx"
-    triton_max_batch: int = 8
+    triton_max_batch: int | None = None
     triton_instances: int = 1
     triton_kind: str = "KIND_GPU"
     name: str = "model"
@@ -118,14 +121,24 @@ class ExportConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{self.where(key)}: choose {', '.join(allowed)}")
+        if self.triton_max_batch is None:  # the engine's own max batch, else Triton's usual 8
+            self.triton_max_batch = self.batch[2] if self.triton_backend == "engine" else 8
         for key in (
             "calib_count",
             "verify_images",
             "workspace_mb",
             "triton_max_batch",
             "triton_instances",
+            "opset",
         ):
-            if int(getattr(self, key)) < 1:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                try:
+                    value = int(str(value))
+                except ValueError:
+                    raise UserError(f"{self.where(key)}: must be an integer") from None
+                setattr(self, key, value)
+            if key != "opset" and value < 1:
                 raise UserError(f"{self.where(key)}: must be at least 1")
         if len(self.batch) != 3:
             raise UserError(f"{self.where('batch')}: needs three numbers min,opt,max")
@@ -145,6 +158,11 @@ class ExportConfig:
             raise UserError(f"{self.where('opset')}: TensorRT 10 parses opsets 9-20")
         if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
             raise UserError(f"{self.where('name')}: a plain file name, without folders")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise UserError(
+                f"{self.where('name')}: letters, digits, '.', '_' and '-' only (it names files "
+                "and the Triton model)"
+            )
 
     def where(self, key: str) -> str:
         """Where the value of ``key`` came from, for messages: the option, or the profile file."""

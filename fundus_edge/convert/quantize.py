@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -125,10 +127,24 @@ def onnx_to_fp16(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-class _Reader:
-    """ONNX Runtime CalibrationDataReader over uint8 (N,H,W,3) batches."""
+class _LogWriter(io.StringIO):
+    """A stdout stand-in that sends each line to the debug log."""
 
-    def __init__(self, images: np.ndarray, batch: int = 4) -> None:
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.debug("onnxruntime: %s", line.strip())
+        return len(text)
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over uint8 (N,H,W,3) batches.
+
+    One image per batch: the histogram calibrators (percentile, entropy) stack the batches'
+    outputs, and a shorter last batch made them fail and fall back to minmax.
+    """
+
+    def __init__(self, images: np.ndarray, batch: int = 1) -> None:
         self.batches = [images[i : i + batch] for i in range(0, len(images), batch)]
         self.i = 0
 
@@ -194,6 +210,11 @@ def onnx_to_int8(
         used = method
 
         def run(calibration: str) -> None:
+            # ONNX Runtime prints its calibration progress on stdout: keep it in the log.
+            with contextlib.redirect_stdout(_LogWriter()):
+                _quantize(calibration)
+
+        def _quantize(calibration: str) -> None:
             quantize_static(
                 str(pre),
                 str(tmp),

@@ -20,9 +20,66 @@ from pathlib import Path
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import ensure_writable_dir
 
-__all__ = ["REPORT", "commit", "prepare_out"]
+__all__ = ["REPORT", "commit", "mark_stage", "prepare_out", "sigterm_as_interrupt"]
 
 REPORT = "export_report.json"
+
+
+_PID = ".pid"
+
+
+def mark_stage(stage: Path) -> None:
+    """Record which process builds in ``stage``, so a later export can tell it is abandoned."""
+    (stage / _PID).write_text(str(os.getpid()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Staging folders whose process is gone (a SIGKILL, a power cut) are removed.
+
+    A folder without a pid file is left alone for a minute (another export may be about to
+    write it), then counts as abandoned too.
+    """
+    import time
+
+    for stage in out.glob(".export-*"):
+        if not stage.is_dir():
+            continue
+        try:
+            pid: int | None = int((stage / _PID).read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and _alive(pid):
+            continue  # another export is building here right now
+        if pid is None and time.time() - stage.stat().st_mtime < 60:
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt (main thread only), as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def prepare_out(out: Path) -> list[Path]:
@@ -39,6 +96,7 @@ def prepare_out(out: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    _remove_abandoned(out)
     return missing
 
 
@@ -51,7 +109,9 @@ def commit(stage: Path, out: Path, keep: set[str] | frozenset[str] = frozenset()
     ``keep`` names files never removed (the model the export started from).
     """
     new_files = sorted(
-        p.relative_to(stage) for p in stage.rglob("*") if p.is_file() and p.name != REPORT
+        p.relative_to(stage)
+        for p in stage.rglob("*")
+        if p.is_file() and p.name != REPORT and p.relative_to(stage) != Path(_PID)
     )
     stale = _old_artifacts(out) - {f.parts[0] for f in new_files} - set(keep)
     with _sigint_deferred():
@@ -80,8 +140,10 @@ def _old_artifacts(out: Path) -> set[str]:
             first = Path(str(art["path"])).parts[0]
             if first not in (".", "..", REPORT) and not Path(first).is_absolute():
                 names.add(first)
-                if first.endswith(".engine"):
-                    names.add(first + ".json")
+                if first.endswith((".engine", ".xml")):
+                    names.add(first + ".json")  # the sidecar contract
+                if first.endswith(".xml"):
+                    names.add(first[: -len(".xml")] + ".bin")  # the IR's weights
         return names
     except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return set()  # no report, or not one of ours: touch nothing
