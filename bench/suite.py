@@ -20,6 +20,8 @@ variant alike. A ratio is the ratio of median latencies with the 95% bootstrap i
 * ``pipelined``: ``runtime.run`` on a video of synthetic frames vs a plain
   read -> predict -> render -> write loop, and vs model-only inference. Target: pipelined
   FPS >= 0.9x model-only FPS.
+* ``cpu_runtimes``: ONNX Runtime and OpenVINO x FP32 / BF16 / INT8 on the fused graph,
+  with parity against ONNX Runtime FP32. Targets: best INT8 >= 6x, best BF16 >= 4x.
 * ``training``: a CAM-augmented training step (forward with maps, enhancement, loss and
   backward on both views) vs a plain step on the doubled batch (target <= 1.15x) and vs the
   same step with maps from the ``grad-cam`` package (target >= 1.5x faster).
@@ -323,6 +325,20 @@ class Workspace:
 
         return load_backend(path, provider="cpu", threads=self.cfg.threads or None)
 
+    def int8(self, n_calib: int = 8, method: str = "minmax") -> Path:
+        """``fused.int8.onnx``: the CPU (u8s8) Q/DQ graph, made once by the export step."""
+        dst = self.root / "fused.int8.onnx"
+        if not dst.is_file():
+            from fundus_edge.convert.calibration import SYNTHETIC_NOTE, ImageSet
+
+            ctx = StepContext(
+                out=self.root,
+                verify=False,
+                calib_set=ImageSet(self.images(max(n_calib, 4))[:n_calib], None, SYNTHETIC_NOTE),
+            )
+            OnnxToInt8("fused", method, "cpu", n_calib).run(self.fused, ctx)
+        return dst
+
 
 # ---------------------------------------------------------------------------- scenarios
 
@@ -445,7 +461,7 @@ def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     )
     paths["fp16"] = OnnxToFp16("fused").run(ws.fused, ctx).artifact.path
     t0 = time.perf_counter()
-    paths["int8"] = OnnxToInt8("fused", method, "cpu", n_cal).run(ws.fused, ctx).artifact.path
+    paths["int8"] = ws.int8(n_cal, method)
     res.notes.append(
         f"precision: INT8 = static Q/DQ for the CPU (u8 activations, s8 per-channel weights; "
         f"ONNX Runtime), {method} calibration on "
@@ -517,7 +533,14 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     n = _opt(opts, "frames", 12)
     size = _opt(opts, "frame_size", 512)
     video = _write_video(ws.root / "frames.mp4", synthetic_frames(n, size, ws.cfg.seed + 3))
-    predictor = Predictor(ws.ort(ws.fused_onnx), gate=False)
+    if opts.get("backend") == "auto":  # the fastest CPU runtime x precision that passes parity
+        ws.int8()
+        predictor = Predictor(ws.fused_onnx, backend="auto", gate=False)
+        label = f"{predictor.backend.name}-{predictor.backend.device}"
+        res.notes.append(f"pipelined: --backend auto chose {predictor.backend.device}")
+    else:
+        predictor = Predictor(ws.ort(ws.fused_onnx), gate=False)
+        label = "onnxruntime-cpu"
     img = ws.images(1)
 
     def pipelined() -> None:
@@ -557,9 +580,9 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         predictor.close()
     # One sample per round and variant: ms per frame over the whole video.
     per = {k: [v / n for v in vs] for k, vs in s.items()}
-    a = res.row("runtime.run (threads)", "onnxruntime-cpu", per["pipelined"])
-    b = res.row("plain loop read-predict-render-write", "onnxruntime-cpu", per["sequential"])
-    c = res.row("model only (infer)", "onnxruntime-cpu", per["model"])
+    a = res.row("runtime.run (threads)", label, per["pipelined"])
+    b = res.row("plain loop read-predict-render-write", label, per["sequential"])
+    c = res.row("model only (infer)", label, per["model"])
     res.compare(b, a, "pipelined speed-up over the sequential loop")
     res.compare(c, a, "pipelined FPS / model-only FPS", opts.get("target", ">= 0.9"))
     res.notes.append(
@@ -567,6 +590,114 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         "frame rendered and written to an mp4 in both loops; samples are ms per frame of one "
         "whole pass."
     )
+    return res
+
+
+def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    """ONNX Runtime and OpenVINO x FP32 / BF16 / INT8 on the same graphs, interleaved.
+
+    FP32 and BF16 run the fused FP32 graph, INT8 the export step's CPU Q/DQ graph. Each row's
+    parity is against ONNX Runtime FP32 on the same images. Ratios: ONNX Runtime FP32 latency
+    over each row's; targets on the best INT8 and the best BF16 row.
+    """
+    from fundus_edge.backends import load_backend
+    from fundus_edge.backends.auto import MIN_LABEL_AGREEMENT, MIN_MAP_CORRELATION
+    from fundus_edge.convert.verify import compare_outputs
+
+    res = ScenarioResult("cpu_runtimes")
+    int8 = ws.int8(_opt(opts, "calib_images", 8), str(opts.get("calib_method", "minmax")))
+    variants: dict[str, tuple[str, str, Path]] = {
+        "onnxruntime fp32": ("onnxruntime", "fp32", ws.fused_onnx),
+        "onnxruntime int8": ("onnxruntime", "int8", int8),
+    }
+    try:
+        import openvino  # noqa: F401
+
+        from fundus_edge.backends.openvino import cpu_supports_bf16
+
+        variants["openvino fp32"] = ("openvino", "fp32", ws.fused_onnx)
+        if cpu_supports_bf16():
+            variants["openvino bf16"] = ("openvino", "bf16", ws.fused_onnx)
+        else:
+            res.notes.append("cpu_runtimes: this CPU has no BF16 compute: no BF16 row")
+        variants["openvino int8"] = ("openvino", "int8", int8)
+    except ImportError:
+        res.notes.append("cpu_runtimes: OpenVINO is not installed: ONNX Runtime rows only")
+    backends = {}
+    for name, (backend, precision, path) in variants.items():
+        opts_ = {"threads": ws.cfg.threads or None}
+        if backend == "openvino":
+            opts_["precision"] = precision
+        else:
+            opts_["provider"] = "cpu"
+        backends[name] = load_backend(path, backend=backend, **opts_)
+    check = ws.images(4)
+    img = check[:1]
+    try:
+        ref = backends["onnxruntime fp32"].infer(check)
+        thr = backends["onnxruntime fp32"].metadata["thresholds"]
+        parity = {}
+        for name, b in backends.items():
+            rec = parity_record(
+                ref, b.infer(check), thr, reference_name="onnxruntime-cpu fp32", tolerance=None
+            )
+            cmp = compare_outputs(ref, b.infer(check))
+            rec["map_correlation"] = (cmp.get("cams_correlation") or {}).get("overall")
+            parity[name] = rec
+        s = interleave(
+            {name: (lambda b=b: b.infer(img)) for name, b in backends.items()},
+            _opt(opts, "rounds", 6),
+            _opt(opts, "iters", 3),
+            _opt(opts, "warmup", 2),
+        )
+    finally:
+        for b in backends.values():
+            b.close()
+    rows = {}
+    for name, (backend, precision, path) in variants.items():
+        p = parity[name]
+        rows[name] = res.row(
+            f"fused graph {name}",
+            f"{backend}-cpu",
+            s[name],
+            precision=precision,
+            size_mb=_mb(path),
+            parity=p,
+            metric={"name": "label agreement vs fp32", "value": p["label_agreement"]},
+        )
+    base = rows["onnxruntime fp32"]
+    for name, row in rows.items():
+        if name != "onnxruntime fp32":
+            res.compare(base, row, f"{name} speed-up over onnxruntime fp32")
+
+    def passes(name: str) -> bool:
+        p = parity[name]
+        corr = p["map_correlation"]
+        return p["label_agreement"] >= MIN_LABEL_AGREEMENT and (
+            corr is None or corr >= MIN_MAP_CORRELATION
+        )
+
+    for precision, target in (
+        ("int8", opts.get("target_int8", ">= 6")),
+        ("bf16", opts.get("target_bf16", ">= 4")),
+    ):
+        cands = [n for n in rows if variants[n][1] == precision]
+        if not cands:
+            continue
+        best = min(cands, key=lambda n: float(np.median(s[n])))
+        res.compare(
+            base,
+            rows[best],
+            f"best {precision.upper()} ({best}) speed-up over onnxruntime fp32",
+            target,
+        )
+        res.notes.append(
+            f"cpu_runtimes: best {precision.upper()} = {best}; parity vs ONNX Runtime FP32 on 4 "
+            f"images: max |d probs| {parity[best]['max_abs_diff']:.3g}, map correlation "
+            f"{parity[best]['map_correlation']}, label agreement "
+            f"{parity[best]['label_agreement']:.3f} ({'passes' if passes(best) else 'FAILS'} the "
+            f"--backend auto gate: agreement >= {MIN_LABEL_AGREEMENT}, maps >= {MIN_MAP_CORRELATION})"
+        )
     return res
 
 
@@ -622,6 +753,7 @@ SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] =
     "cam_overhead": scenario_cam_overhead,
     "precision": scenario_precision,
     "pipelined": scenario_pipelined,
+    "cpu_runtimes": scenario_cpu_runtimes,
     "training": scenario_training,
 }
 

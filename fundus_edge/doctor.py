@@ -28,6 +28,7 @@ PACKAGES = {
     "onnxruntime": "onnxruntime",
     "onnxruntime-gpu": "onnxruntime",
     "onnx": "onnx",
+    "openvino": "openvino",
     "torch": "torch",
     "torchvision": "torchvision",
     "grad-cam": "pytorch_grad_cam",
@@ -88,6 +89,8 @@ def cpu_info() -> dict[str, Any]:
             "avx512f",
             "avx512_vnni",
             "avx512_bf16",
+            "amx_tile",
+            "amx_bf16",
             "amx_int8",
             "fma",
             "asimd",
@@ -137,6 +140,13 @@ def onnxruntime_info() -> dict[str, Any]:
         "version": ort.__version__,
         "providers": list(ort.get_available_providers()),
     }
+
+
+def openvino_info() -> dict[str, Any]:
+    """OpenVINO's version and devices (CPU, GPU, NPU) with their optimisation capabilities."""
+    from fundus_edge.backends.openvino import openvino_devices
+
+    return openvino_devices()
 
 
 def tensorrt_info() -> dict[str, Any]:
@@ -378,6 +388,7 @@ def collect(probe_cameras: bool = True, import_torch: bool = True) -> dict[str, 
             else {"available": None, "reason": "not probed"},
             "onnxruntime": safe(onnxruntime_info),
             "tensorrt": safe(tensorrt_info),
+            "openvino": safe(openvino_info),
         },
         "gpus": safe(gpu_info),
         "cuda": safe(cuda_info),

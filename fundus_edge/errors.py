@@ -82,6 +82,7 @@ OPTIONAL_MODULES: dict[str, tuple[str | None, str]] = {
     "onnxslim": ("train", "onnxslim"),
     "sklearn": ("train", "scikit-learn"),
     "matplotlib": ("plots", "matplotlib"),
+    "openvino": ("openvino", "openvino"),
     "tensorrt": ("trt", "tensorrt"),
     "cuda": ("trt", "cuda-python"),
     "pycuda": ("trt", "pycuda"),

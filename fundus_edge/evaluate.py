@@ -431,13 +431,16 @@ def evaluate_model(
     device: str = "auto",
     batch_size: int = 16,
     data_format: str = "auto",
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
 
     A checkpoint (``.safetensors``) runs in PyTorch on ``device`` (``auto``, ``cpu``,
     ``cuda[:N]``); an exported graph (``.onnx``, ``.engine``/``.plan``) runs through its
     :mod:`fundus_edge.backends` backend with the labels, thresholds and preprocessing of its
-    own metadata, and needs no PyTorch.
+    own metadata, and needs no PyTorch; ``backend`` names another runtime for it (``openvino``
+    at ``precision`` fp32/bf16/int8), as ``run --backend`` does.
 
     Raises:
         UserError: missing model or data, unknown split, no samples.
@@ -452,13 +455,13 @@ def evaluate_model(
     if split not in ds.splits or not ds.splits[split]:
         have = ", ".join(k for k, v in ds.splits.items() if v) or "none"
         raise UserError(f"{data_dir}: split {split!r} has no samples (splits with samples: {have})")
-    backend = None
-    if model_path.suffix.lower() in (".onnx", ".engine", ".plan"):
+    runner = None
+    if model_path.suffix.lower() in (".onnx", ".engine", ".plan", ".xml"):
         from fundus_edge.backends import load_backend
 
-        backend = load_backend(model_path)
-        meta = backend.metadata
-        predict = backend_predictor(backend)
+        runner = load_backend(model_path, backend=backend, precision=precision)
+        meta = runner.metadata
+        predict = backend_predictor(runner)
         labels = list(meta["label_names"])
         pre = PreprocessConfig.from_dict(meta["preprocess"])
     else:
@@ -496,9 +499,11 @@ def evaluate_model(
             global_labels=global_labels_of(ds.root),
         )
     finally:
-        if backend is not None:
-            backend.close()
+        if runner is not None:
+            runner.close()
     report["model"] = str(model_path)
+    if runner is not None:
+        report["backend"] = {"name": runner.name, "device": runner.device}
     report["data"] = str(data_dir)
     if json_path is not None:
         atomic_write_json(json_path, report)

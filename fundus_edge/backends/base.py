@@ -32,7 +32,9 @@ class Backend(ABC):
 
     Attributes:
         name: short backend name shown to users (``"onnxruntime"``, ``"tensorrt"``, ``"torch"``).
-        suffixes: model file suffixes this backend loads.
+        suffixes: model file suffixes this backend is chosen for by default.
+        loads: every suffix it can load when asked by name (``--backend``); default
+            :attr:`suffixes`.
         options: keyword options ``load`` accepts besides the path.
         path: the model file.
         metadata: the artifact's contract dict (labels, thresholds, preprocessing, ...).
@@ -41,6 +43,7 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
+    loads: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()
 
     path: Path

@@ -24,16 +24,18 @@ def bench(
         None, "--model", "-m", help="Model: .onnx, .engine/.plan or checkpoint (.safetensors)."
     ),
     backends: str = typer.Option(
-        "onnxruntime,tensorrt,torch",
+        "onnxruntime,openvino,tensorrt,torch",
         "--backend",
         "-b",
-        help="Comma list of onnxruntime, tensorrt, torch. Rows that cannot run here are skipped.",
+        help="Comma list of onnxruntime, openvino, tensorrt, torch. Rows that cannot run here "
+        "are skipped with the reason.",
     ),
     precisions: str = typer.Option(
-        "fp32,fp16,int8",
+        "fp32,fp16,bf16,int8",
         "--precision",
         "-p",
-        help="Comma list of fp32, fp16, int8; others than the file's are derived from FP32.",
+        help="Comma list of fp32, fp16, bf16 (OpenVINO, where the CPU has it), int8; files other "
+        "than the model's are derived from its FP32 graph by the export steps.",
     ),
     batches: str = typer.Option("1", "--batch", help="Comma list of batch sizes."),
     warmup_iters: int | None = typer.Option(
@@ -64,7 +66,7 @@ def bench(
         None, "--provider", help="ONNX Runtime provider: cpu, cuda, tensorrt."
     ),
     threads: int = typer.Option(
-        0, "--threads", help="ONNX Runtime intra-op threads (0: its own default)."
+        0, "--threads", help="ONNX Runtime / OpenVINO inference threads (0: their own default)."
     ),
     device: str | None = typer.Option(None, "--device", help="PyTorch device for checkpoints."),
     roofline: bool = typer.Option(
@@ -100,9 +102,9 @@ def bench(
         )
     # Where the results go, and what writes them, are tried before measuring.
     if out is not None:
-        ensure_writable_dir(out, "--out")
-        if plots:
+        if plots:  # before --out is created: a refused run leaves nothing behind
             require("matplotlib", purpose="the PNG plots in --out (or pass --no-plots)")
+        ensure_writable_dir(out, "--out")
     for option, path in (("--json", json_path), ("--md", md_path)):
         if path is not None:
             ensure_writable_file(path, option)

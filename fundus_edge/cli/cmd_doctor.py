@@ -77,6 +77,26 @@ def _render(r: dict) -> None:
         (trt.get("version") if trt.get("available") else trt.get("reason", ""))
         + f"; CUDA bindings: {trt.get('cuda_bindings') or 'none'}",
     )
+    ov = b.get("openvino") or {}
+    if ov.get("available"):
+        devs = "; ".join(
+            f"{d} {v.get('name')} [{' '.join(v.get('capabilities') or [])}]"
+            for d, v in (ov.get("devices") or {}).items()
+        )
+        t.add_row("OpenVINO", "yes", f"{str(ov.get('version')).split('-')[0]}: {devs}")
+    else:
+        t.add_row("OpenVINO", "no", ov.get("reason", "") + " (pip install 'fundus-edge[openvino]')")
+    cpu_flags = set(cpu.get("flags") or [])
+    simd = [
+        f
+        for f in ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+        if f in cpu_flags
+    ]
+    t.add_row(
+        "CPU int8/bf16",
+        "AMX" if "amx_bf16" in cpu_flags else ("AVX-512" if "avx512f" in cpu_flags else "-"),
+        ", ".join(simd) or "no AVX2/AVX-512/AMX",
+    )
     cuda = r.get("cuda") or {}
     if "error" not in cuda:
         t.add_row(

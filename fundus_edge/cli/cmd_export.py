@@ -25,7 +25,8 @@ def export(
         None,
         "--format",
         "-f",
-        help="onnx | engine | triton [default: engine where TensorRT imports, else onnx].",
+        help="onnx | engine | triton | openvino (IR) [default: engine where TensorRT imports, "
+        "else onnx].",
     ),
     fp16: bool = typer.Option(
         False, "--fp16", help="FP16 engine (TensorRT) or FP16 ONNX with float32 I/O."
@@ -85,7 +86,8 @@ def export(
     export wrote (the device: the same chain from its second step, without PyTorch).
     Writes OUT/<name>.onnx (FP32), OUT/<name>.fp16.onnx or OUT/<name>.int8.onnx when asked,
     a TensorRT engine with a sidecar JSON (--format engine, on the device), a Triton
-    repository (--format triton), and OUT/export_report.json with every step's checks.
+    repository (--format triton), an OpenVINO IR (--format openvino: <name>.xml + .bin +
+    .xml.json), and OUT/export_report.json with every step's checks.
     All are built in a staging folder inside OUT and moved in at the end, the report last:
     a failed or interrupted export leaves OUT as it was.
     """
@@ -152,6 +154,15 @@ def _summary(report: dict, out: Path) -> None:
             figs.append(f"map corr={rec['cams_correlation']['overall']:.5f}")
         if isinstance(rec.get("auroc"), dict) and rec["auroc"].get("change") is not None:
             figs.append(f"AUROC change={rec['auroc']['change']:+.4f}")
+        for prec, sub in (rec.get("precisions") or {}).items():
+            if "skipped" in sub:
+                figs.append(f"{prec}: skipped ({sub['skipped']})")
+            else:
+                corr = (sub.get("cams_correlation") or {}).get("overall")
+                figs.append(
+                    f"{prec}: probs_max_abs={sub['probs_max_abs']:.3g}"
+                    + (f" map corr={corr:.5f}" if corr is not None else "")
+                )
         if rec.get("problems"):
             figs.append("; ".join(rec["problems"]))
         elif "problems" in rec:

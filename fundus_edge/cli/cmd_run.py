@@ -38,10 +38,21 @@ def run(
         "--reconnect",
         help="Seconds (>= 0) to keep reconnecting a lost camera or stream; 0: do not.",
     ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="auto (the fastest that passes parity here, measured once and cached beside the "
+        "model) | onnxruntime | openvino | tensorrt | torch [default: by the model file's suffix].",
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="OpenVINO compute: fp32 | bf16 | int8 [default: the file's]."
+    ),
     provider: str | None = typer.Option(
         None, "--provider", help="ONNX Runtime provider: tensorrt, cuda, cpu (default: best)."
     ),
-    device: str | None = typer.Option(None, "--device", help="PyTorch device for checkpoints."),
+    device: str | None = typer.Option(
+        None, "--device", help="PyTorch device for checkpoints; OpenVINO device (CPU, GPU, NPU)."
+    ),
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph", help="Replay CUDA graphs (TensorRT engines)."
     ),
@@ -108,6 +119,8 @@ def run(
         fps=fps,
         loop=loop,
         reconnect=reconnect,
+        backend=backend,
+        precision=precision,
         provider=provider,
         device=device,
         cuda_graph=cuda_graph,

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from fundus_edge.convert.export_config import ExportConfig
-from fundus_edge.convert.staging import REPORT, commit, prepare_out
+from fundus_edge.convert.staging import (
+    REPORT,
+    commit,
+    mark_stage,
+    prepare_out,
+    sigterm_as_interrupt,
+)
 from fundus_edge.convert.steps import (
     Artifact,
     CheckpointToOnnx,
@@ -101,8 +107,13 @@ def plan(cfg: ExportConfig, kind: str) -> list[PlannedStep]:
     )
     deploy = "onnx_fp32"
     # An FP16 engine is built from the FP32 graph with the builder's FP16 flag; the FP16
-    # ONNX is for runtimes without TensorRT (and for engines where TensorRT is missing).
-    if cfg.precision == "fp16" and not (wants_engine and tensorrt_available()):
+    # ONNX is for runtimes without TensorRT (and for engines where TensorRT is missing). An
+    # OpenVINO IR from the FP32 graph stores FP16 weights itself.
+    if (
+        cfg.precision == "fp16"
+        and not (wants_engine and tensorrt_available())
+        and cfg.format != "openvino"
+    ):
         steps.append(PlannedStep(OnnxToFp16(cfg.name), "onnx_fp32"))
         deploy = "onnx_fp16"
     if cfg.precision == "int8":
@@ -117,6 +128,12 @@ def plan(cfg: ExportConfig, kind: str) -> list[PlannedStep]:
             )
         )
         deploy = "engine"
+    if cfg.format == "openvino":
+        from fundus_edge.convert.steps import OnnxToOpenVino
+
+        source = "onnx_int8_qdq" if cfg.precision == "int8" else "onnx_fp32"
+        steps.append(PlannedStep(OnnxToOpenVino(cfg.name), source))
+        deploy = "openvino_ir"
     if cfg.format == "triton":
         triton = ToTriton(cfg.name, cfg.triton_max_batch, cfg.triton_instances, cfg.triton_kind)
         steps.append(PlannedStep(triton, "engine" if cfg.triton_backend == "engine" else deploy))
@@ -157,20 +174,24 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     created = prepare_out(out)
     stage: Path | None = None
     committed = False
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-        report, error = _run(cfg, steps, Artifact(f"{kind}_source", source, src_meta), stage, out)
-        keep = {source.name} if source.parent.resolve() == out.resolve() else set()
-        commit(stage, out, keep=keep)
-        committed = True
-    finally:
-        # Also on KeyboardInterrupt: nothing half-built stays behind.
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        if not committed:
-            for folder in created:  # deepest first; only the ones this call made, if empty
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+    # SIGTERM (a service manager, `timeout`) ends the export like Ctrl-C: cleaned up, exit 130.
+    with sigterm_as_interrupt():
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+            mark_stage(stage)
+            source_art = Artifact(f"{kind}_source", source, src_meta)
+            report, error = _run(cfg, steps, source_art, stage, out)
+            keep = {source.name} if source.parent.resolve() == out.resolve() else set()
+            commit(stage, out, keep=keep)
+            committed = True
+        finally:
+            # Also on KeyboardInterrupt: nothing half-built stays behind.
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            if not committed:
+                for folder in created:  # deepest first; only the ones this call made, if empty
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
     if error is not None:
         raise error
     return report
@@ -189,7 +210,11 @@ def _source_record(src: Artifact, kind: str) -> dict[str, Any]:
             fp32 = old["artifacts"]["onnx_fp32"]
             same = fp32.get("sha256") in (None, rec["sha256"]) and fp32["path"] == src.path.name
             if same:
-                rec["report"] = {"file": str(beside), "checks": old.get("checks", {})}
+                # What that report itself carried from further up (the workstation's checks
+                # after several device exports), then its own: nothing is lost on the way.
+                carried = (old.get("source") or {}).get("report") or {}
+                checks = {**(carried.get("checks") or {}), **old.get("checks", {})}
+                rec["report"] = {"file": str(beside), "checks": checks}
         except (OSError, ValueError, KeyError, TypeError):
             pass
     return rec
@@ -226,6 +251,8 @@ def _run(
             report["steps"].append({"step": ps.step.name, "input": ps.input, "skipped": str(exc)})
             break
         have[res.artifact.role] = res.artifact
+        if res.artifact.role == "onnx_fp32":
+            ctx.fp32 = res.artifact  # the reference of the later steps' checks
         if res.artifact.role != "triton":
             deploy = res.artifact
         report["artifacts"][res.artifact.role] = res.artifact.record(stage)

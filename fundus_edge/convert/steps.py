@@ -50,6 +50,7 @@ __all__ = [
     "OnnxToEngine",
     "OnnxToFp16",
     "OnnxToInt8",
+    "OnnxToOpenVino",
     "ReadOnnx",
     "Step",
     "StepContext",
@@ -92,6 +93,12 @@ class Artifact:
         if self.path.is_file():
             rec["size_mb"] = round(self.path.stat().st_size / 1e6, 2)
             rec["sha256"] = sha256_file(self.path)
+        weights = self.path.with_suffix(".bin")
+        if self.path.suffix == ".xml" and weights.is_file():  # an OpenVINO IR's weights
+            rec["weights"] = {
+                "path": weights.name,
+                "size_mb": round(weights.stat().st_size / 1e6, 2),
+            }
         return rec
 
 
@@ -121,6 +128,7 @@ class StepContext:
         calib: folder (dataset or images) for INT8 calibration; None: synthetic images.
         calib_set: INT8 calibration images given directly (bench); overrides ``calib``.
         seed: seed of generated images.
+        fp32: the FP32 ONNX of this run (set by the chain): the reference of later checks.
     """
 
     out: Path
@@ -130,6 +138,7 @@ class StepContext:
     calib: str | None = None
     calib_set: ImageSet | None = None
     seed: int = 0
+    fp32: Artifact | None = None
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -323,7 +332,34 @@ def read_export_source(path: str | os.PathLike) -> dict[str, Any]:
             f"--model {path}: a graph without class maps (outputs {meta.get('outputs')}); "
             "export starts from the fused graph export wrote"
         )
+    _check_graph_is_fp32(path)
     return meta
+
+
+def _check_graph_is_fp32(path: Path) -> None:
+    """The graph itself, not only its metadata, must be the FP32 one (no external data)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a protobuf that ONNX Runtime read but onnx cannot
+        raise UserError(f"--model {path}: not a readable ONNX file ({exc})") from exc
+    external = [
+        t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise UserError(
+            f"--model {path}: weights stored as external data ({external[0]}, ...) are not "
+            "supported; export writes one self-contained .onnx"
+        )
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if fp16 or qdq:
+        kind = "FP16 weights" if fp16 else "Q/DQ (INT8) nodes"
+        raise UserError(
+            f"--model {path}: its metadata says fp32 but the graph holds {kind}; export starts "
+            "from the FP32 .onnx that export wrote"
+        )
 
 
 # ---------------------------------------------------------------------------- steps
@@ -425,9 +461,11 @@ class ReadOnnx(Step):
     """An exported FP32 ``.onnx`` -> the chain's ``onnx_fp32`` (the device's starting point).
 
     The contract is read from the graph's metadata and checked (:func:`read_export_source`);
-    the graph is copied (hard-linked where possible) into the output folder under ``name``.
-    Checks: the graph's outputs agree with its contract (labels, members, map size) on the
-    parity images, and its probabilities are finite and in [0, 1].
+    the graph is copied into the output folder under ``name`` (a copy, never a link: the
+    export must not share an inode with the workstation's file). Its outputs must agree with
+    its contract (labels, members, map size) on the parity images, with probabilities finite
+    in [0, 1]: a graph that breaks its contract is refused (exit 2), whatever ``--verify``
+    says, before anything replaces the previous export.
     """
 
     name = "read_onnx"
@@ -447,12 +485,16 @@ class ReadOnnx(Step):
 
         meta = src.meta or read_export_source(src.path)
         dst = ctx.out / f"{self.file}.onnx"
-        if dst.resolve() != src.path.resolve():
-            _link_or_copy(src.path, dst)
+        shutil.copyfile(src.path.resolve(), dst)
         record = {"hygiene": hygiene.check_graph(dst).to_dict()}
         art = Artifact(self.makes, dst, meta)
-        checks = {"onnx_contract": _contract_check(art, ctx)} if ctx.verify else {}
-        return StepResult(art, checks, record)
+        check = _contract_check(art, ctx)
+        if not check["passed"]:
+            raise UserError(
+                f"--model {src.path}: the graph does not match its own contract: "
+                + "; ".join(check["problems"])
+            )
+        return StepResult(art, {"onnx_contract": check}, record)
 
 
 def _contract_check(art: Artifact, ctx: StepContext) -> dict[str, Any]:
@@ -690,6 +732,90 @@ class OnnxToEngine(Step):
             if (ctx.final / name).is_file():
                 with contextlib.suppress(FileExistsError):
                     _link_or_copy(ctx.final / name, ctx.out / name)
+
+
+class OnnxToOpenVino(Step):
+    """ONNX -> OpenVINO IR (``.xml`` + ``.bin``) with the contract beside it (``.xml.json``).
+
+    From the FP32 graph the IR stores its weights in FP16 (half the file; computed in FP32 or
+    BF16 at load); from the Q/DQ graph it keeps the INT8 weights. Checks against the FP32 ONNX
+    (ONNX Runtime) on the parity images, gated: FP32 compute from FP16 weights (``probs``
+    within 1e-2, maps correlating >= 0.99), BF16 where the CPU has it and INT8 (``probs``
+    within 0.05 and 0.1, maps correlating >= 0.98).
+
+    Args:
+        name: file stem (``<name>.xml``, or ``<name>.int8.xml`` from the Q/DQ graph).
+    """
+
+    name = "onnx_to_openvino"
+    makes = "openvino_ir"
+
+    def __init__(self, name: str = "model") -> None:
+        self.file = name
+
+    def needs(self) -> list[tuple[str, str]]:
+        return [*super().needs(), ("openvino", "--format openvino")]
+
+    def run(self, src: Artifact, ctx: StepContext) -> StepResult:
+        import openvino as ov
+
+        int8 = src.precision == "int8"
+        dst = ctx.out / (f"{self.file}.int8.xml" if int8 else f"{self.file}.xml")
+        model = ov.convert_model(str(src.path))
+        ov.save_model(model, str(dst), compress_to_fp16=not int8)
+        meta = _derived(src, src.precision, self.name)
+        meta["openvino"] = {
+            "version": ov.__version__,
+            "weights": "int8" if int8 else "fp16",
+            "precisions": ["int8"] if int8 else ["fp32", "bf16"],
+        }
+        from fundus_edge.artifact import sidecar_path
+        from fundus_edge.fileio import atomic_write_json
+
+        atomic_write_json(sidecar_path(dst), meta)
+        art = Artifact(self.makes, dst, meta)
+        checks = {"openvino_vs_fp32": self._check(src, art, ctx)} if ctx.verify else {}
+        return StepResult(art, checks)
+
+    @staticmethod
+    def _check(src: Artifact, ir: Artifact, ctx: StepContext) -> dict[str, Any]:
+        """Each precision the IR runs at, against the FP32 ONNX; gated by its tolerance."""
+        from fundus_edge.backends.openvino import OpenVinoBackend
+        from fundus_edge.convert import verify
+
+        ref_art = src
+        if src.precision != "fp32":  # compare with the FP32 graph this one came from
+            ref_art = ctx.fp32 or src
+        ref = ctx.outputs(ref_art)
+        images = ctx.images(ir.meta)
+        tol = verify.TOLERANCES
+        limits = {
+            "fp32": (tol.fp16_probs, tol.fp16_map_corr),
+            "bf16": (tol.bf16_probs, tol.low_map_corr),
+            "int8": (tol.ov_int8_probs, tol.low_map_corr),
+        }
+        rec: dict[str, Any] = {"reference": ref_art.path.name, "precisions": {}}
+        passed = True
+        from fundus_edge.backends.openvino import cpu_supports_bf16
+
+        for precision in ir.meta["openvino"]["precisions"]:
+            if precision == "bf16" and not cpu_supports_bf16():
+                rec["precisions"][precision] = {"skipped": "this CPU has no BF16 compute"}
+                continue  # reported, not a failure: the device decides at run time
+            backend = OpenVinoBackend(ir.path, precision=precision)
+            try:
+                got = backend.infer(images)
+            finally:
+                backend.close()
+            cmp = verify.compare_outputs(ref, got)
+            max_probs, min_corr = limits[precision]
+            corr = cmp["cams_correlation"]["overall"]
+            ok = cmp["probs_max_abs"] <= max_probs and (corr is None or corr >= min_corr)
+            cmp.update(passed=bool(ok), tolerance={"probs": max_probs, "map_corr": min_corr})
+            rec["precisions"][precision] = cmp
+            passed = passed and ok
+        rec["passed"] = passed
+        return rec
 
 
 class ToTriton(Step):

@@ -73,11 +73,16 @@ __all__ = [
 
 log = get_logger("perf.bench")
 
-BACKEND_NAMES = ("onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16", "int8")
+BACKEND_NAMES = ("onnxruntime", "openvino", "tensorrt", "torch")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 E2E_STAGES = ("decode", "preprocess", "infer", "postprocess", "render")
 # Parity tolerances on probs vs FP32 (same as the export checks); INT8 is reported, not gated.
-PARITY_TOLERANCE: dict[str, float | None] = {"fp32": 1e-4, "fp16": 1e-2, "int8": None}
+PARITY_TOLERANCE: dict[str, float | None] = {
+    "fp32": 1e-4,
+    "fp16": 1e-2,
+    "bf16": 5e-2,  # the OpenVINO export gate (convert.verify.TOLERANCES.bf16_probs)
+    "int8": None,
+}
 
 
 @dataclass
@@ -86,8 +91,8 @@ class BenchConfig:
 
     Attributes:
         model: ``.onnx``, ``.engine``/``.plan`` or checkpoint (``.safetensors``/``.pt``).
-        backends: any of ``onnxruntime``, ``tensorrt``, ``torch``.
-        precisions: any of ``fp32``, ``fp16``, ``int8``.
+        backends: any of ``onnxruntime``, ``openvino``, ``tensorrt``, ``torch``.
+        precisions: any of ``fp32``, ``fp16``, ``bf16`` (OpenVINO), ``int8``.
         batches: batch sizes of the model-only rows.
         warmup_iters: untimed calls before timing (default 3 unless ``warmup_s``).
         warmup_s: alternatively, seconds of untimed calls.
@@ -236,6 +241,8 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str,
     from fundus_edge.preprocess import PreprocessConfig
 
     src = Path(cfg.model)
+    if src.is_dir():
+        raise UserError(f"--model {src}: is a folder; give the model file")
     if not src.is_file():
         raise UserError(f"--model {src}: no such file")
     kind = _model_kind(src)
@@ -244,9 +251,12 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str,
     if kind == "checkpoint":
         # Benchmarking a checkpoint is a workstation job: PyTorch, checked before any work.
         require_all(
-            CheckpointToOnnx(gradcam=False).needs()
-            if needs_onnx
-            else [("torch", "checkpoints"), ("safetensors", "checkpoints")]
+            [("torch", "benchmarking a checkpoint (benchmark its exported .onnx on the edge)")]
+            + (
+                CheckpointToOnnx(gradcam=False).needs()
+                if needs_onnx
+                else [("safetensors", "reading checkpoints")]
+            )
         )
     if kind == "checkpoint":
         from fundus_edge.artifact import contract_from_checkpoint
@@ -280,6 +290,11 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str,
     fp32 = art.onnx.get("fp32")
     for p in cfg.precisions:
         if p in art.onnx:
+            continue
+        if p == "bf16":  # a compute precision of OpenVINO, not a file
+            art.onnx_skip[p] = (
+                "ONNX Runtime's CPU provider has no BF16 compute; BF16 runs on the openvino backend"
+            )
             continue
         if fp32 is None:
             art.onnx_skip[p] = (
@@ -348,7 +363,9 @@ def parity_record(
 
 
 def _backend_label(backend: Any) -> str:
-    """``onnxruntime-cpu``, ``onnxruntime-cuda``, ``tensorrt``, ``torch-cpu``, ``torch-cuda``."""
+    """``onnxruntime-cpu``, ``onnxruntime-cuda``, ``openvino-cpu``, ``tensorrt``, ``torch-cpu``."""
+    if backend.name == "openvino":
+        return "openvino-" + str(backend.device).split()[2].lower()
     if backend.name == "onnxruntime":
         dev = backend.device.replace("ExecutionProvider", "").lower()
         return f"onnxruntime-{dev}"
@@ -385,7 +402,12 @@ def _plan(cfg: BenchConfig, art: _Artifacts, ctx: StepContext) -> Iterator[tuple
                 else:
                     yield backend, precision, art.onnx_skip[precision]
             elif backend == "tensorrt":
-                yield backend, precision, _engine_for(art, precision, ctx)
+                if precision == "bf16":
+                    yield backend, precision, "fundus-edge builds FP32, FP16 and INT8 engines"
+                else:
+                    yield backend, precision, _engine_for(art, precision, ctx)
+            elif backend == "openvino":
+                yield backend, precision, _openvino_for(art, precision)
             else:
                 if art.kind != "checkpoint":
                     yield (
@@ -397,6 +419,27 @@ def _plan(cfg: BenchConfig, art: _Artifacts, ctx: StepContext) -> Iterator[tuple
                     yield backend, precision, "the PyTorch backend runs checkpoints in FP32 only"
                 else:
                     yield backend, precision, art.source
+
+
+def _openvino_for(art: _Artifacts, precision: str) -> Path | str:
+    """The ONNX an OpenVINO row runs (the FP32 graph for fp32/bf16, the Q/DQ one for int8)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed here (pip install 'fundus-edge[openvino]')"
+    if art.kind != "onnx" and art.kind != "checkpoint":
+        return "OpenVINO runs ONNX graphs and IRs, not TensorRT engines"
+    if precision == "fp16":
+        return "OpenVINO computes FP32, BF16 or INT8 (an IR stores FP16 weights: export --format openvino)"
+    if precision == "bf16":
+        from fundus_edge.backends.openvino import cpu_supports_bf16
+
+        if not cpu_supports_bf16():
+            return "this CPU has no BF16 compute (AMX or AVX-512-BF16)"
+    src = art.onnx.get("int8" if precision == "int8" else "fp32")
+    if src is None:
+        return art.onnx_skip.get(precision, f"no ONNX to run {precision} from")
+    return src.path
 
 
 def _engine_for(art: _Artifacts, precision: str, ctx: StepContext) -> Path | str:
@@ -435,13 +478,17 @@ def _sampling() -> Iterator[dict[str, Any]]:
         rec["power"] = tegra.stop() if tegra is not None else None
 
 
-def _load(backend: str, path: Path, cfg: BenchConfig) -> Any:
+def _load(backend: str, precision: str, path: Path, cfg: BenchConfig) -> Any:
     from fundus_edge.backends import load_backend
 
     if backend == "onnxruntime":
         return load_backend(path, provider=cfg.provider, threads=cfg.threads or None)
     if backend == "torch":
         return load_backend(path, device=cfg.device)
+    if backend == "openvino":
+        return load_backend(
+            path, backend="openvino", precision=precision, threads=cfg.threads or None
+        )
     return load_backend(path)
 
 
@@ -543,7 +590,7 @@ def _run(cfg: BenchConfig, work: Path) -> BenchResult:
                 result.add(row)
             continue
         try:
-            backend = _load(backend_name, target, cfg)
+            backend = _load(backend_name, precision, target, cfg)
         except Exception as exc:  # recorded as a failed row: one backend must not end the run
             log.warning("%s %s: %s", backend_name, precision, _row_error(exc))
             for b in cfg.batches:
@@ -676,7 +723,17 @@ def device_slug(device: dict[str, Any]) -> str:
     return f"cpu-{model}-{cpu.get('cores') or '?'}c"
 
 
-_KEY_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "neon")
+_KEY_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "neon",
+)
 
 
 def _f(v: Any, nd: int = 3) -> str:

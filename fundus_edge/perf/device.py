@@ -48,6 +48,7 @@ _RECORD_PACKAGES = (
     "onnxruntime",
     "onnxruntime-gpu",
     "onnx",
+    "openvino",
     "torch",
     "torchvision",
     "tensorrt",

@@ -62,6 +62,8 @@ class RunConfig:
     fps: float | None = None
     loop: bool = False
     reconnect: float = 10.0
+    backend: str | None = None
+    precision: str | None = None
     provider: str | None = None
     device: str | None = None
     cuda_graph: bool = False
@@ -503,6 +505,8 @@ def run(
         if predictor is None:
             predictor = Predictor(
                 cfg.model,
+                backend=cfg.backend,
+                precision=cfg.precision,
                 provider=cfg.provider,
                 device=cfg.device,
                 cuda_graph=cfg.cuda_graph,

@@ -21,12 +21,14 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fundus_edge.backends import Backend, load_backend
 from fundus_edge.errors import UserError
+from fundus_edge.log import get_logger
 from fundus_edge.preprocess import (
     Geometry,
     PreprocessConfig,
@@ -35,6 +37,8 @@ from fundus_edge.preprocess import (
     preprocess,
 )
 from fundus_edge.quality import Quality, QualityConfig, assess_quality
+
+log = get_logger("runtime")
 
 __all__ = ["Prediction", "Predictor", "Prepared"]
 
@@ -173,8 +177,12 @@ class Predictor:
     Args:
         model: a model file (``.onnx``, ``.engine``/``.plan``, ``.safetensors``/``.pt``) or an
             already loaded :class:`~fundus_edge.backends.Backend`.
+        backend: ``onnxruntime``, ``openvino``, ``tensorrt``, ``torch``, or ``auto`` (the
+            fastest that passes parity here: :mod:`fundus_edge.backends.auto`); None: by the
+            file's suffix.
+        precision: OpenVINO compute precision (``fp32``, ``bf16``, ``int8``).
         provider: ONNX Runtime execution provider (``tensorrt``, ``cuda``, ``cpu``).
-        device: PyTorch device for checkpoints.
+        device: PyTorch device for checkpoints; OpenVINO device (``CPU``, ``GPU``, ``NPU``).
         cuda_graph: replay CUDA graphs (TensorRT engines).
         gate: skip inference on frames that fail the quality gate.
         smoothing: exponential smoothing of probabilities over successive frames, in
@@ -185,6 +193,8 @@ class Predictor:
         self,
         model: str | os.PathLike | Backend,
         *,
+        backend: str | None = None,
+        precision: str | None = None,
         provider: str | None = None,
         device: str | None = None,
         cuda_graph: bool = False,
@@ -193,11 +203,31 @@ class Predictor:
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+        self.auto: dict[str, Any] | None = None  # the measurement behind --backend auto
         if isinstance(model, Backend):
             self.backend = model
         else:
+            if backend == "auto" and Path(model).suffix.lower() == ".onnx":
+                from fundus_edge.backends.auto import choose
+
+                choice = choose(model)
+                self.auto = {**choice.record, "cached": choice.cached}
+                c = choice.candidate
+                model, backend = c.path, c.backend
+                if backend == "openvino":
+                    precision = c.precision
+                log.info(
+                    "--backend auto: %s%s", c.label, " (cached choice)" if choice.cached else ""
+                )
+            elif backend == "auto":
+                backend = None  # an engine or a checkpoint has one backend: its suffix's
             self.backend = load_backend(
-                model, provider=provider, device=device, cuda_graph=cuda_graph
+                model,
+                backend=backend,
+                precision=precision,
+                provider=provider,
+                device=device,
+                cuda_graph=cuda_graph,
             )
         meta = self.backend.metadata
         source = str(self.backend.path)
