@@ -211,8 +211,8 @@ def test_checkpoint_torch_row_and_engine_precision_skips(checkpoint, tmp_path):
 
 
 def test_bench_option_errors(onnx_model):
-    with pytest.raises(UserError, match="--precision 'bf16'"):
-        BenchConfig(model=str(onnx_model), precisions=("bf16",))
+    with pytest.raises(UserError, match="--precision 'fp8'"):
+        BenchConfig(model=str(onnx_model), precisions=("fp8",))
     with pytest.raises(UserError, match="--iters or --duration"):
         BenchConfig(model=str(onnx_model), iters=3, duration_s=1.0)
     res = runner.invoke(app, ["bench", "--model", "nope.onnx", "--iters", "1"])
