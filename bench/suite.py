@@ -536,11 +536,12 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     if opts.get("backend") == "auto":  # the fastest CPU runtime x precision that passes parity
         ws.int8()
         predictor = Predictor(ws.fused_onnx, backend="auto", gate=False)
-        label = f"{predictor.backend.name}-{predictor.backend.device}"
+        label = f"{predictor.backend.name}-cpu"
+        precision = getattr(predictor.backend, "precision", "fp32")
         res.notes.append(f"pipelined: --backend auto chose {predictor.backend.device}")
     else:
         predictor = Predictor(ws.ort(ws.fused_onnx), gate=False)
-        label = "onnxruntime-cpu"
+        label, precision = "onnxruntime-cpu", "fp32"
     img = ws.images(1)
 
     def pipelined() -> None:
@@ -580,9 +581,11 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         predictor.close()
     # One sample per round and variant: ms per frame over the whole video.
     per = {k: [v / n for v in vs] for k, vs in s.items()}
-    a = res.row("runtime.run (threads)", label, per["pipelined"])
-    b = res.row("plain loop read-predict-render-write", label, per["sequential"])
-    c = res.row("model only (infer)", label, per["model"])
+    a = res.row("runtime.run (threads)", label, per["pipelined"], precision=precision)
+    b = res.row(
+        "plain loop read-predict-render-write", label, per["sequential"], precision=precision
+    )
+    c = res.row("model only (infer)", label, per["model"], precision=precision)
     res.compare(b, a, "pipelined speed-up over the sequential loop")
     res.compare(c, a, "pipelined FPS / model-only FPS", opts.get("target", ">= 0.9"))
     res.notes.append(
@@ -666,8 +669,13 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
             metric={"name": "label agreement vs fp32", "value": p["label_agreement"]},
         )
     base = rows["onnxruntime fp32"]
+    best = {
+        p: min((n for n in rows if variants[n][1] == p), key=lambda n: float(np.median(s[n])))
+        for p in ("int8", "bf16")
+        if any(variants[n][1] == p for n in rows)
+    }
     for name, row in rows.items():
-        if name != "onnxruntime fp32":
+        if name != "onnxruntime fp32" and name not in best.values():
             res.compare(base, row, f"{name} speed-up over onnxruntime fp32")
 
     def passes(name: str) -> bool:
@@ -681,23 +689,26 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
         ("int8", opts.get("target_int8", ">= 6")),
         ("bf16", opts.get("target_bf16", ">= 4")),
     ):
-        cands = [n for n in rows if variants[n][1] == precision]
-        if not cands:
+        if precision not in best:
             continue
-        best = min(cands, key=lambda n: float(np.median(s[n])))
-        res.compare(
-            base,
-            rows[best],
-            f"best {precision.upper()} ({best}) speed-up over onnxruntime fp32",
-            target,
-        )
+        name = best[precision]
+        label = f"best {precision.upper()} ({name}) speed-up over onnxruntime fp32"
+        res.compare(base, rows[name], label, target)
+        p = parity[name]
+        verdict = "passes" if passes(name) else "FAILS"
         res.notes.append(
-            f"cpu_runtimes: best {precision.upper()} = {best}; parity vs ONNX Runtime FP32 on 4 "
-            f"images: max |d probs| {parity[best]['max_abs_diff']:.3g}, map correlation "
-            f"{parity[best]['map_correlation']}, label agreement "
-            f"{parity[best]['label_agreement']:.3f} ({'passes' if passes(best) else 'FAILS'} the "
-            f"--backend auto gate: agreement >= {MIN_LABEL_AGREEMENT}, maps >= {MIN_MAP_CORRELATION})"
+            f"cpu_runtimes: best {precision.upper()} = {name}; parity vs ONNX Runtime FP32 on 4 "
+            f"images: max |d probs| {p['max_abs_diff']:.3g}, map correlation "
+            f"{p['map_correlation']:.5f}, label agreement {p['label_agreement']:.3f} ({verdict} "
+            f"the --backend auto gate: agreement >= {MIN_LABEL_AGREEMENT}, maps >= "
+            f"{MIN_MAP_CORRELATION})"
         )
+    res.notes.append(
+        "cpu_runtimes: the suite's weights are random, so probabilities sit near the 0.5 "
+        "thresholds and reduced precision flips decisions a trained model would not; on the "
+        "trained demo model the test-split macro AUROC moves by -0.00001 (OpenVINO INT8 and "
+        "BF16) and +0.0015 (ONNX Runtime INT8): cpu-runtimes/demo-auroc.json"
+    )
     return res
 
 
