@@ -448,6 +448,38 @@ def scenario_cam_overhead(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
     return res
 
 
+def _parity_and_times(
+    backends: Mapping[str, Any], reference: str, check: np.ndarray, opts: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """Each backend's parity against ``reference`` on ``check``, then their interleaved
+    batch-1 latencies; closes the backends. The map correlation joins the parity record."""
+    from fundus_edge.convert.verify import compare_outputs
+
+    try:
+        ref = backends[reference].infer(check)
+        thr = backends[reference].metadata["thresholds"]
+        parity = {}
+        for name, b in backends.items():
+            out = b.infer(check)
+            rec = parity_record(
+                ref, out, thr, reference_name="onnxruntime-cpu fp32", tolerance=None
+            )
+            cmp = compare_outputs(ref, out)
+            rec["map_correlation"] = (cmp.get("cams_correlation") or {}).get("overall")
+            parity[name] = rec
+        img = check[:1]
+        samples = interleave(
+            {name: (lambda b=b: b.infer(img)) for name, b in backends.items()},
+            _opt(opts, "rounds", 6),
+            _opt(opts, "iters", 3),
+            _opt(opts, "warmup", 2),
+        )
+    finally:
+        for b in backends.values():
+            b.close()
+    return parity, samples
+
+
 def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     from fundus_edge.convert.calibration import SYNTHETIC_NOTE, ImageSet
 
@@ -472,25 +504,7 @@ def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         "enhanced second pass), whose map arithmetic stays in float."
     )
     backends = {p: ws.ort(path) for p, path in paths.items()}
-    img = calib[:1]
-    try:
-        ref = backends["fp32"].infer(calib[:4])
-        thr = backends["fp32"].metadata["thresholds"]
-        parity = {
-            p: parity_record(
-                ref, b.infer(calib[:4]), thr, reference_name="onnxruntime-cpu fp32", tolerance=None
-            )
-            for p, b in backends.items()
-        }
-        s = interleave(
-            {p: (lambda b=b: b.infer(img)) for p, b in backends.items()},
-            _opt(opts, "rounds", 6),
-            _opt(opts, "iters", 3),
-            _opt(opts, "warmup", 2),
-        )
-    finally:
-        for b in backends.values():
-            b.close()
+    parity, s = _parity_and_times(backends, "fp32", calib[:4], opts)
     rows = {
         p: res.row(
             f"fused graph {p}",
@@ -605,7 +619,6 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
     """
     from fundus_edge.backends import load_backend
     from fundus_edge.backends.auto import MIN_LABEL_AGREEMENT, MIN_MAP_CORRELATION
-    from fundus_edge.convert.verify import compare_outputs
 
     res = ScenarioResult("cpu_runtimes")
     int8 = ws.int8(_opt(opts, "calib_images", 8), str(opts.get("calib_method", "minmax")))
@@ -634,28 +647,7 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
         else:
             opts_["provider"] = "cpu"
         backends[name] = load_backend(path, backend=backend, **opts_)
-    check = ws.images(4)
-    img = check[:1]
-    try:
-        ref = backends["onnxruntime fp32"].infer(check)
-        thr = backends["onnxruntime fp32"].metadata["thresholds"]
-        parity = {}
-        for name, b in backends.items():
-            rec = parity_record(
-                ref, b.infer(check), thr, reference_name="onnxruntime-cpu fp32", tolerance=None
-            )
-            cmp = compare_outputs(ref, b.infer(check))
-            rec["map_correlation"] = (cmp.get("cams_correlation") or {}).get("overall")
-            parity[name] = rec
-        s = interleave(
-            {name: (lambda b=b: b.infer(img)) for name, b in backends.items()},
-            _opt(opts, "rounds", 6),
-            _opt(opts, "iters", 3),
-            _opt(opts, "warmup", 2),
-        )
-    finally:
-        for b in backends.values():
-            b.close()
+    parity, s = _parity_and_times(backends, "onnxruntime fp32", ws.images(4), opts)
     rows = {}
     for name, (backend, precision, path) in variants.items():
         p = parity[name]
