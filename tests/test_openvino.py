@@ -253,3 +253,27 @@ def test_doctor_reports_openvino_and_cpu_features():
 def test_fixture_paths_exist(exported):
     out, ir, _, _ = exported
     assert Path(out / "model.int8.onnx").is_file() and (ir / "model.xml").is_file()
+
+
+def test_bench_backend_auto_records_the_choice(exported, tmp_path):
+    from fundus_edge.perf.bench import BenchConfig, run_bench
+
+    out, _, _, _ = exported
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    cfg = BenchConfig(
+        model=str(folder / "model.onnx"),
+        backends=("auto",),
+        precisions=("fp32",),
+        iters=2,
+        warmup_iters=1,
+        pipeline=False,
+        roofline=False,
+        parity_images=2,
+    )
+    assert cfg.auto and set(cfg.backends) == {"onnxruntime", "openvino", "tensorrt"}
+    result = run_bench(cfg)
+    chosen = result.config["auto"]["chosen"]
+    assert chosen["file"] == "model.onnx" and chosen["backend"] in ("onnxruntime", "openvino")
+    assert (folder / "model.onnx.backend.json").is_file()

@@ -27,8 +27,9 @@ def bench(
         "onnxruntime,openvino,tensorrt,torch",
         "--backend",
         "-b",
-        help="Comma list of onnxruntime, openvino, tensorrt, torch. Rows that cannot run here "
-        "are skipped with the reason.",
+        help="Comma list of onnxruntime, openvino, tensorrt, torch, or auto (every runtime here "
+        "plus what run --backend auto picks). Rows that cannot run here are skipped with the "
+        "reason.",
     ),
     precisions: str = typer.Option(
         "fp32,fp16,bf16,int8",
@@ -184,6 +185,16 @@ def _print_summary(result) -> None:
         )
     console = Console(markup=False)  # paths and messages print as written ("[trt]")
     console.print(table)
+    auto = result.config.get("auto") or {}
+    if auto.get("chosen"):
+        c = auto["chosen"]
+        cached = " (cached)" if auto.get("cached") else ""
+        console.print(
+            f"--backend auto picks {c['backend']} {c['precision']} ({c['file']}), "
+            f"{auto['median_ms']:.2f} ms batch 1{cached}"
+        )
+    elif auto.get("note"):
+        console.print(f"--backend auto: {auto['note']}")
     for r in result.rows:
         if r.status != "ok" and r.error:
             console.print(f"{r.name}: {r.status}: {r.error}", highlight=False, soft_wrap=True)

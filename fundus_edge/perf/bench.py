@@ -112,6 +112,8 @@ class BenchConfig:
         roofline: add the Jetson roofline projection of the FP32 graph.
         work_dir: keep derived models here (default: a temporary folder, removed after).
         seed: seed of the synthetic images.
+        auto: ``auto`` was among the backends: also run the ``--backend auto`` measurement
+            (:mod:`fundus_edge.backends.auto`) on the model and record its choice.
     """
 
     model: str
@@ -136,13 +138,19 @@ class BenchConfig:
     roofline: bool = True
     work_dir: str | None = None
     seed: int = 0
+    auto: bool = False
 
     def __post_init__(self) -> None:
+        if "auto" in self.backends:
+            # Every runtime that can run here, plus the measured choice of --backend auto.
+            self.auto = True
+            rest = [b for b in self.backends if b != "auto"]
+            self.backends = (*rest, "onnxruntime", "openvino", "tensorrt")
         self.backends = tuple(dict.fromkeys(self.backends))
         self.precisions = tuple(dict.fromkeys(self.precisions))
         self.batches = tuple(dict.fromkeys(int(b) for b in self.batches))
         for name, values, allowed in (
-            ("--backend", self.backends, BACKEND_NAMES),
+            ("--backend", self.backends, (*BACKEND_NAMES, "auto")),
             ("--precision", self.precisions, PRECISIONS),
         ):
             if not values:
@@ -647,9 +655,24 @@ def _run(cfg: BenchConfig, work: Path) -> BenchResult:
         "load_average": _loadavg(),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
+    if cfg.auto:
+        result.config["auto"] = _auto_choice(art)
     if cfg.roofline and "fp32" in art.onnx:
         result.roofline = _roofline(art.onnx["fp32"].path, art.input_size, result)
     return result
+
+
+def _auto_choice(art: _Artifacts) -> dict[str, Any]:
+    """What ``run --backend auto`` picks for this model here (the cached choice if current)."""
+    from fundus_edge.backends.auto import choose
+
+    if art.kind != "onnx" or art.source.suffix.lower() != ".onnx" or "fp32" not in art.onnx:
+        return {"note": "--backend auto chooses for the FP32 model.onnx export wrote"}
+    try:
+        choice = choose(art.source)
+    except UserError as exc:
+        return {"note": str(exc)}
+    return {**choice.record, "cached": choice.cached}
 
 
 def _model_row(
