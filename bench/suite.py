@@ -359,7 +359,7 @@ class _UserPipeline:
             torchvision.models.get_model(m, weights=None, num_classes=num_classes).eval()
             for m in members
         ]
-        # The recommended layers (DESIGN.md sec. 2): ResNet layer4[-1], VGG features[-1].
+        # The recommended layers (as the grad-cam package recommends): ResNet layer4[-1], VGG features[-1].
         layers = [n.layer4[-1] if hasattr(n, "layer4") else n.features[-1] for n in self.nets]
         self.cams = [
             GradCAM(model=n, target_layers=[t]) for n, t in zip(self.nets, layers, strict=True)

@@ -127,7 +127,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         path: the model file.
 
     Returns:
-        The metadata dict (see ``.notes/artifact_api.md``).
+        The metadata dict (its fields: README, "Export", "Metadata").
 
     Raises:
         UserError: the file or its metadata is missing, unreadable or incomplete.

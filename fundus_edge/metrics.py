@@ -9,7 +9,7 @@ Conventions:
   ``sum_n (R_n - R_{n-1}) P_n`` over the distinct thresholds (no interpolation). A label with
   only one class in the split has no AUROC/AP: it is reported as ``None`` (JSON ``null``) and
   left out of the macro means; the ``notes`` list of the report names it.
-* RIADD score (DESIGN.md section 3): ``0.5·AUROC(Disease_Risk) + 0.5·(macro AUROC + mAP)/2``,
+* RIADD score (the RIADD 2021 challenge on RFMiD): ``0.5·AUROC(Disease_Risk) + 0.5·(macro AUROC + mAP)/2``,
   the classification part over every label except the screening label.
 """
 

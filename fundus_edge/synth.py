@@ -45,7 +45,7 @@ Labels are drawn independently with per-label prevalences skewed like RFMiD's tr
 (:data:`COOCCURRENCE`), so the marginal rate of TSLN, LS, DN and ODE ends slightly above its
 table value. ``Disease_Risk`` is 1 when any label is.
 
-Output layout (see ``.notes/data_api.md``)::
+Output layout::
 
     OUT/Training_Set/Training/{ID}.png      OUT/Training_Set/RFMiD_Training_Labels.csv
     OUT/Evaluation_Set/Validation/{ID}.png  OUT/Evaluation_Set/RFMiD_Validation_Labels.csv

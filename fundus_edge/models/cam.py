@@ -1,4 +1,4 @@
-"""Heads that compute their Grad-CAM maps forward-only (DESIGN.md section 2).
+"""Heads that compute their Grad-CAM maps forward-only (the derivation follows below).
 
 Every head here is "adaptive average pool, flatten, then an MLP" over the CAM target
 activations A (N,K,h,w). The gradient of logit z_c with respect to A is then computable

@@ -1,4 +1,4 @@
-"""Attention and attention-guided image enhancement (DESIGN.md section 1).
+"""Attention and attention-guided image enhancement (the operators are described below).
 
 Attention (documented choice, ``attention="prob_weighted"``): each member's class maps are
 min-max normalised per class at the layer's resolution, averaged over classes weighted by

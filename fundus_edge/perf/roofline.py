@@ -108,7 +108,7 @@ class DevicePeak:
         return d
 
 
-# NVIDIA Jetson Orin datasheets (module totals; see DESIGN.md section 4). On Orin NX and
+# NVIDIA Jetson Orin datasheets (module totals). On Orin NX and
 # AGX Orin the quoted TOPS include the DLAs, so a GPU-only estimate from them is optimistic
 # (the Orin Nano has no DLA). Override with peaks_from_dict() for other figures.
 JETSON_PEAKS: dict[str, DevicePeak] = {
