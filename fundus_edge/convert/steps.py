@@ -6,13 +6,14 @@
                                    ├──> onnx_fp32 ───────┤
     FP32 model.onnx ──ReadOnnx─────┘      (the contract) └─OnnxToInt8──> onnx_int8_qdq
                                    onnx_* ──OnnxToEngine──> engine (TensorRT, on the device)
+                                   onnx_* ──OnnxToOpenVino> openvino_ir (.xml + .bin + .xml.json)
                           onnx_* / engine ──ToTriton────> triton repository
 
 Starting from an exported FP32 ``model.onnx`` is starting later in the same chain: every step
 after the first is the same code, fed the same artifact, whether the workstation or the
 device runs it. Only :class:`CheckpointToOnnx` needs PyTorch (and its checks, PyTorch
 parity and the ``grad-cam`` comparison); the rest needs ONNX, ONNX Runtime and, for engines,
-TensorRT.
+TensorRT, for IRs, OpenVINO.
 
 A step is a small object: its options in ``__init__``, :meth:`Step.needs` (the optional
 modules it imports, checked before any work), and :meth:`Step.run`, which writes its
