@@ -365,7 +365,12 @@ def test_run_folder_jsonl_savedir_and_strict(onnx_model, folder, tmp_path):
     assert Path(recs[0]["image"]).name == "a.png" and recs[0]["source"] == str(folder)
     assert recs[2]["quality"]["reason"] == "underexposed" and recs[2]["probabilities"] is None
     assert summary.frames_gated == 1 and len(summary.skipped) == 1
-    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.png", "b.png", "c_dark.png"]
+    # Named after the source file (b.jpg keeps its suffix: a b.png beside it would not collide).
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [
+        "a.png",
+        "b.jpg.png",
+        "c_dark.png",
+    ]
 
     res = runner.invoke(
         app, ["run", str(onnx_model), str(folder), "--headless", "--strict"], catch_exceptions=False
@@ -633,3 +638,25 @@ def test_soak_10000_frames_memory_flat(tmp_path, retina):
     assert len(warm) >= 5
     print(f"soak: {elapsed:.1f} s, RSS {warm[0]:.1f} -> {max(warm):.1f} MB")
     assert max(warm) - warm[0] < 25.0, (warm[0], max(warm))
+
+
+def test_save_dir_never_lets_two_sources_share_an_output(onnx_model, tmp_path):
+    """scans/a/1.png and scans/b/1.png (and 1.jpg beside 1.png) each keep their own overlay."""
+    import cv2
+
+    scans = tmp_path / "scans"
+    img = np.full((96, 96, 3), 90, np.uint8)
+    cv2.circle(img, (48, 48), 40, (40, 80, 160), -1)
+    for rel in ("a/1.png", "b/1.png", "a/1.jpg"):
+        (scans / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(scans / rel), img)
+    out = tmp_path / "vis"
+    res = runner.invoke(
+        app,
+        ["run", str(onnx_model), str(scans / "*" / "1.*"), "--headless", "--no-gate",
+         "--save-dir", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a/1.jpg.png", "a/1.png", "b/1.png"]
+    assert f"wrote {out} (3 images)" in res.output

@@ -176,8 +176,10 @@ class VideoSink(Sink):
 
 
 class DirSink(Sink):
-    """Each rendered frame as an image: ``<image stem>.png`` for image sources, else
-    ``frame_000123.jpg``."""
+    """Each rendered frame as an image, for image sources named after the file's path relative
+    to the source's root (``a/1.png`` -> ``a/1.png``, ``a/1.jpg`` -> ``a/1.jpg.png``: two files
+    never share an output), else ``frame_000123.jpg``. A name written twice in one run (the
+    same file read again with ``--loop``) is overwritten, never another file's."""
 
     visual = True
 
@@ -185,19 +187,27 @@ class DirSink(Sink):
         self.folder = Path(folder)
         self.lossy = lossy
         self.files = 0
+        self._written: set[Path] = set()
         ensure_writable_dir(self.folder, "--save-dir")
+
+    def _target(self, out: Output) -> Path:
+        frame = out.frame
+        if frame.path is None:
+            return self.folder / f"frame_{frame.index:06d}.jpg"
+        rel = Path(frame.rel or Path(frame.path).name)
+        if rel.suffix.lower() != ".png":
+            rel = rel.with_name(rel.name + ".png")  # 1.jpg -> 1.jpg.png: beside 1.png, not over it
+        return self.folder / rel
 
     def write(self, out: Output) -> None:
         img = out.rendered if out.rendered is not None else out.frame.image
-        if out.frame.path is not None:
-            target = self.folder / f"{Path(out.frame.path).stem}.png"
-        else:
-            target = self.folder / f"frame_{out.frame.index:06d}.jpg"
+        target = self._target(out)
         ok, data = cv2.imencode(target.suffix, _bgr(img))
         if not ok:
             raise UserError(f"--save-dir {target}: OpenCV cannot encode the image")
         atomic_write_bytes(target, data.tobytes())
-        self.files += 1
+        self._written.add(target)
+        self.files = len(self._written)  # files kept, not writes: a looped file counts once
 
     def describe(self) -> str:
         return f"{self.folder} ({self.files} images)"

@@ -62,6 +62,8 @@ class Frame:
         name: the image file for image sources, else the source's description.
         position_s: the frame's time in a video file (None for live sources and images).
         path: the image file it was read from (image sources only).
+        rel: that file's path relative to the source's root folder (POSIX), so per-image
+            outputs of ``scans/a/1.png`` and ``scans/b/1.png`` never share a name.
     """
 
     image: np.ndarray
@@ -70,6 +72,7 @@ class Frame:
     name: str
     position_s: float | None = None
     path: str | None = None
+    rel: str | None = None
 
 
 @dataclass
@@ -417,6 +420,8 @@ class ImageFilesSource(Source):
         self.loop = loop
         self._next = 0
         self._good = 0
+        # The folder every path is named relative to: the deepest common parent.
+        self.root = _common_parent(paths) if paths else Path(".")
 
     def open(self) -> None:
         if not self.paths:
@@ -437,9 +442,23 @@ class ImageFilesSource(Source):
                     self.skipped.append(Skipped(str(path), str(exc).split(": ", 1)[-1]))
                 continue
             self._good += 1
-            return self._frame(image, path=str(path))
+            frame = self._frame(image, path=str(path))
+            frame.rel = _relative(path, self.root)
+            return frame
         self.end_reason = "interrupted"
         return None
+
+
+def _common_parent(paths: list[Path]) -> Path:
+    parents = [Path(os.path.abspath(p)).parent for p in paths]
+    return Path(os.path.commonpath([str(p) for p in parents]))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:  # not below the root (cannot happen for a common parent)
+        return Path(path).name
 
 
 # ----------------------------------------------------------------------------------------------
