@@ -266,7 +266,6 @@ def _prepare(cfg: BenchConfig, work: Path) -> tuple[_Artifacts, np.ndarray, str,
                 else [("safetensors", "reading checkpoints")]
             )
         )
-    if kind == "checkpoint":
         from fundus_edge.artifact import contract_from_checkpoint
         from fundus_edge.models import read_checkpoint_meta
 
