@@ -91,6 +91,9 @@ OPTIONAL_MODULES: dict[str, tuple[str | None, str]] = {
     "onnx": (None, "onnx"),
     "numpy": (None, "numpy"),
     "yaml": (None, "pyyaml"),
+    "pydicom": ("dicom", "pydicom"),
+    "pynetdicom": ("dicom", "pynetdicom"),
+    "reportlab": ("report", "reportlab"),
     "skimage": ("dev", "scikit-image"),
     "tritonclient": ("dev", "tritonclient[grpc]"),
 }

@@ -76,8 +76,10 @@ _FOV_EDGE_BIAS = -NormalDist().inv_cdf(_FOV_LEVEL) * (_FOV_BLUR**2 + 1.0 / 12.0)
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB uint8.
 
-    PNG, JPEG, TIFF and BMP in any letter case; 16-bit images are scaled to 8 bits, grey
-    images are replicated to three channels and alpha is dropped.
+    PNG, JPEG, TIFF, BMP and WebP in any letter case; 16-bit images are scaled to 8 bits, grey
+    images are replicated to three channels and alpha is dropped. DICOM files (by suffix or
+    preamble, :mod:`fundus_edge.media`) are read with pydicom: the first frame
+    (:mod:`fundus_edge.data.readers.dicom`).
 
     Args:
         path: the image file.
@@ -89,6 +91,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         DataError: the file is missing, unreadable, not an image or an unsupported kind.
     """
     path = Path(path)
+    from fundus_edge.media import is_dicom_file
+
+    if is_dicom_file(path):
+        from fundus_edge.data.readers.dicom import read_dicom
+
+        return read_dicom(path)[0]  # a multi-frame object: its first frame
     try:
         # np.fromfile + imdecode instead of cv2.imread: imread cannot open non-ASCII paths on
         # Windows and says nothing about why it failed.

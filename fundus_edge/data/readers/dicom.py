@@ -1,0 +1,309 @@
+"""DICOM fundus photographs: pixels as RGB uint8 and the identifiers a clinic files them by.
+
+Fundus cameras deliver Ophthalmic Photography (OP), VL Photographic and Secondary Capture
+objects, often JPEG-compressed. This reader uses pydicom and its pixel-data plugins (the
+``dicom`` extra: pylibjpeg with its libjpeg, OpenJPEG and RLE plugins, pyjpegls; Pillow
+decodes baseline JPEG and JPEG 2000 too):
+
+===================================  ==========================================
+transfer syntax                      decoded by
+===================================  ==========================================
+uncompressed (implicit/explicit VR)  pydicom
+RLE Lossless                         pydicom, pylibjpeg-rle
+JPEG Baseline / Extended / Lossless  Pillow (baseline, extended), pylibjpeg-libjpeg
+JPEG-LS (lossless, near-lossless)    pyjpegls, pylibjpeg-libjpeg
+JPEG 2000 (lossless, lossy)          Pillow, pylibjpeg-openjpeg
+===================================  ==========================================
+
+**Pixels.** Every frame of a single- or multi-frame object becomes ``(H, W, 3)`` uint8 RGB:
+YBR_FULL, YBR_FULL_422, YBR_ICT/RCT are converted to RGB by pydicom; PALETTE COLOR through its
+lookup table; MONOCHROME2 (a red-free photograph) is replicated to three channels and
+MONOCHROME1 inverted first; more than 8 bits stored are scaled linearly to 8 bits
+(``v * 255 / (2**BitsStored - 1)``). Signed or floating-point pixels are refused: they are
+not photographs.
+
+**Identifiers** (:class:`DicomInfo`): patient ID and name, study, series and SOP instance
+UIDs, laterality (ImageLaterality (0020,0062), else Laterality (0020,0060), else unknown),
+acquisition date/time (AcquisitionDateTime, else AcquisitionDate + Time, else ContentDate +
+Time, else StudyDate + Time), modality, manufacturer and model.
+
+Every failure is one line naming the file: not DICOM, no pixel data, an unsupported transfer
+syntax, a truncated file (:class:`~fundus_edge.errors.DataError`); a compressed object whose
+decoder is not installed is :class:`~fundus_edge.errors.MissingDependencyError` (exit 3,
+naming the ``dicom`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fundus_edge.errors import DataError, MissingDependencyError, require
+
+__all__ = [
+    "DicomInfo",
+    "decode_frame",
+    "iter_frames",
+    "open_dicom",
+    "read_dicom",
+    "read_info",
+]
+
+_PURPOSE = "to read DICOM files"
+# (0020,0062) ImageLaterality / (0020,0060) Laterality values -> eye. "B" (both) is unknown.
+_EYES = {"R": "R", "L": "L", "OD": "R", "OS": "L"}
+
+
+def _pydicom():
+    return require("pydicom", extra="dicom", purpose=_PURPOSE)
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What a DICOM object says about itself (header only; no pixels).
+
+    ``eye`` is ``"R"``, ``"L"`` or None (unknown). ``acquired`` is ISO 8601 local time
+    (``2026-11-30T09:41:12``) or None. Names and birth dates are kept for a report's header and
+    never written to records (:meth:`record`).
+    """
+
+    path: str
+    patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    sop_class_uid: str | None
+    study_date: str | None
+    study_description: str | None
+    accession_number: str | None
+    eye: str | None
+    acquired: str | None
+    modality: str | None
+    manufacturer: str | None
+    model_name: str | None
+    frames: int
+    rows: int | None
+    columns: int | None
+    transfer_syntax: str | None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-safe fields a result record carries (no names, no birth date)."""
+        d = asdict(self)
+        for k in ("path", "patient_name", "patient_birth_date", "patient_sex"):
+            d.pop(k)
+        return d
+
+
+def _text(ds: Any, keyword: str) -> str | None:
+    value = ds.get(keyword, None)
+    if value is None:
+        return None
+    if hasattr(value, "value"):  # a DataElement
+        value = value.value
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _date_time(date: str | None, time: str | None) -> str | None:
+    """DICOM DA (YYYYMMDD) + TM (HHMMSS.frac) -> ISO 8601; None when the date is malformed."""
+    if not date or len(date) < 8 or not date[:8].isdigit():
+        return None
+    iso = f"{date[:4]}-{date[4:6]}-{date[6:8]}"
+    if time:
+        t = time.replace(":", "").split(".")[0]
+        if len(t) >= 2 and t.isdigit():
+            t = (t + "0000")[:6]
+            iso += f"T{t[:2]}:{t[2:4]}:{t[4:6]}"
+    return iso
+
+
+def _acquired(ds: Any) -> str | None:
+    dt = _text(ds, "AcquisitionDateTime")
+    if dt and len(dt) >= 8:
+        return _date_time(dt[:8], dt[8:] or None)
+    for d, t in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+        ("StudyDate", "StudyTime"),
+    ):
+        iso = _date_time(_text(ds, d), _text(ds, t))
+        if iso:
+            return iso
+    return None
+
+
+def _eye(ds: Any) -> str | None:
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = (_text(ds, keyword) or "").upper()
+        if value in _EYES:
+            return _EYES[value]
+    return None
+
+
+def _info(ds: Any, path: Path) -> DicomInfo:
+    meta = getattr(ds, "file_meta", None)
+    ts = None
+    if meta is not None and "TransferSyntaxUID" in meta:
+        ts = str(meta.TransferSyntaxUID)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return DicomInfo(
+        path=str(path),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        study_date=_date_time(_text(ds, "StudyDate"), None),
+        study_description=_text(ds, "StudyDescription"),
+        accession_number=_text(ds, "AccessionNumber"),
+        eye=_eye(ds),
+        acquired=_acquired(ds),
+        modality=_text(ds, "Modality"),
+        manufacturer=_text(ds, "Manufacturer"),
+        model_name=_text(ds, "ManufacturerModelName"),
+        frames=max(frames, 1),
+        rows=int(ds.Rows) if "Rows" in ds else None,
+        columns=int(ds.Columns) if "Columns" in ds else None,
+        transfer_syntax=ts,
+    )
+
+
+def _read(path: Path, pixels: bool) -> Any:
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: cannot read DICOM (file not found)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read DICOM ({exc.strerror or exc})") from None
+    if size == 0:
+        raise DataError(f"{path}: cannot read DICOM (empty file)")
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except InvalidDicomError:
+        raise DataError(f"{path}: not a DICOM file (no DICM preamble)") from None
+    except (EOFError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "truncated file"
+        raise DataError(f"{path}: cannot read DICOM ({why})") from None
+    except Exception as exc:  # pydicom raises many kinds on damaged headers
+        raise DataError(f"{path}: cannot read DICOM (damaged: {_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:120]
+
+
+def read_info(path: str | os.PathLike) -> DicomInfo:
+    """The identifiers of a DICOM file, read without its pixel data."""
+    path = Path(path)
+    return _info(_read(path, pixels=False), path)
+
+
+def open_dicom(path: str | os.PathLike) -> tuple[Any, DicomInfo]:
+    """The dataset (pixel data included, not yet decoded) and its :class:`DicomInfo`.
+
+    Raises:
+        DataError: not DICOM, no pixel data, truncated, unsupported transfer syntax.
+        MissingDependencyError: the decoder for its compression is not installed.
+    """
+    path = Path(path)
+    ds = _read(path, pixels=True)
+    info = _info(ds, path)
+    if "PixelData" not in ds:
+        what = "a DICOM object without pixel data"
+        if info.modality:
+            what += f" (modality {info.modality})"
+        raise DataError(f"{path}: {what}; not a photograph")
+    _check_decoder(ds, path)
+    return ds, info
+
+
+def _check_decoder(ds: Any, path: Path) -> None:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        return  # pydicom assumes implicit VR little endian: uncompressed
+    from pydicom.pixels import get_decoder
+
+    uid = meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        name = getattr(uid, "name", str(uid))
+        raise DataError(f"{path}: unsupported transfer syntax {name} ({uid})") from None
+    if not decoder.is_available:
+        name = getattr(uid, "name", str(uid))
+        raise MissingDependencyError(
+            f"{path}: decoding {name} needs a pixel-data plugin that is not installed; "
+            "install it with: pip install 'fundus-edge[dicom]'"
+        )
+
+
+def decode_frame(ds: Any, index: int, path: str | os.PathLike) -> np.ndarray:
+    """Frame ``index`` of an opened dataset as ``(H, W, 3)`` uint8 RGB (see the module doc)."""
+    from pydicom.pixels import apply_color_lut, pixel_array
+
+    path = Path(path)
+    photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        raise DataError(f"{path}: signed pixel data is not a photograph; not supported")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise DataError(f"{path}: floating-point pixel data is not a photograph; not supported")
+    try:
+        arr = pixel_array(ds, index=index)
+    except MissingDependencyError:
+        raise
+    except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError) as exc:
+        raise DataError(f"{path}: cannot decode frame {index} ({_short(exc)})") from None
+    except Exception as exc:  # plugins raise their own kinds on damaged streams
+        raise DataError(f"{path}: cannot decode frame {index} ({_short(exc)})") from None
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(f"{path}: {arr.dtype} pixels are not a photograph; not supported")
+        top = (1 << min(max(bits, 1), 16)) - 1 if photometric != "PALETTE COLOR" else 65535
+        arr = np.clip(arr.astype(np.float32) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        arr = 255 - arr
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"{path}: unexpected pixel layout {arr.shape}; not a photograph")
+    return np.ascontiguousarray(arr)
+
+
+def read_dicom(path: str | os.PathLike, frame: int = 0) -> tuple[np.ndarray, DicomInfo]:
+    """One frame of a DICOM file as RGB uint8, and its :class:`DicomInfo`."""
+    ds, info = open_dicom(path)
+    if not 0 <= frame < info.frames:
+        raise DataError(f"{path}: no frame {frame} (it has {info.frames})")
+    return decode_frame(ds, frame, path), info
+
+
+def iter_frames(path: str | os.PathLike) -> tuple[DicomInfo, Iterator[np.ndarray]]:
+    """The :class:`DicomInfo` and an iterator over every frame (decoded one at a time)."""
+    ds, info = open_dicom(path)
+
+    def frames() -> Iterator[np.ndarray]:
+        for i in range(info.frames):
+            yield decode_frame(ds, i, path)
+
+    return info, frames()
