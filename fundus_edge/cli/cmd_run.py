@@ -9,7 +9,10 @@ import typer
 from fundus_edge.cli.app import app
 
 _JSONL_HELP = (
-    "Write one JSON record per processed frame: source, frame, timestamp, image, position_s, "
+    "Write one JSON record per processed frame (and its table, the same name with .csv): "
+    "source, frame, timestamp, image, rel (path under the source root), eye (R, L or null), "
+    "dicom{patient_id, study_uid, series_uid, sop_uid, eye, acquired, modality, manufacturer, "
+    "model_name...} (null unless DICOM), position_s, "
     "quality{score,passed,reason,sharpness,underexposed,overexposed,fov_found}, inferred, "
     "probabilities{label: p} (null when the quality gate stopped the frame), positive[labels], "
     "screening, fov{cx,cy,r,found}, ms{preprocess,quality,infer,postprocess,latency}."
@@ -23,8 +26,8 @@ def run(
     ),
     source: str | None = typer.Argument(
         None,
-        help="Video file, image, folder (its image files), glob ('imgs/*.png'), /dev/videoN, "
-        "csi://N, rtsp://, http://.",
+        help="Video file, image or DICOM file, folder (its images and DICOM files, subfolders "
+        "too), glob ('imgs/*.png'), /dev/videoN, csi://N, rtsp://, http://.",
     ),
     camera: int | None = typer.Option(None, "--camera", "-c", help="V4L2 camera index."),
     width: int | None = typer.Option(None, "--width", help="Requested capture width (cameras)."),
@@ -94,6 +97,34 @@ def run(
     summary_json: Path | None = typer.Option(
         None, "--summary-json", help="Also write the run summary as JSON."
     ),
+    report: Path | None = typer.Option(
+        None,
+        "--report",
+        help="Write one screening report per visit (patient + study) into this folder: HTML, "
+        "PDF and, for DICOM input, DICOM Encapsulated PDF + Secondary Captures; also "
+        "results.jsonl/.csv there unless --jsonl is given.",
+    ),
+    send: str | None = typer.Option(
+        None, "--send", help="C-STORE the report's DICOM objects to a PACS: AE@HOST:PORT."
+    ),
+    anonymise: bool = typer.Option(
+        False,
+        "--anonymise",
+        help="Replace file names and DICOM identifiers by salted hashes in every output; "
+        "write no names (salt: $FUNDUS_EDGE_SALT or ~/.config/fundus-edge/anonymise.salt).",
+    ),
+    watch: Path | None = typer.Option(
+        None,
+        "--watch",
+        help="Watch this folder for new stills and DICOM files (instead of SOURCE); each is "
+        "processed once, also across restarts (a journal beside the results). Needs --jsonl "
+        "or --report. Stop with Ctrl-C.",
+    ),
+    watch_settle: float = typer.Option(
+        1.0,
+        "--watch-settle",
+        help="Seconds a new file's size must stay unchanged before it is read (> 0).",
+    ),
 ) -> int:
     """Run a model on a camera, stream, video or images: maps, labels, quality gate, logs.
 
@@ -106,14 +137,14 @@ def run(
     from fundus_edge.runtime.pipeline import RunConfig
     from fundus_edge.runtime.pipeline import run as run_pipeline
 
-    if (source is None) == (camera is None):
-        raise UserError("give exactly one source: a SOURCE argument or --camera N")
+    if sum(x is not None for x in (source, camera, watch)) != 1:
+        raise UserError("give exactly one source: a SOURCE argument, --camera N or --watch DIR")
     if summary_json is not None:
         # Written when the source ends, maybe hours from now: prove the place writable first.
         ensure_writable_file(summary_json, "--summary-json")
     cfg = RunConfig(
         model=model,
-        source=camera if camera is not None else source,  # type: ignore[arg-type]
+        source=camera if camera is not None else (source or str(watch)),  # type: ignore[arg-type]
         width=width,
         height=height,
         fps=fps,
@@ -135,6 +166,11 @@ def run(
         smoothing=smoothing,
         map=map_,
         max_frames=max_frames,
+        report=report,
+        send=send,
+        anonymise=anonymise,
+        watch=watch,
+        watch_settle=watch_settle,
     )
     summary = run_pipeline(cfg)
     for line in summary.lines():

@@ -3,9 +3,9 @@
 Threads and bounded queues let the stages overlap, so a slow window or disk never stalls
 inference and memory stays flat however long the run:
 
-    capture thread --inbox--> inference thread --records--> log thread (JSONL, --capture)
+    capture thread --inbox--> inference thread --records--> log thread (JSONL + CSV, --capture)
                                                \\--visual---> main thread (render, window,
-                                                              video, image folder)
+                                                              video, image folder, report)
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
@@ -32,6 +32,7 @@ from fundus_edge.runtime.predictor import Predictor
 from fundus_edge.runtime.render import render
 from fundus_edge.runtime.sinks import (
     CaptureSink,
+    CsvSink,
     DirSink,
     JsonlSink,
     Output,
@@ -80,6 +81,12 @@ class RunConfig:
     alpha: float = 0.5
     max_frames: int | None = None
     queue_size: int = 4
+    anonymise: bool = False  # pseudonyms for paths and DICOM identifiers in every output
+    report: Path | None = None  # per-visit screening reports into this folder
+    send: str | None = None  # AE@HOST:PORT: C-STORE the reports' DICOM objects there
+    append: bool = False  # add to existing logs and reports (a restarted watch)
+    watch: Path | None = None  # a folder watched for new stills and DICOM files
+    watch_settle: float = 1.0  # seconds a new file's size and mtime must stay unchanged
 
 
 @dataclass
@@ -144,12 +151,27 @@ class RunSummary:
 
 
 def make_record(frame: Frame, source: str, prediction: Any) -> dict[str, Any]:
-    """The JSONL record of one frame (schema in ``fundus-edge run --help``)."""
+    """The JSONL record of one frame (schema in ``fundus-edge run --help``).
+
+    ``rel`` is an image's path relative to the source root; ``eye`` its laterality (``R``,
+    ``L``: DICOM ImageLaterality/Laterality, else a name token such as ``_left``; None when
+    unknown and for video/cameras); ``dicom`` the object's identifiers (no names), else None.
+    """
+    eye = None
+    if frame.dicom is not None:
+        eye = frame.dicom.eye
+    elif frame.rel is not None:
+        from fundus_edge.report.visits import eye_from_name
+
+        eye = eye_from_name(frame.rel)
     record: dict[str, Any] = {
         "source": source,
         "frame": frame.index,
         "timestamp": round(frame.timestamp, 6),
         "image": frame.path,
+        "rel": frame.rel,
+        "eye": eye,
+        "dicom": None if frame.dicom is None else frame.dicom.record(),
         "position_s": None if frame.position_s is None else round(frame.position_s, 4),
     }
     record.update(prediction.to_record())
@@ -404,6 +426,8 @@ class _Run:
 
 def _check_options(cfg: RunConfig) -> None:
     """Numbers out of range: one line naming the option, before anything opens."""
+    if not cfg.watch_settle > 0:
+        raise UserError(f"--watch-settle must be > 0 seconds, got {cfg.watch_settle:g}")
     if cfg.max_frames is not None and cfg.max_frames < 1:
         raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
     # `not x > 0` rather than `x <= 0`: NaN is out of range too.
@@ -434,13 +458,35 @@ def _check_outputs(cfg: RunConfig) -> None:
             ensure_writable_file(path, option)
     if cfg.save_dir is not None:
         ensure_writable_dir(cfg.save_dir, "--save-dir")
+    if cfg.report is not None:
+        ensure_writable_dir(cfg.report, "--report")
+        if cfg.send is not None:
+            from fundus_edge.report.dicom_out import parse_target
+
+            parse_target(cfg.send)
+        from fundus_edge.report.sink import check_report_dependencies
+
+        check_report_dependencies()
+    elif cfg.send is not None:
+        raise UserError("--send stores a report's DICOM objects: give --report DIR too")
 
 
-def _make_sinks(cfg: RunConfig, source: Source) -> list[Sink]:
+def csv_beside(jsonl: Path) -> Path:
+    """The results table written beside a JSONL log (``run.jsonl`` -> ``run.csv``)."""
+    jsonl = Path(jsonl)
+    return (
+        jsonl.with_suffix(".csv")
+        if jsonl.suffix.lower() != ".csv"
+        else jsonl.with_name(jsonl.name + ".csv")
+    )
+
+
+def _make_sinks(cfg: RunConfig, source: Source, predictor: Predictor) -> list[Sink]:
     sinks: list[Sink] = []
     try:
         if cfg.jsonl is not None:
-            sinks.append(JsonlSink(cfg.jsonl))
+            sinks.append(JsonlSink(cfg.jsonl, append=cfg.append))
+            sinks.append(CsvSink(csv_beside(cfg.jsonl), predictor.label_names, append=cfg.append))
         if cfg.capture is not None:
             sinks.append(CaptureSink(cfg.capture, cfg.capture_window))
         if cfg.save_video is not None:
@@ -448,6 +494,19 @@ def _make_sinks(cfg: RunConfig, source: Source) -> list[Sink]:
             sinks.append(VideoSink(cfg.save_video, fps=fps, lossy=source.live))
         if cfg.save_dir is not None:
             sinks.append(DirSink(cfg.save_dir, lossy=source.live))
+        if cfg.report is not None:
+            from fundus_edge.report.sink import ReportSink
+
+            sinks.append(
+                ReportSink(
+                    cfg.report,
+                    predictor,
+                    model_path=str(cfg.model),
+                    send=cfg.send,
+                    anonymised=cfg.anonymise,
+                    append=cfg.append,
+                )
+            )
         if not cfg.headless:
             ok, why = display_available()
             if ok:
@@ -485,7 +544,33 @@ def run(
     _check_options(cfg)
     if predictor is None and not Path(cfg.model).is_file():
         raise UserError(f"{cfg.model}: no such model file")
-    if isinstance(cfg.source, Source):
+    if cfg.report is not None and cfg.jsonl is None:
+        # A report folder keeps the run's records too: results.jsonl and results.csv.
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, jsonl=Path(cfg.report) / "results.jsonl")
+    anonymiser = None
+    if cfg.anonymise:
+        from fundus_edge.data.anonymise import Pseudonymiser
+
+        anonymiser = Pseudonymiser()
+    journal = None
+    if cfg.watch is not None:
+        from fundus_edge.runtime.watch import WatchFolderSource, journal_path
+
+        if cfg.jsonl is None:
+            raise UserError(
+                "--watch keeps a journal of what it processed beside the results: "
+                "give --jsonl FILE or --report DIR"
+            )
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, append=True, source=str(cfg.watch))
+        journal = journal_path(cfg.jsonl)
+        source: Source = WatchFolderSource(
+            cfg.watch, journal, settle_s=cfg.watch_settle, anonymiser=anonymiser
+        )
+    elif isinstance(cfg.source, Source):
         source = cfg.source
     else:
         source = open_source(
@@ -495,6 +580,7 @@ def run(
             fps=cfg.fps,
             loop=cfg.loop,
             reconnect=cfg.reconnect,
+            anonymiser=anonymiser,
         )
     # The source first: a missing camera is reported in a second, before a model loads.
     source.open()
@@ -524,7 +610,11 @@ def run(
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
         predictor.smoothing = smoothing
         predictor.reset()
-        sinks = _make_sinks(cfg, source)
+        sinks = _make_sinks(cfg, source, predictor)
+        if journal is not None:
+            from fundus_edge.runtime.watch import JournalSink
+
+            sinks.append(JournalSink(journal))  # after the JSONL and CSV: done once logged
         job = _Run(cfg, source, predictor, sinks, on_output)
         sinks = []  # the run closes them from here on
         with _signals_stop(job, handle_signals):

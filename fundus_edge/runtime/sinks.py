@@ -1,4 +1,5 @@
-"""Where results go: a window, a video file, a folder of images, a JSONL log, a captured still.
+"""Where results go: a window, a video file, a folder of images, a JSONL log and its CSV
+table, a captured still.
 
 Every sink takes :class:`Output` items in frame order and is closed exactly once, also
 after SIGINT/SIGTERM, so a JSONL log ends on a complete line and a video has its index.
@@ -25,11 +26,14 @@ from fundus_edge.fileio import (
     ensure_writable_dir,
     ensure_writable_file,
 )
+from fundus_edge.media import STILL_WRITE_SUFFIXES, VIDEO_CODECS
 from fundus_edge.runtime.predictor import Prediction
 from fundus_edge.runtime.sources import Frame
 
 __all__ = [
+    "CSV_FIXED_COLUMNS",
     "CaptureSink",
+    "CsvSink",
     "DirSink",
     "JsonlSink",
     "Output",
@@ -91,13 +95,18 @@ class JsonlSink(Sink):
     (``tail -f``) while the run goes on, and a line is only written whole.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self, path: str | os.PathLike, append: bool = False, option: str = "--jsonl"
+    ) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: TextIO | None = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            if append:
+                _end_on_newline(self.path)
+            mode = "a" if append else "w"
+            self._fh: TextIO | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
-            raise UserError(f"--jsonl {self.path}: cannot write ({exc.strerror or exc})") from None
+            raise UserError(f"{option} {self.path}: cannot write ({exc.strerror or exc})") from None
         self.lines = 0
 
     def write(self, out: Output) -> None:
@@ -117,7 +126,118 @@ class JsonlSink(Sink):
         return f"{self.path} ({self.lines} records)"
 
 
-_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+def _end_on_newline(path: Path) -> None:
+    """A log cut mid-line by a power loss: drop the partial line before appending to it."""
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+#: The CSV's first columns; one ``p_<label>`` column per label follows, then ``positive``.
+CSV_FIXED_COLUMNS = (
+    "source",
+    "frame",
+    "patient",
+    "study",
+    "eye",
+    "acquired",
+    "quality",
+    "quality_reason",
+    "quality_score",
+    "inferred",
+    "screening",
+)
+
+
+class CsvSink(Sink):
+    """The JSONL's table twin: one row per processed image or frame, flushed per row.
+
+    Columns: :data:`CSV_FIXED_COLUMNS`, then ``p_<label>`` for each of the model's labels
+    (empty when the quality gate stopped the frame), then ``positive`` (labels over threshold,
+    ``;``-separated). ``source`` is the image's path relative to the source root (``#N`` for
+    frame N of a multi-frame DICOM object), else the frame's source; ``patient``/``study``
+    are the DICOM PatientID and StudyInstanceUID (pseudonyms under ``--anonymise``); ``eye``
+    is ``R``, ``L`` or empty. Appending (watch mode) keeps the header of the existing file,
+    which must have the same columns.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        labels: list[str],
+        append: bool = False,
+        option: str = "--jsonl",
+    ) -> None:
+        import csv
+
+        self.path = Path(path)
+        self.labels = list(labels)
+        self.columns = [*CSV_FIXED_COLUMNS, *(f"p_{n}" for n in self.labels), "positive"]
+        self.rows = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            header = None
+            if append and self.path.is_file() and self.path.stat().st_size:
+                _end_on_newline(self.path)
+                with open(self.path, encoding="utf-8", newline="") as fh:
+                    header = next(csv.reader(fh), None)
+                if header != self.columns:
+                    raise UserError(
+                        f"{option} {self.path}: its columns are another model's; "
+                        "give another output folder"
+                    )
+            self._fh: TextIO | None = open(  # noqa: SIM115
+                self.path, "a" if header else "w", encoding="utf-8", newline=""
+            )
+        except OSError as exc:
+            raise UserError(f"{option} {self.path}: cannot write ({exc.strerror or exc})") from None
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        if header is None:
+            self._writer.writerow(self.columns)
+            self._fh.flush()
+
+    def write(self, out: Output) -> None:
+        assert self._fh is not None
+        r = out.record
+        dicom = r.get("dicom") or {}
+        q = r.get("quality") or {}
+        probs = r.get("probabilities")
+        screening = r.get("screening")
+        row = [
+            r.get("rel") or r.get("image") or r.get("source"),
+            r.get("frame"),
+            dicom.get("patient_id") or "",
+            dicom.get("study_uid") or "",
+            r.get("eye") or "",
+            dicom.get("acquired") or "",
+            "pass" if q.get("passed") else "fail",
+            q.get("reason") or "",
+            q.get("score", ""),
+            int(bool(r.get("inferred"))),
+            "" if screening is None else int(bool(screening)),
+            *("" if probs is None else probs.get(n, "") for n in self.labels),
+            ";".join(r.get("positive") or []),
+        ]
+        self._writer.writerow(row)
+        self._fh.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.rows} rows)"
+
+
+_FOURCC = VIDEO_CODECS
 
 
 class VideoSink(Sink):
@@ -194,7 +314,9 @@ class DirSink(Sink):
         frame = out.frame
         if frame.path is None:
             return self.folder / f"frame_{frame.index:06d}.jpg"
-        rel = Path(frame.rel or Path(frame.path).name)
+        name = frame.rel or Path(frame.path).name
+        base, _, n = name.partition("#")  # frame N of a multi-frame DICOM object
+        rel = Path(f"{base}.frame{int(n):03d}" if n else base)
         if rel.suffix.lower() != ".png":
             rel = rel.with_name(rel.name + ".png")  # 1.jpg -> 1.jpg.png: beside 1.png, not over it
         return self.folder / rel
@@ -265,7 +387,7 @@ class CaptureSink(Sink):
 
     def __init__(self, path: str | os.PathLike, window: int = 10) -> None:
         self.path = Path(path)
-        if self.path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if self.path.suffix.lower() not in STILL_WRITE_SUFFIXES:
             raise UserError(f"--capture {self.path}: give an image file name (.png, .jpg, .tif)")
         # The still (and its .json) is written at the end of a watch that can take hours:
         # prove the folder is writable now.

@@ -2,7 +2,9 @@
 
 ``open_source(spec)`` reads what the user typed: a camera index (``0``), a V4L2 device
 (``/dev/video0``), a Jetson CSI camera (``csi://0``), a stream (``rtsp://``, ``http://``), a
-video file, an image file, a folder of images or a glob. Every frame is RGB uint8.
+video file, an image or DICOM file, a folder of them (subfolders included: DICOM archives nest
+patient/study/series folders) or a glob. Every frame is RGB uint8; a multi-frame DICOM object
+gives one frame per frame, each carrying the object's identifiers (:attr:`Frame.dicom`).
 
 Live sources (cameras, streams) reconnect with backoff when the device drops out; file
 sources list what they could not read in :attr:`Source.skipped` and carry on.
@@ -25,10 +27,10 @@ import numpy as np
 
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.log import get_logger
+from fundus_edge.media import STILL_SUFFIXES, has_dicom_magic, is_dicom_file, is_image_file
 from fundus_edge.preprocess import as_rgb_uint8, read_image
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "CameraSource",
     "CsiSource",
     "Frame",
@@ -44,7 +46,6 @@ __all__ = [
 
 log = get_logger("sources")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
 OPEN_TIMEOUT_S = 5.0
 # A video this many unreadable frames in a row is over, not damaged.
@@ -63,7 +64,11 @@ class Frame:
         position_s: the frame's time in a video file (None for live sources and images).
         path: the image file it was read from (image sources only).
         rel: that file's path relative to the source's root folder (POSIX), so per-image
-            outputs of ``scans/a/1.png`` and ``scans/b/1.png`` never share a name.
+            outputs of ``scans/a/1.png`` and ``scans/b/1.png`` never share a name; frame N of a
+            multi-frame DICOM object is ``rel#N``.
+        dicom: the DICOM object's identifiers (a
+            :class:`~fundus_edge.data.readers.dicom.DicomInfo`), pseudonymised under
+            ``--anonymise``; None for other sources.
     """
 
     image: np.ndarray
@@ -73,6 +78,7 @@ class Frame:
     position_s: float | None = None
     path: str | None = None
     rel: str | None = None
+    dicom: Any = None
 
 
 @dataclass
@@ -408,45 +414,123 @@ class VideoFileSource(Source):
 
 
 class ImageFilesSource(Source):
-    """Image files (one, a folder's or a glob's), in sorted order.
+    """Image and DICOM files (one, a folder's or a glob's), in sorted order.
 
     Files that cannot be decoded are skipped and listed in :attr:`skipped`. (Which files a
     folder holds is :func:`list_image_files`'s rule: non-images are never listed here.)
+    Every frame of a multi-frame DICOM object is read, one at a time.
+
+    Args:
+        paths: the files.
+        description: what the user gave.
+        loop: start over at the end.
+        anonymiser: a :class:`~fundus_edge.data.anonymise.Pseudonymiser`: frames then carry
+            pseudonyms for their path and identifiers (the source still reads the real file).
+        root: the folder relative names start from (default: the files' deepest common
+            parent).
     """
 
-    def __init__(self, paths: list[Path], description: str, loop: bool = False) -> None:
+    def __init__(
+        self,
+        paths: list[Path],
+        description: str,
+        loop: bool = False,
+        anonymiser: Any = None,
+        root: Path | None = None,
+    ) -> None:
         super().__init__(description)
         self.paths = paths
         self.loop = loop
+        self.anonymiser = anonymiser
         self._next = 0
         self._good = 0
+        self._frames: Any = None  # the open multi-frame object's iterator
+        self._current: tuple[Path, Any, int] | None = None
         # The folder every path is named relative to: the deepest common parent.
-        self.root = _common_parent(paths) if paths else Path(".")
+        self.root = root if root is not None else (_common_parent(paths) if paths else Path("."))
 
     def open(self) -> None:
         if not self.paths:
             raise UserError(f"{self.description}: no files found")
 
+    def _skip(self, item: str, reason: str) -> None:
+        if not any(s.item == item for s in self.skipped):
+            self.skipped.append(Skipped(item, reason))
+
     def read(self) -> Frame | None:
         while not self.interrupt.is_set():
+            if self._frames is not None:
+                frame = self._next_dicom_frame()
+                if frame is not None:
+                    return frame
+                continue
             if self._next >= len(self.paths):
                 if not (self.loop and self._good):
                     return None
                 self._next = 0
             path = self.paths[self._next]
             self._next += 1
+            if is_dicom_file(path):
+                self._open_dicom(path)
+                continue
             try:
                 image = read_image(path)
             except DataError as exc:
-                if not any(s.item == str(path) for s in self.skipped):
-                    self.skipped.append(Skipped(str(path), str(exc).split(": ", 1)[-1]))
+                self._skip(str(path), str(exc).split(": ", 1)[-1])
                 continue
             self._good += 1
-            frame = self._frame(image, path=str(path))
-            frame.rel = _relative(path, self.root)
-            return frame
+            return self._still(image, path, None, None)
         self.end_reason = "interrupted"
         return None
+
+    def _open_dicom(self, path: Path) -> None:
+        from fundus_edge.data.readers.dicom import iter_frames
+
+        try:
+            info, frames = iter_frames(path)
+        except DataError as exc:
+            self._skip(str(path), _reason(exc, path))
+            return
+        self._frames = frames
+        self._current = (path, info, 0)
+
+    def _next_dicom_frame(self) -> Frame | None:
+        assert self._current is not None
+        path, info, n = self._current
+        try:
+            image = next(self._frames)
+        except StopIteration:
+            self._frames = self._current = None
+            return None
+        except DataError as exc:
+            self._skip(f"{path}#{n}" if info.frames > 1 else str(path), _reason(exc, path))
+            self._frames = self._current = None  # a damaged stream: the rest of it too
+            return None
+        self._current = (path, info, n + 1)
+        self._good += 1
+        return self._still(image, path, info, n if info.frames > 1 else None)
+
+    def _still(self, image: np.ndarray, path: Path, info: Any, n: int | None) -> Frame:
+        rel = _relative(path, self.root)
+        shown = str(path)
+        if self.anonymiser is not None:
+            rel = self.anonymiser.path(rel)
+            shown = rel
+            info = self.anonymiser.info(info) if info is not None else None
+        if n is not None:
+            rel = f"{rel}#{n}"
+            shown = f"{shown}#{n}"
+        frame = self._frame(image, path=shown)
+        frame.rel = rel
+        frame.dicom = info
+        return frame
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """The part of a reader's one-line message after the file's name."""
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text.split(": ", 1)[-1]
 
 
 def _common_parent(paths: list[Path]) -> Path:
@@ -467,10 +551,12 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def list_image_files(folder: str | os.PathLike, option: str = "") -> list[Path]:
-    """The image files of a folder, sorted: the one rule of ``run`` and ``clip``.
+    """The image and DICOM files of a folder and its subfolders, sorted by relative path:
+    the one rule of ``run`` and ``clip``.
 
-    A file counts by its extension (:data:`IMAGE_SUFFIXES`, any case); other files, hidden
-    files and sub-folders are ignored, not skipped. A listed file that then cannot be
+    A file counts by its extension (:data:`~fundus_edge.media.STILL_SUFFIXES`, any case) or,
+    without an extension, by its DICOM preamble (archives name files by UID). Other files,
+    hidden files and hidden folders are ignored, not skipped. A listed file that then cannot be
     decoded is the reader's to skip (and fails ``--strict``).
 
     Raises:
@@ -479,20 +565,56 @@ def list_image_files(folder: str | os.PathLike, option: str = "") -> list[Path]:
     folder = Path(folder)
     prefix = f"{option} " if option else ""
     try:
-        entries = list(folder.iterdir())
+        next(os.scandir(folder), None)
     except OSError as exc:
         raise UserError(f"{prefix}{folder}: cannot list ({exc.strerror or exc})") from None
-    images = sorted(
-        p
-        for p in entries
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
-    if not images:
-        what = "no files found" if not entries else "no image files found"
+    found: list[tuple[str, Path]] = []
+    seen_any = False
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("%s: cannot list (%s); its files are not read", exc.filename, exc.strerror)
+
+    for here, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen_any = seen_any or bool(files or dirs)
+        for name in files:
+            if name.startswith("."):
+                continue
+            p = Path(here) / name
+            if is_image_file(p) or is_dicom_file(p):
+                found.append((p.relative_to(folder).as_posix(), p))
+    if not found:
+        what = "no files found" if not seen_any else "no image files found"
         raise UserError(
-            f"{prefix}{folder}: {what} (looks for {', '.join(IMAGE_SUFFIXES)}; other files are ignored)"
+            f"{prefix}{folder}: {what} (looks for {', '.join(STILL_SUFFIXES)} and DICOM files "
+            "in it and its subfolders; other files are ignored)"
         )
-    return images
+    return [p for _, p in sorted(found)]
+
+
+def case_collisions(paths: list[Path], root: Path) -> tuple[list[Path], list[Skipped]]:
+    """Keep the first of files whose paths relative to ``root`` differ only in letter case.
+
+    Their per-image outputs would share a name on a case-insensitive disk (macOS, Windows, a
+    USB stick): the later ones are skipped and listed, never silently overwritten.
+    """
+    kept: list[Path] = []
+    skipped: list[Skipped] = []
+    first: dict[str, Path] = {}
+    for p in paths:
+        key = _relative(p, root).casefold()
+        if key in first:
+            skipped.append(
+                Skipped(
+                    str(p),
+                    f"same name as {first[key]} but for letter case; its outputs would "
+                    "overwrite that file's on a case-insensitive disk",
+                )
+            )
+            continue
+        first[key] = p
+        kept.append(p)
+    return kept, skipped
 
 
 def open_source(
@@ -503,6 +625,7 @@ def open_source(
     fps: float | None = None,
     loop: bool = False,
     reconnect: float = 10.0,
+    anonymiser: Any = None,
 ) -> Source:
     """Build the :class:`Source` that ``spec`` names (not yet opened).
 
@@ -512,6 +635,7 @@ def open_source(
         width, height, fps: requested capture size and rate (cameras; CSI pipelines).
         loop: start files over at the end.
         reconnect: seconds a live source keeps trying to reconnect after losing the device.
+        anonymiser: pseudonymise file names and DICOM identifiers (image and DICOM sources).
 
     Raises:
         UserError: the spec names nothing that exists, or options that do not apply.
@@ -538,12 +662,23 @@ def open_source(
         paths = sorted(Path(p) for p in globlib.glob(text, recursive=True) if Path(p).is_file())
         if not paths:
             raise UserError(f"{text}: the pattern matches no files")
-        return ImageFilesSource(paths, text, loop=loop)
+        return _files_source(paths, text, loop, anonymiser, None)
     path = Path(text).expanduser()
     if path.is_dir():
-        return ImageFilesSource(list_image_files(path), str(path), loop=loop)
+        root = Path(os.path.abspath(path))
+        return _files_source(list_image_files(path), str(path), loop, anonymiser, root)
     if not path.exists():
         raise UserError(f"{text}: no such file, folder or camera")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return ImageFilesSource([path], str(path), loop=loop)
+    if is_image_file(path) or path.suffix.lower() in (".dcm", ".dicom") or has_dicom_magic(path):
+        return ImageFilesSource([path], str(path), loop=loop, anonymiser=anonymiser)
     return VideoFileSource(path, loop=loop)
+
+
+def _files_source(
+    paths: list[Path], text: str, loop: bool, anonymiser: Any, root: Path | None
+) -> ImageFilesSource:
+    root = root if root is not None else _common_parent(paths)
+    kept, collisions = case_collisions(paths, root)
+    src = ImageFilesSource(kept, text, loop=loop, anonymiser=anonymiser, root=root)
+    src.skipped.extend(collisions)
+    return src
