@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fundus_edge.datasets import Sample
+from fundus_edge.data import Sample
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.log import get_logger, progress
 from fundus_edge.metrics import energy_inside, multilabel_report, nanmean_or_none, pointing_game
@@ -445,7 +445,7 @@ def evaluate_model(
     Raises:
         UserError: missing model or data, unknown split, no samples.
     """
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
     from fundus_edge.fileio import atomic_write_json
 
     model_path = Path(model_path)

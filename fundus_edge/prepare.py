@@ -1,6 +1,6 @@
 """Prepare a dataset once: FOV-crop, resize and quality-score every image, in parallel, resumably.
 
-``prepare_dataset(SRC, DST, cfg)`` reads SRC with :func:`~fundus_edge.datasets.open_dataset`
+``prepare_dataset(SRC, DST, cfg)`` reads SRC with :func:`~fundus_edge.data.open_dataset`
 and writes to DST:
 
 * every image at the same relative path and with the same extension, run through
@@ -125,7 +125,7 @@ def prepare_dataset(
         UserError: bad paths, or ``dst`` prepared earlier with other settings.
         DataError: under ``strict``, the first problem.
     """
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
     from fundus_edge.preprocess import PreprocessConfig
     from fundus_edge.quality import QualityConfig
 

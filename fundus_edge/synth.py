@@ -72,7 +72,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fundus_edge.datasets import RFMID_LABELS_46
+from fundus_edge.data import RFMID_LABELS_46
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger, progress

@@ -1,4 +1,4 @@
-"""PyTorch data pipeline over :class:`fundus_edge.datasets.Sample`: the edge preprocessing, then
+"""PyTorch data pipeline over :class:`fundus_edge.data.Sample`: the edge preprocessing, then
 training augmentation, then normalisation.
 
 Determinism: every random choice of an augmentation comes from a generator seeded by
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from fundus_edge.datasets import Sample
+from fundus_edge.data import Sample
 from fundus_edge.errors import DataError
 from fundus_edge.log import get_logger
 from fundus_edge.preprocess import PreprocessConfig, preprocess, read_image, read_mask

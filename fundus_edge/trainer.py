@@ -582,7 +582,7 @@ class _Interrupt:
 
 
 def _open_data(cfg: TrainConfig):
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
 
     root = Path(cfg.data.root) if cfg.data.root else None
     if root is None:

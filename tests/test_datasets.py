@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import fundus_edge.cli.cmd_data  # noqa: F401  (registers dataset/prepare on app)
 from fundus_edge.cli.app import app
-from fundus_edge.datasets import (
+from fundus_edge.data import (
     ODIR_LABELS,
     RFMID_LABELS_30,
     RFMID_LABELS_46,

@@ -93,7 +93,7 @@ def data_dir(tiny_synth):
 
 
 def test_dataset_returns_masks_on_the_model_grid(data_dir):
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
     from fundus_edge.preprocess import PreprocessConfig, preprocess, read_image, read_mask
     from fundus_edge.torchdata import MASK_STRIDE, FundusTorchDataset
 

@@ -113,7 +113,7 @@ def test_pointing_game_tolerance():
 def test_localisation_report_leaves_global_labels_out_of_the_mean(tmp_path):
     import cv2
 
-    from fundus_edge.datasets import Sample
+    from fundus_edge.data import Sample
     from fundus_edge.evaluate import Predictions, localisation_report
     from fundus_edge.preprocess import PreprocessConfig, preprocess
 

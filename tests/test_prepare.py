@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import fundus_edge.cli.cmd_data  # noqa: F401  (registers dataset/prepare on app)
 import fundus_edge.prepare as prep
 from fundus_edge.cli.app import app
-from fundus_edge.datasets import open_dataset
+from fundus_edge.data import open_dataset
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.prepare import MANIFEST, SETTINGS, prepare_dataset
 from fundus_edge.preprocess import Geometry, PreprocessConfig

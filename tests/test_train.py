@@ -466,7 +466,7 @@ def test_unreadable_training_image_is_skipped_and_counted(data_dir, tmp_path):
 def test_preload_records_unreadable_images(data_dir, tmp_path):
     import shutil
 
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
     from fundus_edge.preprocess import PreprocessConfig
     from fundus_edge.torchdata import FundusTorchDataset, split_unreadable
 

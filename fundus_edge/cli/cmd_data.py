@@ -28,7 +28,7 @@ def dataset(
     ),
 ) -> None:
     """Read a dataset and report splits, image counts, label prevalence and problems."""
-    from fundus_edge.datasets import open_dataset
+    from fundus_edge.data import open_dataset
     from fundus_edge.fileio import atomic_write_json
 
     ds = open_dataset(root, strict=strict, format=format, check_images=check_images)

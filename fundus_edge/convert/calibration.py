@@ -3,7 +3,7 @@
 One function serves the exporter, ``fundus-edge bench`` and the benchmark suite, so every
 INT8 artifact is calibrated the same way whoever asks for it:
 
-* a **dataset** folder (RFMiD, ODIR-5K, a CSV: anything :func:`fundus_edge.datasets.open_dataset`
+* a **dataset** folder (RFMiD, ODIR-5K, a CSV: anything :func:`fundus_edge.data.open_dataset`
   reads) gives its images split by split, in the order asked for, with their labels
   aligned to the model's label names (a label the data lacks is a column of NaN);
 * any other **folder** gives its image files (searched recursively, sorted), without labels;
@@ -114,7 +114,7 @@ def load_images(
         raise UserError(f"{option} {root}: must be a folder of images or a dataset")
     labels = None
     try:
-        from fundus_edge.datasets import open_dataset
+        from fundus_edge.data import open_dataset
 
         ds = open_dataset(root)
     except UserError:
@@ -127,12 +127,12 @@ def load_images(
             labels = raw if label_names is None else _aligned(raw, ds.label_names, label_names)
         where = f"{len(paths)} images of {root} ({next((s for s in prefer if ds.splits.get(s)), '-')} split)"
     else:
-        from fundus_edge.runtime.sources import IMAGE_SUFFIXES
+        from fundus_edge.media import is_still_file
 
         paths = sorted(
             p
             for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            if not p.name.startswith(".") and p.is_file() and is_still_file(p)
         )[:limit]
         where = f"{len(paths)} images from {root}"
     if not paths:
