@@ -341,7 +341,7 @@ def test_overlay_drawn_at_the_right_place(retina):
 # ------------------------------------------------------------------------------------------------
 
 RECORD_KEYS = {
-    "source", "frame", "timestamp", "image", "position_s", "quality", "inferred",
+    "source", "frame", "timestamp", "image", "rel", "eye", "dicom", "position_s", "quality", "inferred",
     "probabilities", "positive", "screening", "fov", "ms",
 }  # fmt: skip
 
@@ -365,6 +365,12 @@ def test_run_folder_jsonl_savedir_and_strict(onnx_model, folder, tmp_path):
     assert Path(recs[0]["image"]).name == "a.png" and recs[0]["source"] == str(folder)
     assert recs[2]["quality"]["reason"] == "underexposed" and recs[2]["probabilities"] is None
     assert summary.frames_gated == 1 and len(summary.skipped) == 1
+    assert [r["rel"] for r in recs] == ["a.png", "b.jpg", "c_dark.png"]
+    assert all(r["eye"] is None and r["dicom"] is None for r in recs)
+    # The CSV beside the JSONL: a header and one row per record, same order.
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0].startswith("source,frame,patient,study,eye,") and rows[0].endswith(",positive")
+    assert [r.split(",")[0] for r in rows[1:]] == ["a.png", "b.jpg", "c_dark.png"]
     # Named after the source file (b.jpg keeps its suffix: a b.png beside it would not collide).
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [
         "a.png",

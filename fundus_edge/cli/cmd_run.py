@@ -144,7 +144,7 @@ def run(
         ensure_writable_file(summary_json, "--summary-json")
     cfg = RunConfig(
         model=model,
-        source=camera if camera is not None else (source or str(watch)),  # type: ignore[arg-type]
+        source=camera if camera is not None else (source if source is not None else str(watch)),  # type: ignore[arg-type]
         width=width,
         height=height,
         fps=fps,

@@ -43,7 +43,7 @@ log = get_logger("report")
 
 def check_report_dependencies() -> None:
     """The PDF needs ReportLab (the ``report`` extra): say so before any work."""
-    require("reportlab", extra="report", purpose="to write PDF reports")
+    require("reportlab", extra="report", purpose="writing PDF reports")
 
 
 def _overlay_jpeg(rgb) -> tuple[bytes, tuple[int, int]]:

@@ -36,6 +36,7 @@ naming the ``dicom`` extra).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,9 +53,10 @@ __all__ = [
     "open_dicom",
     "read_dicom",
     "read_info",
+    "write_photo",
 ]
 
-_PURPOSE = "to read DICOM files"
+_PURPOSE = "reading DICOM files"
 # (0020,0062) ImageLaterality / (0020,0060) Laterality values -> eye. "B" (both) is unknown.
 _EYES = {"R": "R", "L": "L", "OD": "R", "OS": "L"}
 
@@ -195,7 +197,11 @@ def _read(path: Path, pixels: bool) -> Any:
     if size == 0:
         raise DataError(f"{path}: cannot read DICOM (empty file)")
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with warnings.catch_warnings():
+            # pydicom warns about every oddity of a damaged header; what matters is whether
+            # the pixels decode, and that gets one line naming the file.
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError:
         raise DataError(f"{path}: not a DICOM file (no DICM preamble)") from None
     except (EOFError, OSError) as exc:
@@ -266,7 +272,9 @@ def decode_frame(ds: Any, index: int, path: str | os.PathLike) -> np.ndarray:
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise DataError(f"{path}: floating-point pixel data is not a photograph; not supported")
     try:
-        arr = pixel_array(ds, index=index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=index)
     except MissingDependencyError:
         raise
     except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError) as exc:
@@ -307,3 +315,112 @@ def iter_frames(path: str | os.PathLike) -> tuple[DicomInfo, Iterator[np.ndarray
             yield decode_frame(ds, i, path)
 
     return info, frames()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing photographs as DICOM (tests, benchmarks, and users who convert an archive)
+# ----------------------------------------------------------------------------------------------
+
+#: Transfer syntaxes :func:`write_photo` writes, by short name.
+WRITE_SYNTAXES = ("explicit", "implicit", "jpeg", "jpeg-ls", "jpeg2000", "rle", "ybr")
+_OP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image Storage
+
+
+def write_photo(
+    path: str | os.PathLike,
+    frames: np.ndarray | list[np.ndarray],
+    *,
+    syntax: str = "explicit",
+    patient_id: str = "PAT001",
+    patient_name: str = "Doe^Jane",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    eye: str | None = None,
+    laterality_attribute: str = "ImageLaterality",
+    acquired: str = "20261130094112",
+    jpeg_quality: int = 92,
+) -> Path:
+    """Write RGB photograph(s) as an Ophthalmic Photography object (8-bit, RGB input).
+
+    ``frames``: one ``(H, W, 3)`` uint8 RGB image or a list of them (a multi-frame object).
+    ``syntax``: ``explicit``/``implicit`` (uncompressed little endian), ``ybr`` (uncompressed
+    YBR_FULL), ``jpeg`` (baseline, encoded by OpenCV and encapsulated), ``jpeg-ls``
+    (lossless, pyjpegls), ``jpeg2000`` (lossless, pylibjpeg-openjpeg), ``rle``. ``eye``:
+    ``"R"``/``"L"``/None, written into ``laterality_attribute`` (ImageLaterality or
+    Laterality). Returns the path.
+    """
+    pydicom = _pydicom()
+    import cv2
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGLSLossless,
+        RLELossless,
+        generate_uid,
+    )
+
+    if syntax not in WRITE_SYNTAXES:
+        raise ValueError(f"syntax {syntax!r}: one of {', '.join(WRITE_SYNTAXES)}")
+    images = [frames] if isinstance(frames, np.ndarray) and frames.ndim == 3 else list(frames)
+    images = [np.ascontiguousarray(f, dtype=np.uint8) for f in images]
+    h, w = images[0].shape[:2]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = _OP_SOP_CLASS
+    sop = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPClassUID, ds.SOPInstanceUID = _OP_SOP_CLASS, sop
+    ds.PatientID, ds.PatientName = patient_id, patient_name
+    ds.PatientBirthDate, ds.PatientSex = "19600101", "F"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyDate, ds.StudyTime = acquired[:8], acquired[8:] or "000000"
+    ds.AcquisitionDateTime = acquired
+    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = "OP", "fundus-edge", "synthetic"
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
+    ds.AccessionNumber = "ACC" + patient_id[-4:]
+    if eye is not None:
+        setattr(ds, laterality_attribute, eye)
+    ds.Rows, ds.Columns = h, w
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 8, 8, 7
+    ds.PixelRepresentation, ds.PlanarConfiguration = 0, 0
+    ds.PhotometricInterpretation = "RGB"
+    if len(images) > 1:
+        ds.NumberOfFrames = len(images)
+    stack = np.stack(images)
+    if syntax == "jpeg":
+        ok_all = []
+        for img in images:
+            ok, buf = cv2.imencode(
+                ".jpg",
+                cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality],
+            )
+            assert ok
+            ok_all.append(buf.tobytes())
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.PixelData = encapsulate(ok_all)
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression = "01"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    elif syntax == "ybr":
+        ycc = [cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)[:, :, [0, 2, 1]] for img in images]
+        ds.PhotometricInterpretation = "YBR_FULL"
+        ds.PixelData = np.stack(ycc).tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    else:
+        ds.PixelData = stack.tobytes()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if syntax == "implicit" else ExplicitVRLittleEndian
+        )
+        target = {"jpeg-ls": JPEGLSLossless, "jpeg2000": JPEG2000Lossless, "rle": RLELossless}
+        if syntax in target:
+            ds.compress(target[syntax], stack if len(images) > 1 else images[0])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
