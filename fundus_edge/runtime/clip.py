@@ -18,12 +18,11 @@ import numpy as np
 
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import ensure_writable_file
+from fundus_edge.media import VIDEO_CODECS
 from fundus_edge.preprocess import read_image
 from fundus_edge.runtime.sources import list_image_files
 
 __all__ = ["expand_inputs", "letterbox", "make_clip"]
-
-_FOURCC = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -78,7 +77,8 @@ def make_clip(
 
     Args:
         inputs: image files, folders or globs.
-        out: ``.mp4``, ``.avi`` or ``.mkv``.
+        out: a container of :data:`fundus_edge.media.VIDEO_CODECS` (``.mp4``, ``.m4v``,
+            ``.mov``, ``.mkv``: MPEG-4 Part 2; ``.avi``: Motion JPEG).
         fps: frame rate.
         hold: frames per image.
         width, height: frame size (even numbers; a 4:3 camera by default).
@@ -88,8 +88,8 @@ def make_clip(
     """
     out = Path(out)
     suffix = out.suffix.lower()
-    if suffix not in _FOURCC:
-        raise UserError(f"--out {out}: use one of {', '.join(_FOURCC)}")
+    if suffix not in VIDEO_CODECS:
+        raise UserError(f"--out {out}: use one of {', '.join(VIDEO_CODECS)}")
     if width % 2 or height % 2 or width < 16 or height < 16:
         raise UserError(f"--size {width}x{height}: need even numbers >= 16")
     if hold < 1:
@@ -103,7 +103,7 @@ def make_clip(
     ensure_writable_file(out, "--out")
     partial = out.with_name(f".{out.stem}.partial{suffix}")
     writer = cv2.VideoWriter(
-        str(partial), cv2.VideoWriter_fourcc(*_FOURCC[suffix]), fps, (width, height)
+        str(partial), cv2.VideoWriter_fourcc(*VIDEO_CODECS[suffix]), fps, (width, height)
     )
     if not writer.isOpened():
         raise UserError(f"--out {out}: OpenCV cannot write {suffix} video here")
