@@ -16,7 +16,8 @@ Columns (names in any case):
   ``age``, ``sex``, ``gender``, ``eye``, ``laterality``, and any ``meta_*``;
 * every other named column is a 0/1 label (``Disease_Risk`` first when present).
 
-The sample ID is the ``id`` column, else the image path without its suffix; IDs are unique.
+The sample ID is the ``id`` column, else the image path without its suffix (a numeric suffix,
+the end of a UID, is kept); IDs are unique.
 
 Splits: the ``split`` column; without one, a deterministic validation split (``val_fraction``
 of the groups, chosen by a seeded hash) is held out of the training split, grouped by
@@ -184,7 +185,7 @@ def _parse_row(
     if cols.id is not None:
         sid, key_col = str(values[cols.id]).strip(), header[cols.id]
     else:
-        sid, key_col = Path(rel).with_suffix("").as_posix(), header[cols.path]
+        sid, key_col = _path_id(rel), header[cols.path]
     if not report.id_ok(table, line, key_col, sid, seen):
         return None
     split = None
@@ -204,6 +205,13 @@ def _parse_row(
     meta = {header[i]: values[i] for i in cols.meta}
     group = str(values[cols.group]).strip() if cols.group is not None else sid
     return _Row(line, sid, split, image, labels, meta, group)
+
+
+def _path_id(rel: str) -> str:
+    """A sample ID from its path: the path without its suffix, but a numeric "suffix" (the last
+    component of a UID-named DICOM file) is part of the name."""
+    p = Path(rel)
+    return (p if p.suffix[1:].isdigit() else p.with_suffix("")).as_posix()
 
 
 def _split(parsed: list[_Row], held: bool, options: ReadOptions) -> dict[str, list[Sample]]:
