@@ -7,16 +7,18 @@ The report folder::
       model.json                     the model the reports name (name, SHA-256, thresholds)
       photos.jsonl                   one line per photograph: its record, eye, DICOM identifiers
       overlays/<rel>.jpg             each photograph's overlay, named after its source path
-      <visit>/report.html            self-contained (images inline, no script, no network)
-      <visit>/report.pdf             the same report as a PDF
-      <visit>/report.dcm             DICOM Encapsulated PDF (DICOM input only)
-      <visit>/overlays/NNN.dcm       DICOM Secondary Capture of each overlay (DICOM input only)
+      visits/<visit>/report.html     self-contained (images inline, no script, no network)
+      visits/<visit>/report.pdf      the same report as a PDF
+      visits/<visit>/report.dcm      DICOM Encapsulated PDF (DICOM input only)
+      visits/<visit>/overlays/NNN.dcm  DICOM Secondary Capture of each overlay (DICOM input only)
       sent.json                      what ``--send`` stored, with the PACS's status
 
 Photographs are written as they come, so a restarted watch (``append``) and an interrupted run
 lose nothing; reports are (re)written at the end of the run for every visit that got a
 photograph in it, from everything ``photos.jsonl`` holds for that visit. ``<visit>`` is
-:attr:`~fundus_edge.report.visits.Visit.key`. Every file is written atomically.
+:attr:`~fundus_edge.report.visits.Visit.key`. Every file is written atomically. The overlay
+is drawn for the report (the map of the top finding, the labels; no frame rate or timings),
+so the sink is a log sink: it gets every photograph, also behind a live source.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _overlay_name(rel: str) -> str:
 class ReportSink(Sink):
     """Collect photographs during a run; write the visits' reports when it closes."""
 
-    visual = True
+    visual = False
 
     def __init__(
         self,
@@ -108,7 +110,9 @@ class ReportSink(Sink):
     def write(self, out: Output) -> None:
         frame = out.frame
         rel = frame.rel or f"frame_{frame.index:06d}"
-        image = out.rendered if out.rendered is not None else frame.image
+        from fundus_edge.runtime.render import render
+
+        image = render(frame.image, out.prediction, which="auto", timings={})
         jpeg, size = _overlay_jpeg(image)
         name = _overlay_name(rel)
         atomic_write_bytes(self.folder / "overlays" / name, jpeg)
@@ -211,7 +215,7 @@ def write_visit(folder: Path, visit: Visit, model: ModelInfo, *, when: datetime)
     from fundus_edge.report.html import render_html
     from fundus_edge.report.pdf import render_pdf
 
-    out = folder / visit.key
+    out = folder / "visits" / visit.key
     generated = when.isoformat(timespec="seconds")
     html_path, pdf_path = out / "report.html", out / "report.pdf"
     atomic_write_text(html_path, render_html(visit, model, generated=generated))

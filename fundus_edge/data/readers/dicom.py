@@ -35,6 +35,7 @@ naming the ``dicom`` extra).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -62,7 +63,11 @@ _EYES = {"R": "R", "L": "L", "OD": "R", "OS": "L"}
 
 
 def _pydicom():
-    return require("pydicom", extra="dicom", purpose=_PURPOSE)
+    module = require("pydicom", extra="dicom", purpose=_PURPOSE)
+    # pydicom logs each oddity of a damaged header as a warning as well as raising it; a file
+    # that cannot be read gets our one line, so keep its logger to errors.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    return module
 
 
 @dataclass(frozen=True)
