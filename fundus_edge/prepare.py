@@ -3,7 +3,8 @@
 ``prepare_dataset(SRC, DST, cfg)`` reads SRC with :func:`~fundus_edge.data.open_dataset`
 and writes to DST:
 
-* every image at the same relative path and with the same extension, run through
+* every image at the same relative path and with the same extension (a DICOM image stays a
+  DICOM file: its header with the prepared pixels), run through
   :func:`~fundus_edge.preprocess.preprocess` (so the label files, copied byte for byte, still
   match and DST opens with the same reader);
 * every lesion mask cropped with its image's geometry and resized nearest-neighbour (it stays
@@ -363,7 +364,7 @@ def _process(job: dict) -> dict:
     cfg = PreprocessConfig.from_dict(job["cfg"])
     pre = preprocess(image, cfg)
     q = assess_quality(image, pre.circle, QualityConfig.from_dict(job["quality"]))
-    _write_image(Path(job["out"]), pre.image)
+    _write_image(Path(job["out"]), pre.image, source=Path(job["source"]))
     g = pre.geometry
     masks, mask_errors = {}, []
     for label, src, out in job["masks"]:
@@ -397,8 +398,20 @@ def _process(job: dict) -> dict:
     return rec
 
 
-def _write_image(path: Path, image: np.ndarray) -> None:
-    """Encode by the file's extension (RGB in, OpenCV's BGR on disk) and write atomically."""
+def _write_image(path: Path, image: np.ndarray, source: Path | None = None) -> None:
+    """Encode by the file's extension (RGB in, OpenCV's BGR on disk) and write atomically.
+
+    A DICOM source gives a DICOM output at the same path: its header (patient, study, eye)
+    with the prepared pixels, uncompressed RGB
+    (:func:`~fundus_edge.data.readers.dicom.write_derived`).
+    """
+    from fundus_edge.media import is_dicom_file
+
+    if source is not None and is_dicom_file(source):
+        from fundus_edge.data.readers.dicom import write_derived
+
+        write_derived(source, path, image, "fundus-edge prepare: FOV crop and resize")
+        return
     ext = path.suffix.lower()
     params: list[int] = []
     if ext in (".jpg", ".jpeg"):

@@ -165,3 +165,22 @@ def test_calibration_folder_of_dicom_files(dicom_csv, tmp_path):
     (plain / "notes").write_text("not an image\n")
     found = load_images(plain, pre, 20)
     assert found.images.shape == (len(ROWS), 64, 64, 3) and found.labels is None
+
+
+def test_prepare_keeps_dicom_as_dicom(dicom_csv, tmp_path):
+    """prepare writes a DICOM image as DICOM at the same path (the labels still match): the
+    source's header with the prepared pixels; the prepared folder opens as a dataset."""
+    from fundus_edge.prepare import prepare_dataset
+    from fundus_edge.preprocess import PreprocessConfig
+
+    root, _ = dicom_csv
+    dst = tmp_path / "prepared"
+    result = prepare_dataset(root, dst, PreprocessConfig(size=64), workers=1, show_progress=False)
+    assert result.failures == [] and result.processed == len(ROWS)
+    out = dst / "images" / "p1_right.dcm"
+    ds = pydicom.dcmread(out)
+    assert ds.PatientID == "P1" and (ds.Rows, ds.Columns) == (64, 64)
+    assert ds.DerivationDescription.startswith("fundus-edge prepare")
+    assert read_image(dst / ROWS[-1][0]).shape == (64, 64, 3)  # the unsuffixed one too
+    again = open_dataset(dst, check_images=True)
+    assert again.problems == [] and len(list(again.samples())) == len(ROWS)

@@ -54,6 +54,7 @@ __all__ = [
     "open_dicom",
     "read_dicom",
     "read_info",
+    "write_derived",
     "write_photo",
 ]
 
@@ -428,4 +429,44 @@ def write_photo(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def write_derived(
+    source: str | os.PathLike, path: str | os.PathLike, image: np.ndarray, how: str
+) -> Path:
+    """Write ``image`` (RGB uint8) as a DICOM file derived from ``source``: its header (patient,
+    study, series, laterality) with new pixels, uncompressed explicit VR little endian, a new
+    SOP instance UID and ``how`` as the derivation description. Atomic.
+    """
+    pydicom = _pydicom()
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from fundus_edge.fileio import atomic_open
+
+    source = Path(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    for keyword in ("NumberOfFrames", "FrameIncrementPointer", "LossyImageCompressionRatio"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Rows, ds.Columns = image.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = image.tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.SOPInstanceUID = generate_uid()
+    ds.DerivationDescription = how[:1024]
+    meta = ds.file_meta
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:
+        pydicom.dcmwrite(fh, ds, enforce_file_format=True)
     return path
