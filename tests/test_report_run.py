@@ -191,3 +191,14 @@ def test_report_bad_options_before_any_work(tmp_path, photo):
         app, ["run", str(model), str(tmp_path / "imgs"), "--headless", "--send", "A@h:1"]
     )
     assert res.exit_code == 2 and "give --report DIR too" in res.output
+
+
+def test_report_folder_is_never_mixed_with_an_earlier_run(tmp_path, photo):
+    root = tmp_path / "archive"
+    make_archive(root, photo)
+    out = tmp_path / "rep"
+    run_report(root, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(Exception, match="holds an earlier run's report"):
+        run_report(root, out)
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -61,7 +61,7 @@ def run(
     ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(
-        None, "--save-video", help="Write the annotated frames as a video (.mp4, .avi, .mkv)."
+        None, "--save-video", help="Write the annotated frames as a video (.mp4, .m4v, .mov, .mkv, .avi)."
     ),
     save_dir: Path | None = typer.Option(
         None, "--save-dir", help="Write each annotated frame as an image into this folder."

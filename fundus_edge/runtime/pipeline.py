@@ -460,6 +460,13 @@ def _check_outputs(cfg: RunConfig) -> None:
         ensure_writable_dir(cfg.save_dir, "--save-dir")
     if cfg.report is not None:
         ensure_writable_dir(cfg.report, "--report")
+        earlier = Path(cfg.report) / "photos.jsonl"
+        if not cfg.append and earlier.is_file():
+            # Only a watch adds to a report folder; anything else would mix two runs' records.
+            raise UserError(
+                f"--report {cfg.report}: holds an earlier run's report ({earlier.name}); "
+                "give a new folder (nothing was changed)"
+            )
         if cfg.send is not None:
             from fundus_edge.report.dicom_out import parse_target
 
