@@ -50,6 +50,9 @@ EXTRA = {
     "cv2": "fundus-edge[cpu-wheels]",
     "onnx": "pip install 'onnx'",
     "openvino": "fundus-edge[openvino]",
+    "pydicom": "fundus-edge[dicom]",
+    "pynetdicom": "fundus-edge[dicom]",
+    "reportlab": "fundus-edge[report]",
 }
 
 # Every command x the optional packages it needs. {ckpt}, {onnx}, {data}, {out} are filled in.
@@ -104,6 +107,11 @@ CASES = [
     ("synth", "cv2", ["{out}", "--n", "4", "--size", "64"]),
     ("prepare", "cv2", ["{data}", "{out}", "--size", "64"]),
     ("clip", "cv2", ["{data}/Test_Set/Test", "--out", "{out}/c.mp4"]),
+    ("run", "pydicom", ["{onnx}", "{dicom}", "--headless"]),
+    ("report", "pydicom", ["{onnx}", "{dicom}", "--out", "{out}"]),
+    ("report", "reportlab", ["{onnx}", "{data}/Test_Set/Test", "--out", "{out}"]),
+    ("run", "reportlab", ["{onnx}", "{data}/Test_Set/Test", "--headless", "--report", "{out}"]),
+    ("report", "pynetdicom", ["{onnx}", "{dicom}", "--out", "{out}", "--send", "A@127.0.0.1:9"]),
 ]
 
 
@@ -125,6 +133,11 @@ def models(tmp_path_factory, tiny_synth) -> dict[str, str]:
     )
     ctx = StepContext(out=tmp, verify=False)
     onnx = CheckpointToOnnx("m", simplify=False).run(Artifact("checkpoint", ckpt), ctx).artifact
+    from fundus_edge.data.readers.dicom import write_photo
+    from fundus_edge.preprocess import read_image
+
+    first = sorted(Path(tiny_synth, "Test_Set", "Test").glob("*.png"))[0]
+    write_photo(tmp / "dicom" / "p1" / "right.dcm", read_image(first), syntax="jpeg", eye="R")
     blocker = tmp / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
@@ -132,6 +145,7 @@ def models(tmp_path_factory, tiny_synth) -> dict[str, str]:
         "ckpt": str(ckpt),
         "onnx": str(onnx.path),
         "data": str(tiny_synth),
+        "dicom": str(tmp / "dicom"),
         "blocker": str(blocker),
     }
 

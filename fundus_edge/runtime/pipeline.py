@@ -468,14 +468,27 @@ def _check_outputs(cfg: RunConfig) -> None:
                 "give a new folder (nothing was changed)"
             )
         if cfg.send is not None:
+            from fundus_edge.errors import require
             from fundus_edge.report.dicom_out import parse_target
 
             parse_target(cfg.send)
+            require("pydicom", extra="dicom", purpose="writing DICOM reports")
+            require("pynetdicom", extra="dicom", purpose="sending to a PACS")
         from fundus_edge.report.sink import check_report_dependencies
 
         check_report_dependencies()
     elif cfg.send is not None:
         raise UserError("--send stores a report's DICOM objects: give --report DIR too")
+
+
+def _check_readers(source: Source) -> None:
+    """DICOM files among the inputs need pydicom (the dicom extra): say so before any work."""
+    from fundus_edge.errors import require
+    from fundus_edge.media import is_dicom_file
+    from fundus_edge.runtime.sources import ImageFilesSource
+
+    if isinstance(source, ImageFilesSource) and any(is_dicom_file(p) for p in source.paths):
+        require("pydicom", extra="dicom", purpose="reading DICOM files")
 
 
 def csv_beside(jsonl: Path) -> Path:
@@ -589,6 +602,7 @@ def run(
             reconnect=cfg.reconnect,
             anonymiser=anonymiser,
         )
+    _check_readers(source)
     # The source first: a missing camera is reported in a second, before a model loads.
     source.open()
     own_predictor = predictor is None
