@@ -37,6 +37,7 @@ __all__ = [
     "ImageFilesSource",
     "Skipped",
     "Source",
+    "StillFilesSource",
     "StreamSource",
     "VideoFileSource",
     "csi_pipeline",
@@ -69,6 +70,13 @@ class Frame:
         dicom: the DICOM object's identifiers (a
             :class:`~fundus_edge.data.readers.dicom.DicomInfo`), pseudonymised under
             ``--anonymise``; None for other sources.
+        key: the file's identity (image and DICOM sources): its path relative to the root
+            (POSIX, no ``#N``), the pseudonym of that path under ``--anonymise``. Unlike
+            ``rel`` it is the same for every frame of a multi-frame object.
+        frame_in_file: the frame's number within its file (0 for a still).
+        last_in_file: no further frame of this file follows (always True for a still; for a
+            multi-frame DICOM object, True on its last frame).
+        stamp: the file's ``(size, mtime_ns)`` when it was read (watched folders only).
     """
 
     image: np.ndarray
@@ -79,6 +87,10 @@ class Frame:
     path: str | None = None
     rel: str | None = None
     dicom: Any = None
+    key: str | None = None
+    frame_in_file: int = 0
+    last_in_file: bool = True
+    stamp: tuple[int, int] | None = None
 
 
 @dataclass
@@ -413,7 +425,99 @@ class VideoFileSource(Source):
             self._cap = None
 
 
-class ImageFilesSource(Source):
+class StillFilesSource(Source):
+    """Common code of the sources that read image and DICOM files (a list of files,
+    :class:`ImageFilesSource`; a watched folder,
+    :class:`~fundus_edge.runtime.watch.WatchFolderSource`): one frame per still, every frame
+    of a multi-frame DICOM object one at a time, names relative to :attr:`root`, pseudonyms
+    under ``--anonymise``.
+
+    Args:
+        description: what the user gave.
+        anonymiser: a :class:`~fundus_edge.data.anonymise.Pseudonymiser`: frames then carry
+            pseudonyms for their path and identifiers (the source still reads the real file).
+        root: the folder relative names start from.
+    """
+
+    def __init__(self, description: str, anonymiser: Any = None, root: Path | None = None) -> None:
+        super().__init__(description)
+        self.anonymiser = anonymiser
+        self.root = root if root is not None else Path(".")
+        self._good = 0
+        self._frames: Any = None  # the open multi-frame object's iterator
+        self._current: tuple[Path, Any, int] | None = None
+
+    def _skip(self, item: str, reason: str) -> None:
+        if not any(s.item == item for s in self.skipped):
+            self.skipped.append(Skipped(item, reason))
+
+    def _read_still(self, path: Path, start: int = 0) -> Frame | None:
+        """The frame of an image file (None: skipped), or open a DICOM file for
+        :meth:`_next_dicom_frame` (None) to read its frames from ``start`` on."""
+        if is_dicom_file(path):
+            self._open_dicom(path, start)
+            return None
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            self._skip(str(path), str(exc).split(": ", 1)[-1])
+            return None
+        self._good += 1
+        return self._still(image, path, None, None)
+
+    def _open_dicom(self, path: Path, start: int = 0) -> None:
+        """Open a DICOM object; its frames from ``start`` on come from :meth:`_next_dicom_frame`."""
+        from fundus_edge.data.readers.dicom import decode_frame, open_dicom
+
+        try:
+            ds, info = open_dicom(path)
+        except DataError as exc:
+            self._skip(str(path), _reason(exc, path))
+            return
+        self._frames = (decode_frame(ds, i, path) for i in range(start, info.frames))
+        self._current = (path, info, start)
+
+    def _next_dicom_frame(self) -> Frame | None:
+        assert self._current is not None
+        path, info, n = self._current
+        try:
+            image = next(self._frames)
+        except StopIteration:
+            self._frames = self._current = None
+            return None
+        except DataError as exc:
+            self._skip(f"{path}#{n}" if info.frames > 1 else str(path), _reason(exc, path))
+            self._frames = self._current = None  # a damaged stream: the rest of it too
+            return None
+        self._current = (path, info, n + 1)
+        self._good += 1
+        return self._still(
+            image, path, info, n if info.frames > 1 else None, last=n + 1 >= info.frames
+        )
+
+    def _still(
+        self, image: np.ndarray, path: Path, info: Any, n: int | None, last: bool = True
+    ) -> Frame:
+        rel = _relative(path, self.root)
+        shown = str(path)
+        if self.anonymiser is not None:
+            rel = self.anonymiser.path(rel)
+            shown = rel
+            info = self.anonymiser.info(info) if info is not None else None
+        key = rel
+        if n is not None:
+            rel = f"{rel}#{n}"
+            shown = f"{shown}#{n}"
+        frame = self._frame(image, path=shown)
+        frame.rel = rel
+        frame.dicom = info
+        frame.key = key
+        frame.frame_in_file = n or 0
+        frame.last_in_file = last
+        return frame
+
+
+class ImageFilesSource(StillFilesSource):
     """Image and DICOM files (one, a folder's or a glob's), in sorted order.
 
     Files that cannot be decoded are skipped and listed in :attr:`skipped`. (Which files a
@@ -438,24 +542,16 @@ class ImageFilesSource(Source):
         anonymiser: Any = None,
         root: Path | None = None,
     ) -> None:
-        super().__init__(description)
+        # The folder every path is named relative to: the deepest common parent.
+        root = root if root is not None else (_common_parent(paths) if paths else Path("."))
+        super().__init__(description, anonymiser=anonymiser, root=root)
         self.paths = paths
         self.loop = loop
-        self.anonymiser = anonymiser
         self._next = 0
-        self._good = 0
-        self._frames: Any = None  # the open multi-frame object's iterator
-        self._current: tuple[Path, Any, int] | None = None
-        # The folder every path is named relative to: the deepest common parent.
-        self.root = root if root is not None else (_common_parent(paths) if paths else Path("."))
 
     def open(self) -> None:
         if not self.paths:
             raise UserError(f"{self.description}: no files found")
-
-    def _skip(self, item: str, reason: str) -> None:
-        if not any(s.item == item for s in self.skipped):
-            self.skipped.append(Skipped(item, reason))
 
     def read(self) -> Frame | None:
         while not self.interrupt.is_set():
@@ -470,60 +566,11 @@ class ImageFilesSource(Source):
                 self._next = 0
             path = self.paths[self._next]
             self._next += 1
-            if is_dicom_file(path):
-                self._open_dicom(path)
-                continue
-            try:
-                image = read_image(path)
-            except DataError as exc:
-                self._skip(str(path), str(exc).split(": ", 1)[-1])
-                continue
-            self._good += 1
-            return self._still(image, path, None, None)
+            frame = self._read_still(path)
+            if frame is not None:
+                return frame
         self.end_reason = "interrupted"
         return None
-
-    def _open_dicom(self, path: Path) -> None:
-        from fundus_edge.data.readers.dicom import iter_frames
-
-        try:
-            info, frames = iter_frames(path)
-        except DataError as exc:
-            self._skip(str(path), _reason(exc, path))
-            return
-        self._frames = frames
-        self._current = (path, info, 0)
-
-    def _next_dicom_frame(self) -> Frame | None:
-        assert self._current is not None
-        path, info, n = self._current
-        try:
-            image = next(self._frames)
-        except StopIteration:
-            self._frames = self._current = None
-            return None
-        except DataError as exc:
-            self._skip(f"{path}#{n}" if info.frames > 1 else str(path), _reason(exc, path))
-            self._frames = self._current = None  # a damaged stream: the rest of it too
-            return None
-        self._current = (path, info, n + 1)
-        self._good += 1
-        return self._still(image, path, info, n if info.frames > 1 else None)
-
-    def _still(self, image: np.ndarray, path: Path, info: Any, n: int | None) -> Frame:
-        rel = _relative(path, self.root)
-        shown = str(path)
-        if self.anonymiser is not None:
-            rel = self.anonymiser.path(rel)
-            shown = rel
-            info = self.anonymiser.info(info) if info is not None else None
-        if n is not None:
-            rel = f"{rel}#{n}"
-            shown = f"{shown}#{n}"
-        frame = self._frame(image, path=shown)
-        frame.rel = rel
-        frame.dicom = info
-        return frame
 
 
 def _reason(exc: Exception, path: Path) -> str:
