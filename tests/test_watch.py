@@ -69,34 +69,14 @@ def variant(retina: np.ndarray, i: int) -> np.ndarray:
 
 def dicom_bytes(frames: list[np.ndarray], patient: str = "PAT1") -> bytes:
     """A small uncompressed RGB Ophthalmic Photography object (one frame or several)."""
-    pydicom = pytest.importorskip("pydicom", reason="pydicom writes the test DICOM files")
-    import io
+    pytest.importorskip("pydicom", reason="pydicom writes the test DICOM files")
+    import tempfile
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from fundus_edge.data.readers.dicom import write_photo
 
-    sop_class = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
-    ds.PatientID, ds.PatientName = patient, "Doe^Jane"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.StudyDate, ds.StudyTime, ds.Modality = "20261130", "094112", "OP"
-    ds.ImageLaterality = "R"
-    h, w = frames[0].shape[:2]
-    ds.Rows, ds.Columns = h, w
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 8, 8, 7
-    ds.PixelRepresentation, ds.PlanarConfiguration = 0, 0
-    ds.PhotometricInterpretation = "RGB"
-    if len(frames) > 1:
-        ds.NumberOfFrames = len(frames)
-    ds.PixelData = np.stack(frames).astype(np.uint8).tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_photo(Path(tmp) / "x.dcm", frames, patient_id=patient, eye="R")
+        return path.read_bytes()
 
 
 def next_frame(src: WatchFolderSource, within: float):
@@ -603,3 +583,46 @@ def test_acceptance_watch_restart_each_file_once(tmp_path, retina):
         r.partition("#")[0] for r in writer.good
     }
     assert "skipped" in first + second
+
+
+def test_outputs_inside_the_watched_folder_are_not_read_back(tmp_path, retina):
+    """--save-dir and --report inside the watched folder: their files never come back in.
+
+    The run stops after two frames: if vis/a.png came back it would be the second; the second
+    must be b.png, written after several polls have seen vis/a.png."""
+    import cv2
+    from test_backends import make_metadata
+    from test_runtime import FakeBackend
+
+    from fundus_edge.runtime import Predictor, RunConfig, run
+
+    watched = tmp_path / "in"
+    watched.mkdir()
+    cv2.imwrite(str(watched / "a.png"), retina[:, :, ::-1])
+    cfg = RunConfig(
+        model="x",
+        source=str(watched),
+        watch=watched,
+        watch_settle=0.2,
+        headless=True,
+        jsonl=watched / "out" / "r.jsonl",
+        save_dir=watched / "vis",
+        max_frames=2,
+    )
+    result = {}
+
+    def go():
+        predictor = Predictor(FakeBackend(make_metadata()))
+        result["summary"] = run(cfg, predictor=predictor, handle_signals=False)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (watched / "vis" / "a.png").is_file():
+        time.sleep(0.05)
+    time.sleep(1.5)  # several polls with vis/a.png in the watched folder
+    cv2.imwrite(str(watched / "b.png"), retina[:, :, ::-1])
+    t.join(30)
+    assert not t.is_alive()
+    recs = [json.loads(x) for x in (watched / "out" / "r.jsonl").read_text().splitlines()]
+    assert [r["rel"] for r in recs] == ["a.png", "b.png"], recs

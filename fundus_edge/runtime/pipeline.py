@@ -587,8 +587,10 @@ def run(
 
         cfg = dataclasses.replace(cfg, append=True, source=str(cfg.watch))
         journal = journal_path(cfg.jsonl)
+        # Outputs written inside the watched folder must not come back in as inputs.
+        outputs = [p for p in (cfg.save_dir, cfg.report) if p is not None]
         source: Source = WatchFolderSource(
-            cfg.watch, journal, settle_s=cfg.watch_settle, anonymiser=anonymiser
+            cfg.watch, journal, settle_s=cfg.watch_settle, anonymiser=anonymiser, exclude=outputs
         )
     elif isinstance(cfg.source, Source):
         source = cfg.source
