@@ -268,8 +268,22 @@ def _check_decoder(ds: Any, path: Path) -> None:
 
 
 def decode_frame(ds: Any, index: int, path: str | os.PathLike) -> np.ndarray:
-    """Frame ``index`` of an opened dataset as ``(H, W, 3)`` uint8 RGB (see the module doc)."""
-    from pydicom.pixels import apply_color_lut, pixel_array
+    """Frame ``index`` of an opened dataset as ``(H, W, 3)`` uint8 RGB (see the module doc).
+
+    Speed (``bench/dicom_throughput.py``, ``bench/results/cpu-amd-epyc-2c/dicom-throughput``;
+    one 4288x2848 JPEG baseline YBR_FULL_422 frame, quality 95, 2-core AMD EPYC): pydicom's
+    default plugin (pylibjpeg) plus its numpy YBR->RGB conversion took 355-485 ms, the PNG of
+    the same photo 150-180 ms in OpenCV, and ``run`` over DICOM reached half PNG's FPS (the
+    numpy conversion also holds the GIL from the inference thread). Pillow (libjpeg-turbo)
+    with pydicom's conversion: 225-290 ms. Pillow returning YCbCr and OpenCV converting
+    (``cv2.transform``, pydicom's matrix, within 1 grey level of it): 72-117 ms, and ``run``
+    over DICOM at 1.4-1.7x PNG's FPS. So 8-bit JPEG baseline/extended goes to Pillow where it
+    is installed (the other plugins if it fails), and 8-bit YBR_FULL/YBR_FULL_422 becomes
+    RGB in OpenCV.
+    """
+    from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder, pixel_array
+    from pydicom.pixels.processing import convert_color_space
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
     path = Path(path)
     photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
@@ -277,10 +291,49 @@ def decode_frame(ds: Any, index: int, path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: signed pixel data is not a photograph; not supported")
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise DataError(f"{path}: floating-point pixel data is not a photograph; not supported")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID", None) if meta is not None else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = pixel_array(ds, index=index)
+            if not syntax:
+                arr = pixel_array(ds, index=index)  # pydicom's own error: no transfer syntax
+            else:
+                decoder = get_decoder(syntax)
+                opts = as_pixel_options(ds, as_rgb=False)  # YBR -> RGB below, in OpenCV
+                plugins = [""]
+                if (
+                    syntax in (JPEGBaseline8Bit, JPEGExtended12Bit)
+                    and int(ds.get("BitsStored", 8) or 8) == 8
+                    and "pillow" in decoder.available_plugins
+                ):
+                    plugins.insert(0, "pillow")
+                for n, plugin in enumerate(plugins):
+                    try:
+                        arr, out = decoder.as_array(
+                            ds, index=index, validate=True, decoding_plugin=plugin, **opts
+                        )
+                        break
+                    except Exception:
+                        if n + 1 == len(plugins):
+                            raise  # every plugin's reason, as pydicom words it
+                decoded_as = str(out.get("photometric_interpretation", photometric)).upper()
+                if decoded_as in ("YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
+                    if arr.dtype == np.uint8 and arr.shape[2] == 3:
+                        import cv2
+
+                        # DICOM PS3.3 C.7.6.3.1.2 (pydicom's matrix), rounded and clipped.
+                        ybr_to_rgb = np.float32(
+                            [
+                                [1.0, 0.0, 1.402, -1.402 * 128],
+                                [1.0, -0.114 * 1.772 / 0.587, -0.299 * 1.402 / 0.587, 0.0],
+                                [1.0, 1.772, 0.0, -1.772 * 128],
+                            ]
+                        )
+                        ybr_to_rgb[1, 3] = -128 * (ybr_to_rgb[1, 1] + ybr_to_rgb[1, 2])
+                        arr = cv2.transform(np.ascontiguousarray(arr), ybr_to_rgb)
+                    else:
+                        arr = convert_color_space(arr, "YBR_FULL", "RGB")
     except MissingDependencyError:
         raise
     except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError) as exc:
