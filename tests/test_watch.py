@@ -626,3 +626,27 @@ def test_outputs_inside_the_watched_folder_are_not_read_back(tmp_path, retina):
     assert not t.is_alive()
     recs = [json.loads(x) for x in (watched / "out" / "r.jsonl").read_text().splitlines()]
     assert [r["rel"] for r in recs] == ["a.png", "b.png"], recs
+
+
+def test_names_differing_only_in_case_are_skipped_and_journaled(tmp_path, retina):
+    folder, journal = tmp_path / "in", tmp_path / "out" / "watch-journal.jsonl"
+    for sub in ("A", "a"):
+        (folder / sub).mkdir(parents=True)
+    if len(list(folder.iterdir())) < 2:
+        pytest.skip("this file system ignores letter case")
+    (folder / "A" / "1.png").write_bytes(png_bytes(retina))
+    src = make_source(folder, journal)
+    (first,) = frames_within(src, 1)
+    assert first.rel == "A/1.png"
+    journal_done(JournalSink(journal), [first])
+    (folder / "a" / "1.png").write_bytes(png_bytes(retina))
+    assert frames_within(src, 1, within=2.0) == []
+    assert "but for letter case" in src.skipped[-1].reason
+    # Journaled as skipped; a restarted watch knows A/1.png too and skips a/1.png again.
+    entries = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert {(e["file"], e["status"]) for e in entries} == {
+        ("A/1.png", "done"),
+        ("a/1.png", "skipped"),
+    }
+    again = make_source(folder, journal)
+    assert frames_within(again, 1, within=1.5) == []

@@ -199,6 +199,7 @@ class WatchFolderSource(StillFilesSource):
         self._next_poll = 0.0
         self._next_recheck = 0.0
         self.files_seen = 0
+        self._case: dict[str, str] = {}  # casefolded path under the root -> the first one read
 
     # -- the journal -----------------------------------------------------------------------------
 
@@ -219,6 +220,8 @@ class WatchFolderSource(StillFilesSource):
             raise UserError(f"{self.journal}: cannot read ({exc.strerror or exc})") from None
         for key, entry in entries.items():
             status = entry.get("status")
+            if status == "done" and self.anonymiser is None:
+                self._case.setdefault(key.casefold(), key)
             if status in ("done", "skipped"):
                 self._known[key] = _stamp(entry)
             elif status == "partial":
@@ -310,6 +313,17 @@ class WatchFolderSource(StillFilesSource):
             self._known.pop(key, None)
             return None
         self._file = (key, stamp)
+        rel = path.relative_to(self.root).as_posix() if path.is_absolute() else key
+        owner = self._case.setdefault(rel.casefold(), rel)
+        if owner != rel:
+            # Outputs named after the path would collide on a case-insensitive disk.
+            self._skip(
+                str(path),
+                f"same name as {owner} but for letter case; its outputs would overwrite that "
+                "file's on a case-insensitive disk",
+            )
+            self._file = None
+            return None
         start = 0
         partial = self._partial.pop(key, None)
         if partial is not None and partial[0] == stamp:
