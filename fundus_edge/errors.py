@@ -94,6 +94,8 @@ OPTIONAL_MODULES: dict[str, tuple[str | None, str]] = {
     "pydicom": ("dicom", "pydicom"),
     "pynetdicom": ("dicom", "pynetdicom"),
     "reportlab": ("report", "reportlab"),
+    "uvicorn": ("serve", "uvicorn"),
+    "selenium": ("dev", "selenium"),
     "skimage": ("dev", "scikit-image"),
     "tritonclient": ("dev", "tritonclient[grpc]"),
 }

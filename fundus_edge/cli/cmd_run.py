@@ -61,7 +61,9 @@ def run(
     ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(
-        None, "--save-video", help="Write the annotated frames as a video (.mp4, .m4v, .mov, .mkv, .avi)."
+        None,
+        "--save-video",
+        help="Write the annotated frames as a video (.mp4, .m4v, .mov, .mkv, .avi).",
     ),
     save_dir: Path | None = typer.Option(
         None, "--save-dir", help="Write each annotated frame as an image into this folder."
@@ -120,6 +122,26 @@ def run(
         "processed once, also across restarts (a journal beside the results). Needs --jsonl "
         "or --report. Stop with Ctrl-C.",
     ),
+    serve: str | None = typer.Option(
+        None,
+        "--serve",
+        help="Serve a live browser view on [HOST:]PORT (default host 127.0.0.1): the annotated "
+        "frame, findings, quality, FPS, a map selector and a Capture button. Beyond loopback a "
+        "token is required (given, $FUNDUS_EDGE_TOKEN, or generated and printed once).",
+    ),
+    token: str | None = typer.Option(
+        None, "--token", help="The live view's access token (>= 8 characters)."
+    ),
+    cert: Path | None = typer.Option(None, "--cert", help="HTTPS certificate (PEM) for --serve."),
+    key: Path | None = typer.Option(None, "--key", help="Its private key (PEM)."),
+    max_viewers: int = typer.Option(
+        8, "--max-viewers", help="Live-view connections at most (streams + event listeners)."
+    ),
+    capture_dir: Path | None = typer.Option(
+        None,
+        "--capture-dir",
+        help="Where the live view's Capture button saves [default: ./captures].",
+    ),
     watch_settle: float = typer.Option(
         1.0,
         "--watch-settle",
@@ -171,6 +193,12 @@ def run(
         anonymise=anonymise,
         watch=watch,
         watch_settle=watch_settle,
+        serve=serve,
+        token=token,
+        cert=cert,
+        key=key,
+        max_viewers=max_viewers,
+        capture_dir=capture_dir,
     )
     summary = run_pipeline(cfg)
     for line in summary.lines():

@@ -87,6 +87,12 @@ class RunConfig:
     append: bool = False  # add to existing logs and reports (a restarted watch)
     watch: Path | None = None  # a folder watched for new stills and DICOM files
     watch_settle: float = 1.0  # seconds a new file's size and mtime must stay unchanged
+    serve: str | None = None  # [HOST:]PORT: the live browser view
+    token: str | None = None  # required by every endpoint (generated beyond loopback)
+    cert: Path | None = None  # HTTPS certificate (PEM) ...
+    key: Path | None = None  # ... and its private key
+    max_viewers: int = 8
+    capture_dir: Path | None = None  # the live view's captures (default ./captures)
 
 
 @dataclass
@@ -266,6 +272,9 @@ class _Run:
         )
         self._ms: dict[str, float] = dict.fromkeys((*STAGES, "render"), 0.0)
         self._rendered = 0
+        self.hub: Any = None  # the live view's (run --serve): its map choice, its status
+        self._t0 = time.time()
+        self._recent: collections.deque[float] = collections.deque(maxlen=30)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -326,8 +335,47 @@ class _Run:
             self.records.close()
             self.drawings.close()
 
+    def status(self) -> dict[str, Any]:
+        """The run now, for the live view's /status and its events."""
+        s = self.summary
+        n = max(s.frames_processed, 1)
+        recent = list(self._recent)
+        fps = (
+            (len(recent) - 1) / (recent[-1] - recent[0])
+            if len(recent) > 1 and recent[-1] > recent[0]
+            else 0.0
+        )
+        stage = {k: round(self._ms[k] / n, 2) for k in STAGES}
+        if self._rendered:
+            stage["render"] = round(self._ms["render"] / self._rendered, 2)
+        hub = self.hub
+        return {
+            "source": self.source.description,
+            "model": Path(str(self.predictor.backend.path)).name,
+            "backend": self.predictor.backend.name,
+            "running": not self.stop.is_set(),
+            "frames": s.frames_processed,
+            "inferred": s.frames_inferred,
+            "gated": s.frames_gated,
+            "drops": self.inbox.dropped + self.drawings.dropped + (hub.viewer_drops if hub else 0),
+            "fps": round(fps, 2),
+            "stage_ms": stage,
+            "uptime_s": round(time.time() - self._t0, 1),
+            "viewers": hub.viewers if hub else 0,
+            "max_viewers": hub.max_viewers if hub else 0,
+            "map": (hub.map if hub and hub.map else self.cfg.map),
+            "maps": list(hub.map_choices) if hub else [],
+            "labels": list(self.predictor.label_names),
+            "thresholds": {
+                n_: round(float(t), 4)
+                for n_, t in zip(self.predictor.label_names, self.predictor.thresholds, strict=True)
+            },
+            "captures": len(hub.captures) if hub else 0,
+        }
+
     def _count(self, out: Output) -> None:
         s, pred = self.summary, out.prediction
+        self._recent.append(time.monotonic())
         s.frames_processed += 1
         if pred.inferred:
             s.frames_inferred += 1
@@ -361,11 +409,14 @@ class _Run:
                     inst = 1.0 / max(now - last, 1e-6)
                     fps = inst if fps is None else 0.9 * fps + 0.1 * inst
                 last = now
+                if not any(sink.wants_frame for sink in self.visual):
+                    continue  # nobody would see it (a live view without viewers)
                 t0 = time.perf_counter()
+                which = self.hub.map if self.hub is not None and self.hub.map else self.cfg.map
                 out.rendered = render(
                     out.frame.image,
                     out.prediction,
-                    which=self.cfg.map,
+                    which=which,
                     alpha=self.cfg.alpha,
                     fps=fps,
                 )
@@ -609,8 +660,23 @@ def run(
     source.open()
     own_predictor = predictor is None
     sinks: list[Sink] = []
+    session = None
     try:
         _check_outputs(cfg)
+        if cfg.serve is not None:
+            # Bound now: a taken port is one line before the model loads.
+            from fundus_edge.serve.sink import ServeSession
+
+            session = ServeSession(
+                cfg.serve,
+                [],
+                capture_dir=cfg.capture_dir or Path("captures"),
+                token=cfg.token,
+                cert=cfg.cert,
+                key=cfg.key,
+                max_viewers=cfg.max_viewers,
+                capture_window=cfg.capture_window,
+            )
         if predictor is None:
             predictor = Predictor(
                 cfg.model,
@@ -638,11 +704,20 @@ def run(
             from fundus_edge.runtime.watch import JournalSink
 
             sinks.append(JournalSink(journal))  # after the JSONL and CSV: done once logged
+        if session is not None:
+            session.set_labels(predictor.label_names, cfg.map)
+            sinks.extend(session.sinks())
         job = _Run(cfg, source, predictor, sinks, on_output)
         sinks = []  # the run closes them from here on
+        if session is not None:
+            job.hub = session.hub
+            session.status_fn = job.status
+            session.start()
         with _signals_stop(job, handle_signals):
             return job.execute()
     finally:
+        if session is not None:
+            session.stop()
         for s in sinks:
             s.close()
         source.close()

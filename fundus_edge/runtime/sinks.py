@@ -69,6 +69,12 @@ class Sink(ABC):
     done: bool = False
 
     @property
+    def wants_frame(self) -> bool:
+        """A visual sink that shows nothing now (a live view nobody watches) says False: the
+        frame is then not rendered for it."""
+        return True
+
+    @property
     def written(self) -> bool:
         """Its file or folder exists now; :meth:`describe` then names what was written
         (otherwise it says what was not, and why)."""

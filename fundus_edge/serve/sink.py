@@ -1,0 +1,199 @@
+"""``run --serve``: the session (hub + server) and the two sinks that feed it.
+
+:class:`ServeSink` is a lossy visual sink: the draw thread hands it each annotated frame, and
+it asks for frames only while a stream viewer is connected (no viewer, no rendering for it).
+:class:`ServeLogSink` is a log sink: every record goes to the event listeners, and the page's
+**Capture** requests are served from here, as ``--capture`` does: the best of the next
+``--capture-window`` frames once the quality gate passes, saved as ``capture_NNNN.png`` and
+its record as ``capture_NNNN.png.json`` in ``--capture-dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fundus_edge.errors import UserError
+from fundus_edge.fileio import ensure_writable_dir
+from fundus_edge.log import get_logger
+from fundus_edge.runtime.sinks import CaptureSink, Output, Sink
+from fundus_edge.serve.hub import Hub
+
+__all__ = ["TOKEN_ENV", "ServeLogSink", "ServeSession", "ServeSink"]
+
+log = get_logger("serve")
+TOKEN_ENV = "FUNDUS_EDGE_TOKEN"
+
+
+class ServeSink(Sink):
+    """The annotated frames, to the stream viewers (lossy: a slow network never holds the
+    run)."""
+
+    visual = True
+    lossy = True
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    @property
+    def wants_frame(self) -> bool:
+        return bool(self.hub._watching("stream"))
+
+    def write(self, out: Output) -> None:
+        if out.rendered is not None:
+            self.hub.publish_frame(out.rendered, out.frame.index, out.frame.timestamp)
+
+    def describe(self) -> str:
+        return f"live view ({self.hub.frames_encoded} frames streamed)"
+
+    @property
+    def written(self) -> bool:
+        return False  # nothing on disk: not listed among the outputs
+
+
+class ServeLogSink(Sink):
+    """Records to the event listeners; the page's captures."""
+
+    def __init__(self, hub: Hub, folder: Path, window: int) -> None:
+        self.hub = hub
+        self.folder = Path(folder)
+        self.window = window
+        self._active: tuple[int, CaptureSink] | None = None
+        self.saved = 0
+
+    def write(self, out: Output) -> None:
+        self.hub.publish_record(out.record)
+        if self._active is None and self.hub.capture_requests:
+            n = self.hub.capture_requests.popleft()
+            self._active = (n, CaptureSink(self.folder / f"capture_{n:04d}.png", self.window))
+        if self._active is not None:
+            n, sink = self._active
+            sink.write(out)
+            if sink.saved:
+                self._done(n, sink)
+
+    def _done(self, n: int, sink: CaptureSink) -> None:
+        assert sink.best is not None
+        rec = sink.best.record
+        probs = rec.get("probabilities") or {}
+        self.hub.add_capture(
+            {
+                "id": n,
+                "name": sink.path.name,
+                "url": f"captures/{sink.path.name}",
+                "time": time.strftime(
+                    "%Y-%m-%dT%H:%M:%S", time.localtime(rec.get("timestamp", time.time()))
+                ),
+                "frame": rec.get("frame"),
+                "quality": {
+                    "score": (rec.get("quality") or {}).get("score"),
+                    "reason": (rec.get("quality") or {}).get("reason"),
+                },
+                "findings": [
+                    {"label": k, "p": probs[k]} for k in rec.get("positive") or [] if k in probs
+                ],
+                "positive": list(rec.get("positive") or []),
+            }
+        )
+        log.info("serve: capture %d saved as %s", n, sink.path)
+        self.saved += 1
+        self._active = None
+
+    def close(self) -> None:
+        if self._active is not None:
+            n, sink = self._active
+            sink.close()  # the source ended inside the window: the best so far
+            if sink.saved:
+                self._done(n, sink)
+            self._active = None
+
+    @property
+    def written(self) -> bool:
+        return self.saved > 0
+
+    def describe(self) -> str:
+        return f"{self.folder} ({self.saved} capture(s) from the live view)"
+
+
+class ServeSession:
+    """Everything ``--serve`` adds to a run: the hub, the server, the two sinks.
+
+    Args:
+        address: ``[HOST:]PORT``.
+        labels: the model's labels (the map choices).
+        capture_dir: where the page's captures go.
+        token: required on every endpoint; generated (and printed once) when the address is
+            not loopback and none is given (nor ``$FUNDUS_EDGE_TOKEN``).
+        cert, key: HTTPS.
+        max_viewers: stream + event connections at most.
+        capture_window: frames watched for the best one after the gate passes.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        labels: list[str],
+        *,
+        capture_dir: Path,
+        token: str | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        max_viewers: int = 8,
+        capture_window: int = 10,
+    ) -> None:
+        from fundus_edge.serve.app import make_app
+        from fundus_edge.serve.server import Server, is_loopback, new_token, parse_address
+
+        addr = parse_address(address)
+        if max_viewers < 1:
+            raise UserError(f"--max-viewers must be >= 1, got {max_viewers}")
+        token = token or os.environ.get(TOKEN_ENV) or None
+        self.generated = False
+        if token is None and not is_loopback(addr.host):
+            token, self.generated = new_token(), True
+        if token is not None and len(token) < 8:
+            raise UserError("--token: use at least 8 characters")
+        self.token = token
+        self.capture_dir = ensure_writable_dir(capture_dir, "--capture-dir")
+        self.hub = Hub(max_viewers=max_viewers)
+        self.hub.map_choices = ["auto", "attention", "none", *labels]
+        self.status_fn: Any = dict
+        self.capture_window = capture_window
+        app = make_app(
+            self.hub,
+            status=lambda: self.status_fn(),
+            capture_dir=self.capture_dir,
+            token=token,
+            set_map=self.set_map,
+        )
+        self.server = Server(app, addr, self.hub, cert=cert, key=key)
+
+    def set_labels(self, labels: list[str], initial: str) -> None:
+        """The model's labels (known once it loaded) and the --map it starts with."""
+        self.hub.map_choices = ["auto", "attention", "none", *labels]
+        self.hub.map = initial
+
+    def set_map(self, choice: str) -> str:
+        if choice not in self.hub.map_choices:
+            raise ValueError(f"unknown map {choice!r} (one of {', '.join(self.hub.map_choices)})")
+        self.hub.map = choice
+        return choice
+
+    def sinks(self) -> list[Sink]:
+        return [ServeSink(self.hub), ServeLogSink(self.hub, self.capture_dir, self.capture_window)]
+
+    def start(self) -> None:
+        self.server.start()
+        url = self.server.url
+        if self.token is not None and self.generated:
+            # Printed once, to the terminal only (never to a log file or a record).
+            sys.stderr.write(f"fundus-edge: live view at {url}?token={self.token}\n")
+        else:
+            sys.stderr.write(f"fundus-edge: live view at {url}\n")
+        sys.stderr.flush()
+
+    def stop(self) -> None:
+        self.server.stop()
