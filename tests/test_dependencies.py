@@ -53,6 +53,7 @@ EXTRA = {
     "pydicom": "fundus-edge[dicom]",
     "pynetdicom": "fundus-edge[dicom]",
     "reportlab": "fundus-edge[report]",
+    "uvicorn": "fundus-edge[serve]",
 }
 
 # Every command x the optional packages it needs. {ckpt}, {onnx}, {data}, {out} are filled in.
@@ -111,6 +112,7 @@ CASES = [
     ("report", "pydicom", ["{onnx}", "{dicom}", "--out", "{out}"]),
     ("report", "reportlab", ["{onnx}", "{data}/Test_Set/Test", "--out", "{out}"]),
     ("run", "reportlab", ["{onnx}", "{data}/Test_Set/Test", "--headless", "--report", "{out}"]),
+    ("run", "uvicorn", ["{onnx}", "{data}/Test_Set/Test", "--headless", "--serve", "0"]),
     ("report", "pynetdicom", ["{onnx}", "{dicom}", "--out", "{out}", "--send", "A@127.0.0.1:9"]),
 ]
 

@@ -464,7 +464,7 @@ class _Run:
         s.stage_ms = {k: round(self._ms[k] / n, 3) for k in STAGES}
         if self._rendered:
             s.stage_ms["render"] = round(self._ms["render"] / self._rendered, 3)
-        files = [sink for sink in self.sinks if not isinstance(sink, WindowSink)]
+        files = [s for s in self.sinks if s.is_file and not isinstance(s, WindowSink)]
         s.outputs = [sink.describe() for sink in files if sink.written]
         s.not_written = [sink.describe() for sink in files if not sink.written]
         captures = [sink for sink in self.sinks if isinstance(sink, CaptureSink)]

@@ -68,6 +68,9 @@ class Sink(ABC):
     lossy: bool = False
     done: bool = False
 
+    #: writes a file or folder (listed in the run's summary); False for a window, a live view
+    is_file: bool = True
+
     @property
     def wants_frame(self) -> bool:
         """A visual sink that shows nothing now (a live view nobody watches) says False: the

@@ -34,6 +34,7 @@ class ServeSink(Sink):
 
     visual = True
     lossy = True
+    is_file = False
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -115,6 +116,8 @@ class ServeLogSink(Sink):
         return self.saved > 0
 
     def describe(self) -> str:
+        if not self.saved:
+            return "no capture from the live view"
         return f"{self.folder} ({self.saved} capture(s) from the live view)"
 
 
