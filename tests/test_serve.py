@@ -233,17 +233,20 @@ def test_traversal_oversized_and_too_many_viewers(video, tmp_path):
         assert big.status_code == 413
         chunked = httpx.post(base + "capture", content=iter([b"x" * 3000, b"y" * 3000]))
         assert chunked.status_code == 413
-        # Two viewers allowed; the third is refused, and the run goes on.
+        # Two viewers allowed (two tabs: their streams and event listeners); a third refused,
+        # and the run goes on.
         frames_before = httpx.get(base + "status").json()["frames"]
         with (
             httpx.stream("GET", base + "stream.mjpg", timeout=10) as a,
-            httpx.stream("GET", base + "events", timeout=10) as b,
+            httpx.stream("GET", base + "stream.mjpg", timeout=10) as b,
+            httpx.stream("GET", base + "events", timeout=10) as c,
         ):
-            assert a.status_code == b.status_code == 200
+            assert a.status_code == b.status_code == c.status_code == 200
             third = httpx.get(base + "stream.mjpg", timeout=5)
             assert third.status_code == 503 and "too many viewers" in third.text
         time.sleep(0.5)
         assert httpx.get(base + "status").json()["frames"] > frames_before
+        assert httpx.get(base + "favicon.ico").status_code == 204
     assert live.error is None
 
 
@@ -324,6 +327,9 @@ def test_hub_never_blocks_and_cuts_a_stalled_viewer(monkeypatch):
         hub._deliver([slow], (b"x", 100, 0.0))
         assert slow.closed and hub.viewers_cut == 1
         assert listener.queue.qsize() == hubmod.QUEUE
-        assert hub.attach("stream") is not None and hub.attach("stream") is None  # 3 at most
+        assert hub.attach("stream") is not None and hub.attach("stream") is not None
+        # 3 streams at most (the cut one stays attached until its handler detaches it);
+        # event listeners count apart.
+        assert hub.attach("stream") is None and hub.attach("events") is not None
     finally:
         loop.close()

@@ -14,7 +14,9 @@ def clip(
     inputs: list[str] = typer.Argument(
         ..., help="Image files, folders or globs ('data/Test/*.png'), in order."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output video: .mp4, .m4v, .mov, .mkv or .avi."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output video: .mp4, .m4v, .mov, .mkv or .avi."
+    ),
     fps: float = typer.Option(5.0, "--fps", help="Frames per second."),
     hold: int = typer.Option(3, "--hold", help="Frames each image is shown."),
     size: str = typer.Option(

@@ -135,7 +135,9 @@ def run(
     cert: Path | None = typer.Option(None, "--cert", help="HTTPS certificate (PEM) for --serve."),
     key: Path | None = typer.Option(None, "--key", help="Its private key (PEM)."),
     max_viewers: int = typer.Option(
-        8, "--max-viewers", help="Live-view connections at most (streams + event listeners)."
+        8,
+        "--max-viewers",
+        help="Live-view viewers at most (a browser tab: one stream and one event listener).",
     ),
     capture_dir: Path | None = typer.Option(
         None,

@@ -149,6 +149,8 @@ def make_app(
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        if path == "/favicon.ico":  # browsers ask on every page load: nothing to say, no log
+            return await _plain(send, 204, "")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             log.warning(
@@ -358,15 +360,18 @@ async def _events(scope, receive, send, hub: Hub, status, cookie: list) -> None:
     async def produce(viewer, gone):
         yield event("status", json.dumps(status(), allow_nan=False))
         yield event("captures", json.dumps(list(hub.captures), allow_nan=False))
-        if hub.last_record is not None:
-            yield event("record", json.dumps(hub.last_record, allow_nan=False))
+        last = hub.last_record
+        if last is not None:
+            yield event("record", json.dumps(last, allow_nan=False))
+        sent = json.dumps(last, allow_nan=False) if last is not None else None
         last_status = time.monotonic()
         while not viewer.closed:
             item = await _next(viewer, gone, 1.0)
             if item is None or viewer.closed:
                 return
-            if item != "tick":
-                yield event(*item)
+            if item != "tick" and not (item[0] == "record" and item[1] == sent):
+                yield event(*item)  # (the record sent on connecting may be queued too)
+            sent = None
             if time.monotonic() - last_status >= 1.0:
                 last_status = time.monotonic()
                 yield event("status", json.dumps(status(), allow_nan=False))

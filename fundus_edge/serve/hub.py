@@ -47,7 +47,7 @@ class Hub:
     """Thread-safe fan-out of frames, records and status to web viewers (see module doc).
 
     Args:
-        max_viewers: stream and event connections at most (more get HTTP 503).
+        max_viewers: viewers at most: streams, and event listeners, each (more get HTTP 503).
         jpeg_quality: of the streamed frames.
     """
 
@@ -74,9 +74,10 @@ class Hub:
     # -- viewers (event loop) ---------------------------------------------------------------------
 
     def attach(self, kind: str) -> Viewer | None:
-        """A new viewer, or None when :attr:`max_viewers` are connected."""
+        """A new viewer, or None when :attr:`max_viewers` of its kind are connected (a browser
+        tab opens one stream and one event listener)."""
         with self._lock:
-            if len(self._viewers) >= self.max_viewers:
+            if sum(v.kind == kind for v in self._viewers) >= self.max_viewers:
                 return None
             viewer = Viewer(kind, asyncio.Queue(maxsize=QUEUE))
             self._viewers.append(viewer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,9 @@ class ServeLogSink(Sink):
                 "id": n,
                 "name": sink.path.name,
                 "url": f"captures/{sink.path.name}",
-                "time": time.strftime(
-                    "%Y-%m-%dT%H:%M:%S", time.localtime(rec.get("timestamp", time.time()))
-                ),
+                "time": datetime.fromtimestamp(rec.get("timestamp", time.time()))
+                .astimezone()
+                .isoformat(timespec="seconds"),
                 "frame": rec.get("frame"),
                 "quality": {
                     "score": (rec.get("quality") or {}).get("score"),
