@@ -139,6 +139,11 @@ def run(
         "--max-viewers",
         help="Live-view viewers at most (a browser tab: one stream and one event listener).",
     ),
+    serve_fps: float = typer.Option(
+        10.0,
+        "--serve-fps",
+        help="Frames a second the live view streams (only those are rendered for it).",
+    ),
     capture_dir: Path | None = typer.Option(
         None,
         "--capture-dir",
@@ -200,6 +205,7 @@ def run(
         cert=cert,
         key=key,
         max_viewers=max_viewers,
+        serve_fps=serve_fps,
         capture_dir=capture_dir,
     )
     summary = run_pipeline(cfg)

@@ -92,6 +92,7 @@ class RunConfig:
     cert: Path | None = None  # HTTPS certificate (PEM) ...
     key: Path | None = None  # ... and its private key
     max_viewers: int = 8
+    serve_fps: float = 10.0  # streamed (and so rendered) frames a second at most
     capture_dir: Path | None = None  # the live view's captures (default ./captures)
 
 
@@ -676,6 +677,7 @@ def run(
                 key=cfg.key,
                 max_viewers=cfg.max_viewers,
                 capture_window=cfg.capture_window,
+                fps=cfg.serve_fps,
             )
         if predictor is None:
             predictor = Predictor(

@@ -6,7 +6,9 @@ viewer owns a small bounded queue on the server's event loop: a new item pushed 
 queue replaces the oldest, so a slow viewer sees fewer frames and never holds anything up; a
 viewer whose queue stayed full for :data:`STALL_S` seconds (it stopped reading) is cut off.
 The annotated frame is JPEG-encoded once per published frame, only while someone watches,
-downscaled to :data:`STREAM_MAX_SIDE` and at most :data:`STREAM_MAX_FPS` frames a second.
+downscaled to :data:`STREAM_MAX_SIDE` and at most ``fps`` frames a second (``--serve-fps``,
+default :data:`STREAM_FPS`): :meth:`Hub.frame_due` tells the draw thread whether the next frame
+will be sent at all, so frames nobody will see are not even rendered.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["STALL_S", "STREAM_MAX_FPS", "STREAM_MAX_SIDE", "Hub", "Viewer"]
+__all__ = ["STALL_S", "STREAM_FPS", "STREAM_MAX_SIDE", "Hub", "Viewer"]
 
 STREAM_MAX_SIDE = 1280  # px, the long side of streamed frames
-STREAM_MAX_FPS = 25.0
+STREAM_FPS = 10.0  # streamed frames a second, by default (an operator's preview)
 STALL_S = 10.0  # a viewer that took nothing for this long is cut off
 QUEUE = 2  # items per viewer
 
@@ -51,8 +53,11 @@ class Hub:
         jpeg_quality: of the streamed frames.
     """
 
-    def __init__(self, max_viewers: int = 8, jpeg_quality: int = 80) -> None:
+    def __init__(
+        self, max_viewers: int = 8, jpeg_quality: int = 80, fps: float = STREAM_FPS
+    ) -> None:
         self.max_viewers = max_viewers
+        self.fps = fps
         self.jpeg_quality = jpeg_quality
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -100,12 +105,18 @@ class Hub:
 
     # -- publishing (pipeline threads) -----------------------------------------------------------
 
+    def frame_due(self) -> bool:
+        """Whether a frame published now would be streamed (a viewer, and the rate allows)."""
+        return bool(self._watching("stream")) and (
+            time.monotonic() - self._last_sent >= 1.0 / self.fps
+        )
+
     def publish_frame(self, rendered: np.ndarray, index: int, timestamp: float) -> None:
         """The draw thread's newest annotated frame (RGB). Encodes only while someone
         watches; never blocks."""
         viewers = self._watching("stream")
         now = time.monotonic()
-        if not viewers or now - self._last_sent < 1.0 / STREAM_MAX_FPS or self.loop is None:
+        if not viewers or now - self._last_sent < 1.0 / self.fps or self.loop is None:
             return
         self._last_sent = now
         h, w = rendered.shape[:2]

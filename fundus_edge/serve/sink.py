@@ -42,7 +42,7 @@ class ServeSink(Sink):
 
     @property
     def wants_frame(self) -> bool:
-        return bool(self.hub._watching("stream"))
+        return self.hub.frame_due()
 
     def write(self, out: Output) -> None:
         if out.rendered is not None:
@@ -132,7 +132,8 @@ class ServeSession:
         token: required on every endpoint; generated (and printed once) when the address is
             not loopback and none is given (nor ``$FUNDUS_EDGE_TOKEN``).
         cert, key: HTTPS.
-        max_viewers: stream + event connections at most.
+        max_viewers: viewers at most (streams, and event listeners, each).
+        fps: streamed frames a second at most (only those are rendered for the stream).
         capture_window: frames watched for the best one after the gate passes.
     """
 
@@ -147,6 +148,7 @@ class ServeSession:
         key: Path | None = None,
         max_viewers: int = 8,
         capture_window: int = 10,
+        fps: float = 10.0,
     ) -> None:
         from fundus_edge.serve.app import make_app
         from fundus_edge.serve.server import Server, is_loopback, new_token, parse_address
@@ -154,6 +156,8 @@ class ServeSession:
         addr = parse_address(address)
         if max_viewers < 1:
             raise UserError(f"--max-viewers must be >= 1, got {max_viewers}")
+        if not 0 < fps <= 60:
+            raise UserError(f"--serve-fps must be in (0, 60], got {fps:g}")
         token = token or os.environ.get(TOKEN_ENV) or None
         self.generated = False
         if token is None and not is_loopback(addr.host):
@@ -162,7 +166,7 @@ class ServeSession:
             raise UserError("--token: use at least 8 characters")
         self.token = token
         self.capture_dir = ensure_writable_dir(capture_dir, "--capture-dir")
-        self.hub = Hub(max_viewers=max_viewers)
+        self.hub = Hub(max_viewers=max_viewers, fps=fps)
         self.hub.map_choices = ["auto", "attention", "none", *labels]
         self.status_fn: Any = dict
         self.capture_window = capture_window
