@@ -89,6 +89,10 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
             raise UserError(
                 f"{source}: model metadata threshold of {name} is {t!r}; expected a number in [0, 1]"
             )
+    if meta.get("temperature") is not None:  # optional: temperature scaling (operating.py)
+        from fundus_edge.operating import temperature_vector
+
+        temperature_vector(meta["temperature"], len(names), f"{source}: model metadata")
     for key in ("mean", "std"):
         v = meta.get(key)
         if v is not None and not (
@@ -209,6 +213,7 @@ def contract_from_checkpoint(meta: dict[str, Any], source: str) -> dict[str, Any
         "label_names": labels,
         "screening_label": screening,
         "thresholds": meta.get("thresholds"),
+        "threshold_policy": meta.get("threshold_policy"),
         "input_size": size,
         "mean": cfg.get("mean"),
         "std": cfg.get("std"),

@@ -159,6 +159,8 @@ class TrainConfig:
     epochs: int = 10
     stop_after: int | None = None  # stop (resumably) after this many epochs: tests, time slots
     select: str = "auto"  # best-checkpoint metric: "auto" (RIADD score, else macro AUROC) or a key
+    # thresholds tuned per label on validation: f1 | youden | sens@X | spec@X (operating.py)
+    threshold_policy: str = "f1"
     deterministic: bool = True
     model: ModelSection = field(default_factory=ModelSection)
     enhance: EnhanceSection = field(default_factory=EnhanceSection)
@@ -225,6 +227,9 @@ class TrainConfig:
             PreprocessConfig.from_dict(pre)
         except UserError as exc:  # name the recipe and section, not just the option
             raise UserError(f"{source}: data.preprocess: {exc}") from None
+        from fundus_edge.operating import parse_policy
+
+        parse_policy(self.threshold_policy, f"{source}: threshold_policy")
         if self.select not in SELECT_METRICS:
             raise UserError(
                 f"{source}: select: {self.select!r} is not one of {', '.join(SELECT_METRICS)}"

@@ -433,6 +433,8 @@ def evaluate_model(
     data_format: str = "auto",
     backend: str | None = None,
     precision: str | None = None,
+    threshold_policy: str | None = None,
+    calibrate: bool = False,
 ) -> dict:
     """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
 
@@ -485,17 +487,22 @@ def evaluate_model(
             meta.get("preprocess") or {"size": model.config.image_size}
         )
     try:
-        report = evaluate(
+        # Thresholds/temperature: the model's, or tuned/fitted on val (--threshold-policy,
+        # --calibrate); adds operating points with intervals and calibration to the report.
+        from fundus_edge.operating import evaluate_operating
+
+        report = evaluate_operating(
             predict,
-            ds.splits[split],
-            ds.label_names,
+            ds,
+            split,
             labels,
             pre,
-            thresholds=meta.get("thresholds"),
+            meta,
+            threshold_policy=threshold_policy,
+            calibrate=calibrate,
             out_dir=out_dir,
             batch_size=batch_size,
             screening_label=ds.screening_label or "Disease_Risk",
-            split=split,
             global_labels=global_labels_of(ds.root),
         )
     finally:

@@ -475,10 +475,13 @@ def _validate(
     label_names: list[str],
     screening: str,
     where: str,
+    policy: str = "f1",
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Validation report, predictions and tuned thresholds; ``rep["skipped_images"]`` counts
-    unreadable validation images left out."""
-    from fundus_edge.metrics import multilabel_report, tune_thresholds
+    """Validation report, predictions and thresholds tuned by ``policy`` (see
+    :mod:`fundus_edge.operating`); ``rep["skipped_images"]`` counts unreadable validation
+    images left out."""
+    from fundus_edge.metrics import multilabel_report
+    from fundus_edge.operating import tune
     from fundus_edge.torchdata import split_unreadable
 
     model.eval()
@@ -504,7 +507,7 @@ def _validate(
             f"validation predictions are not finite after {where}; training stopped, "
             "checkpoints of earlier epochs kept; lower optim.lr or raise optim.grad_clip"
         )
-    thr = tune_thresholds(t, p)
+    thr = tune(t, p, policy)
     rep = multilabel_report(t, p, label_names, thr, screening)
     rep["loss"] = float(np.sum(losses) / len(t))
     rep["skipped_images"] = len(skipped)
@@ -1312,6 +1315,7 @@ class _Run:
                 self.data.label_names,
                 self.data.screening,
                 f"epoch {epoch + 1}",
+                cfg.threshold_policy,
             )
             masked = cfg.optim.loss.mask_weight > 0
             rec = {
@@ -1340,7 +1344,7 @@ class _Run:
                 "thresholds": thr.tolist(),
                 "metrics": {"val": rec, "val_per_label": rep["per_label"]},
                 "epoch": epoch + 1,
-                "extra": self.meta_extra,
+                "extra": {**self.meta_extra, "threshold_policy": cfg.threshold_policy},
             }
             self.last_path = save_checkpoint(run_dir / "last.safetensors", eval_model, **ck)
             if is_best:

@@ -79,6 +79,30 @@ def export(
         "--name",
         help="Artifact / Triton model name [model; from an ONNX: its file stem].",
     ),
+    thresholds: Path | None = typer.Option(
+        None,
+        "--thresholds",
+        help='Re-stamp an exported .onnx (no re-export): {"thresholds": {label: t}} or '
+        '{"policy": "sens@0.90", "data": DIR}.',
+    ),
+    threshold_policy: str | None = typer.Option(
+        None,
+        "--threshold-policy",
+        help="Re-stamp an exported .onnx with thresholds tuned on --data's validation split: "
+        "f1 | youden | sens@0.90 | spec@0.95.",
+    ),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="Re-stamp an exported .onnx with a temperature per label fitted on --data's "
+        "validation split.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", help="Dataset for --threshold-policy / --calibrate."
+    ),
+    reason: str | None = typer.Option(
+        None, "--reason", help="Why the thresholds change (required to re-stamp; recorded)."
+    ),
 ) -> None:
     """Fuse both backbones, their CAM kernels and the enhancement into one ONNX graph; verify parity.
 
@@ -96,6 +120,9 @@ def export(
     from fundus_edge.convert.steps import tensorrt_available
     from fundus_edge.errors import UserError
 
+    if thresholds is not None or threshold_policy is not None or calibrate:
+        _restamp(model, out, thresholds, threshold_policy, calibrate, data, reason, fp16, int8, fmt)
+        return
     if fp16 and int8:
         raise UserError("--fp16 and --int8 exclude each other; pick one precision")
     values: dict = load_profile(profile) if profile else {}
@@ -133,6 +160,40 @@ def export(
     values.setdefault("format", "engine" if tensorrt_available() else "onnx")
     report = export_model(ExportConfig(**values))
     _summary(report, Path(values["out"]))
+
+
+def _restamp(model, out, thresholds, policy, calibrate, data, reason, fp16, int8, fmt) -> None:
+    """The re-stamp path (:mod:`fundus_edge.convert.restamp`): metadata only, chain untouched."""
+    from fundus_edge.convert.restamp import restamp_model
+    from fundus_edge.errors import UserError
+    from fundus_edge.operating import parse_policy
+
+    if fp16 or int8 or fmt:
+        raise UserError(
+            "--thresholds / --threshold-policy / --calibrate re-stamp the .onnx as it is; "
+            "drop --fp16, --int8 and --format (export first, then re-stamp)"
+        )
+    if policy is not None:
+        parse_policy(policy)
+    if out is None:
+        raise UserError("--out DIR is required when re-stamping (the model is copied there)")
+    res = restamp_model(
+        model,
+        out,
+        reason=reason or "",
+        thresholds_file=thresholds,
+        policy=policy,
+        data=data,
+        calibrate=calibrate,
+    )
+    h = res["history"]
+    typer.echo(f"re-stamped {res['path']} ({h['policy']}) by {h['user']} at {h['time']}")
+    for name, new in h["new"].items():
+        old = h["old"][name]
+        typer.echo(f"  {name:<14} {old:.4f} -> {new:.4f}" + ("" if old != new else " (same)"))
+    if h["temperature_new"] is not None and h["temperature_new"] != h["temperature_old"]:
+        temps = ", ".join(f"{t:.3f}" for t in h["temperature_new"])
+        typer.echo(f"  temperature per label: {temps}")
 
 
 def _summary(report: dict, out: Path) -> None:

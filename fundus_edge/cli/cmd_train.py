@@ -44,6 +44,11 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    threshold_policy: str | None = typer.Option(
+        None,
+        "--threshold-policy",
+        help="Thresholds tuned per label on validation: f1 | youden | sens@0.90 | spec@0.95 [f1].",
+    ),
     ablation: Path | None = typer.Option(
         None,
         "--ablation",
@@ -85,8 +90,13 @@ def train(
         "seed": seed,
         "device": device,
         "stop_after": stop_after,
+        "threshold_policy": threshold_policy,
     }
     overrides = {k: v for k, v in pairs.items() if v is not None}
+    if threshold_policy is not None:
+        from fundus_edge.operating import parse_policy
+
+        parse_policy(threshold_policy)
     if data is not None and not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
     if ablation is not None:
@@ -154,6 +164,18 @@ def eval_(
     ),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     data_format: str = typer.Option("auto", "--format", help="auto | rfmid | odir | csv."),
+    threshold_policy: str | None = typer.Option(
+        None,
+        "--threshold-policy",
+        help="Re-tune thresholds per label on --data's validation split: f1 | youden | "
+        "sens@0.90 | spec@0.95 [default: the model's thresholds].",
+    ),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="Fit a temperature per label on --data's validation split and apply it "
+        "(without --threshold-policy the thresholds follow it: decisions do not change).",
+    ),
 ) -> None:
     """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots.
 
@@ -171,6 +193,10 @@ def eval_(
         raise UserError(f"--data {data}: dataset folder does not exist")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    if threshold_policy is not None:
+        from fundus_edge.operating import parse_policy
+
+        parse_policy(threshold_policy)
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
     if out is not None:
         require("matplotlib", purpose="the plots in --out")  # asked for: checked before work
@@ -198,6 +224,8 @@ def eval_(
         data_format=data_format,
         backend=backend,
         precision=precision,
+        threshold_policy=threshold_policy,
+        calibrate=calibrate,
     )
     _render(rep)
 
@@ -231,7 +259,43 @@ def _render(rep: dict) -> None:
             f"(within {loc['tolerance']:.0%} of the FOV: {f(lm['pointing_game_tol'])})  "
             f"energy inside {f(lm['energy_inside'])}{excluded}"
         )
+    _render_operating(rep)
     for note in rep.get("notes", []):
         typer.echo(f"  note: {note}")
     for key, path in rep.get("figures", {}).items():
         typer.echo(f"  {key}: {path}")
+
+
+def _render_operating(rep: dict) -> None:
+    """Operating points with 95 % intervals, and calibration (ECE), from ``operating.py``."""
+    ops = rep.get("operating_points")
+    if not ops:
+        return
+
+    def ci(r: dict) -> str:
+        v, (lo, hi) = r["value"], r["ci"]
+        if v is None:
+            return "n/a"
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{v:.3f}"
+
+    first = next(iter(ops.values()))
+    typer.echo(f"  operating points (thresholds: {first['policy']}; 95% bootstrap intervals):")
+    typer.echo(
+        f"    {'label':<14} {'thr':>6}  {'sensitivity':<22} {'specificity':<22} "
+        f"{'PPV':<22} {'NPV':<22} pos/neg"
+    )
+    for name, r in ops.items():
+        typer.echo(
+            f"    {name:<14} {r['threshold']:>6.3f}  {ci(r['sensitivity']):<22} "
+            f"{ci(r['specificity']):<22} {ci(r['ppv']):<22} {ci(r['npv']):<22} "
+            f"{r['n_pos']}/{r['n_neg']}"
+        )
+    cal = rep.get("calibration")
+    if cal:
+        line = f"  calibration: ECE ({cal['bins']} bins, pooled) {cal['before']['pooled']:.4f}"
+        if cal.get("after"):
+            line += (
+                f" -> {cal['after']['pooled']:.4f} with temperature scaling "
+                f"({cal['temperature_source']})"
+            )
+        typer.echo(line)

@@ -243,6 +243,14 @@ class Predictor:
             )
         self.label_names: list[str] = list(meta["label_names"])
         self.thresholds = np.asarray(meta["thresholds"], dtype=np.float32)
+        # Temperature scaling (the contract's optional ``temperature``, one per label or one for
+        # all): p' = sigmoid(logit(p) / T) before smoothing and thresholds. Absent: unchanged.
+        from fundus_edge.operating import apply_temperature, temperature_vector
+
+        self.temperature = temperature_vector(
+            meta.get("temperature"), len(self.label_names), f"{source}: model metadata"
+        )
+        self._apply_temperature = apply_temperature
         self.screening_label: str | None = meta.get("screening_label")
         self.gate = gate
         self.smoothing = smoothing
@@ -310,6 +318,8 @@ class Predictor:
                     f"{self.backend.path}: model gives {probs.shape} probabilities for "
                     f"{len(self.label_names)} labels in its metadata"
                 )
+            if self.temperature is not None:
+                probs = self._apply_temperature(probs, self.temperature).astype(np.float32)
             smooth = probs
             if self.smoothing > 0.0:
                 prev = self._ema if self._ema is not None else probs
