@@ -9,8 +9,9 @@ graph or a TensorRT engine are evaluated by the same code::
     }
 
 :func:`torch_predictor` builds one from an :class:`~fundus_edge.models.Ensemble`. Class maps
-for localisation combine members the way the attention does: min-max per member and class,
-then the mean over members.
+for localisation and overlays combine members with :mod:`fundus_edge.maps` (each member
+resampled onto the first member's grid, scaled to its peak, averaged): the same maps
+``run`` shows and the export checks compare.
 
 Localisation (only where :attr:`Sample.masks` has a lesion mask for a positive label): the
 label's map is brought back onto the original frame with
@@ -36,6 +37,7 @@ import numpy as np
 from fundus_edge.data import Sample
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.log import get_logger, progress
+from fundus_edge.maps import display, map_on_frame, normalise_member_maps
 from fundus_edge.metrics import energy_inside, multilabel_report, nanmean_or_none, pointing_game
 from fundus_edge.preprocess import (
     Geometry,
@@ -117,11 +119,8 @@ def torch_predictor(model, device: str = "cpu", mean=None, std=None) -> PredictF
 
 
 def normalised_member_maps(cams: np.ndarray) -> np.ndarray:
-    """Raw maps (N,M,C,h,w) -> (N,C,h,w): min-max per member and class, mean over members."""
-    cams = np.asarray(cams, dtype=np.float32)
-    lo = cams.min(axis=(-2, -1), keepdims=True)
-    hi = cams.max(axis=(-2, -1), keepdims=True)
-    return ((cams - lo) / (hi - lo + 1e-7)).mean(axis=1)
+    """Raw maps (N,M,C,h,w) -> (N,C,h,w): :func:`fundus_edge.maps.normalise_member_maps`."""
+    return normalise_member_maps(cams)
 
 
 def backend_predictor(backend) -> PredictFn:
@@ -255,7 +254,7 @@ def localisation_report(
             mask = read_mask(mpath, geo.frame)
             if not mask.any():
                 continue
-            frame_map = geo.map_to_frame(preds.maps[i][c])  # (H,W) on the original frame
+            frame_map = map_on_frame(preds.maps[i][c], geo)  # (H,W) on the original frame
             rec = per.setdefault(label, {"hit": [], "hit_tol": [], "energy": []})
             rec["hit"].append(pointing_game(frame_map, mask))
             rec["hit_tol"].append(pointing_game(frame_map, mask, tolerance * geo.side))
@@ -309,7 +308,7 @@ def _overlay_tiles(samples, preds: Predictions, label_names, probs):
         # Show the most probable ground-truth label (else the most probable prediction).
         c = max(pos, key=lambda j: probs[i, j]) if pos else int(np.argmax(probs[i]))
         m = cv2.resize(preds.maps[i][c], (size, size), interpolation=cv2.INTER_LINEAR)
-        m = (m - m.min()) / (m.max() - m.min() + 1e-7)
+        m = display(m)
         mask = None
         name = label_names[c]
         if name in s.masks:

@@ -4,6 +4,9 @@
 * ``cams`` vs the ``grad-cam`` package's GradCAM on each member, per class, after the
   package's own normalisation (min-max, bilinear resize, min-max): max |Δ| <= 1e-2 and
   correlation >= 0.999 (maps that are constant in both are counted, not correlated).
+* ``maps_max_abs``: the combined class maps a user sees (:func:`combined_maps`, i.e.
+  :func:`fundus_edge.maps.normalise_member_maps`, the maps ``eval`` and ``run`` use) of the
+  two graphs compared (reported).
 * Reduced precision vs FP32 ONNX: FP16 ``probs`` within 1e-2 and maps correlating >= 0.99;
   INT8 reports the AUROC change and map correlation (not gated: INT8 accuracy is judged on
   the user's data). Two INT8 graphs quantised from the same FP32 graph on the same images
@@ -20,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "compare_outputs", "gradcam_parity", "map_correlation", "ort_outputs"]
+__all__ = [
+    "TOLERANCES",
+    "combined_maps",
+    "compare_outputs",
+    "gradcam_parity",
+    "map_correlation",
+    "ort_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -81,14 +91,26 @@ def map_correlation(ref: np.ndarray, test: np.ndarray) -> dict[str, Any]:
     }
 
 
+def combined_maps(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The class maps (N,C,h,w) a graph's raw ``cams`` give: :mod:`fundus_edge.maps`' one
+    normalisation (the maps ``eval`` scores and ``run`` draws); None without ``cams``."""
+    from fundus_edge.maps import normalise_member_maps
+
+    cams = outputs.get("cams")
+    return None if cams is None else normalise_member_maps(np.asarray(cams, dtype=np.float32))
+
+
 def compare_outputs(ref: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Max |Δ| per output and the map correlation."""
+    """Max |Δ| per output, the map correlation and the combined maps' max |Δ|."""
     out: dict[str, Any] = {}
     for k in ("probs", "logits", "cams", "attention"):
         if k in ref and k in test:
             out[f"{k}_max_abs"] = float(np.abs(ref[k].astype(np.float64) - test[k]).max())
     if "cams" in ref and "cams" in test:
         out["cams_correlation"] = map_correlation(ref["cams"], test["cams"])
+        if ref["cams"].shape == test["cams"].shape:
+            a, b = combined_maps(ref), combined_maps(test)
+            out["maps_max_abs"] = float(np.abs(a - b).max())
     if "probs" in ref and "probs" in test:
         out["label_agreement"] = float(((ref["probs"] >= 0.5) == (test["probs"] >= 0.5)).mean())
     return out
@@ -98,6 +120,10 @@ def gradcam_parity(
     fused, images: np.ndarray, cams: np.ndarray, classes: list[int] | None = None
 ) -> dict[str, Any]:
     """Compare exported raw maps with the grad-cam package, per member and class.
+
+    Both sides are normalised the package's way (min-max, resize, min-max), not by
+    :mod:`fundus_edge.maps`: this check proves the forward-only kernels exact against the
+    package on its own terms; what users see is compared by :func:`combined_maps`.
 
     A member whose CAM grid differs from the first member's is exported resampled
     (bilinearly) onto that grid; its reference is then the package's map at the member's own

@@ -29,6 +29,7 @@ import numpy as np
 from fundus_edge.backends import Backend, load_backend
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
+from fundus_edge.maps import map_on_frame, normalise_member_maps
 from fundus_edge.preprocess import (
     Geometry,
     PreprocessConfig,
@@ -70,8 +71,10 @@ class Prediction:
         raw_probabilities: (C,) the model's output for this frame alone.
         positive: labels whose probability reaches their threshold.
         screening_label: the artifact's "any disease" label, if it has one.
-        maps: (C, h, w) class maps, each member's map scaled to max 1 then averaged over
-            members; on the model input (use :meth:`map_on_frame` for the camera frame).
+        maps: (C, h, w) class maps combined over members by
+            :func:`fundus_edge.maps.normalise_member_maps` (each member resampled onto the
+            first member's grid, scaled to its peak, averaged); on the model input (use
+            :meth:`map_on_frame` for the camera frame).
         cams: (M, C, h, w) per-member raw class maps as the model gave them.
         attention: (h, w) the map that drove the model's enhancement step.
         timings: milliseconds per stage (``preprocess``, ``quality``, ``infer``,
@@ -117,7 +120,7 @@ class Prediction:
         return best
 
     def map_on_frame(self, which: str) -> np.ndarray | None:
-        """A map resized onto the original camera frame, min-max normalised to [0, 1].
+        """A map on the original camera frame, peak-scaled to [0, 1] (``maps.map_on_frame``).
 
         Args:
             which: a label name, or ``"attention"``.
@@ -131,9 +134,7 @@ class Prediction:
             m = None if self.maps is None else self.maps[self._index(which)]
         if m is None:
             return None
-        m = m - m.min()
-        m = m / (m.max() + _EPS)
-        return self.geometry.map_to_frame(m)
+        return map_on_frame(m, self.geometry)
 
     def _index(self, label: str) -> int:
         try:
@@ -336,9 +337,7 @@ class Predictor:
             if "cams" in raw:
                 cams = np.asarray(raw["cams"], dtype=np.float32)  # (M, C, h, w)
                 result.cams = cams
-                # Members' maps live on different scales: bring each to max 1 before averaging.
-                peak = cams.max(axis=(2, 3), keepdims=True)
-                result.maps = (cams / (peak + _EPS)).mean(axis=0)  # (C, h, w)
+                result.maps = normalise_member_maps(cams)  # (C, h, w), fundus_edge.maps
             if "attention" in raw:
                 result.attention = np.asarray(raw["attention"], dtype=np.float32)[0]  # (h, w)
         result.timings["postprocess"] = (time.perf_counter() - t0) * 1e3
