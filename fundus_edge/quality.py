@@ -1,7 +1,9 @@
-"""Is a fundus photograph good enough to grade? Sharpness, exposure and field of view.
+"""Is a fundus photograph good enough to grade? Exposure, field of view, fundus, sharpness.
 
-All measures are taken inside the field of view on a copy resized so the circle is
-``analysis_size`` pixels across, which makes them independent of the camera's resolution.
+Every measure is taken inside the field of view, on copies resampled to sizes tied to the
+field (not to the camera's pixels), so the same photograph gets the same verdict at 224 px and
+at 4288x2848. The field is the circle of :func:`fundus_edge.preprocess.find_fov`, or, for a
+frame-filling field (``circle.kind == "rect"``: no black surround), the whole frame.
 """
 
 from __future__ import annotations
@@ -20,23 +22,45 @@ from fundus_edge.preprocess import Circle, as_rgb_uint8, crop_square, square_aro
 __all__ = ["REASONS", "Quality", "QualityConfig", "assess_quality"]
 
 # Checks in the order they are applied; the first that fails is the reason. Exposure comes
-# first because a dark or washed-out image makes the other two measures meaningless.
-REASONS = ("underexposed", "overexposed", "no_fov", "blurry")
+# first because a dark or washed-out image makes the other measures meaningless.
+REASONS = ("underexposed", "overexposed", "no_fov", "not_fundus", "blurry")
+
+# Local contrast of the "not a fundus" test: a window of this fraction of the sharpness
+# analysis size (9 px at 192), and the Michelson contrast that counts as a hard edge.
+_EDGE_WINDOW = 0.047
+_EDGE_CONTRAST = 0.6
 
 
 @dataclass
 class QualityConfig:
     """Thresholds of the quality gate; stored in model metadata via :meth:`to_dict`.
 
+    Dicts written before a field existed still load (missing keys take the defaults).
+
     Attributes:
-        analysis_size: the field of view is resized to this many pixels across.
+        analysis_size: exposure is measured on the field resized to this many pixels across.
         dark_level: luminance (0..255) below which a pixel counts as underexposed.
         bright_level: luminance above which a pixel counts as overexposed.
         max_underexposed: largest passing fraction of underexposed pixels in the field.
         max_overexposed: largest passing fraction of overexposed pixels in the field.
-        min_sharpness: smallest passing sharpness (see :class:`Quality`).
+        min_sharpness: smallest passing sharpness (see :class:`Quality`). At the default
+            ``sharpness_size`` a Gaussian blur of sigma ~0.9 % of the field's diameter reaches
+            it; sharp photographs measure 0.3-0.45 whatever their resolution.
         require_fov: fail images whose field of view was not found.
         inner: fraction of the radius measured (the rim is dark and its edge is not detail).
+        sharpness_size: sharpness is measured on the field resampled to this many pixels
+            across (never enlarged: a smaller field is measured at its own size). Below the
+            smallest photographs graded (224 px), so none is measured on upsampled mush.
+        require_fundus: fail frames that do not look like a fundus (``"not_fundus"``).
+        min_red_green: a colour field must have mean red at least this times mean green
+            (fundus 1.8-3; skin, rooms and walls 1.0-1.4). Grey fields (red-free
+            photographs) skip the colour test.
+        max_edges: largest passing share of the field with hard edges (local Michelson
+            contrast above 0.6 over ~5 % of the field). Fundus: real photographs 0.00,
+            synthetic ones up to ~0.06; rooms, people, printed targets, text 0.1-0.7.
+        min_relief: smallest passing relief ``(p95 - p5) / p50`` of the luminance (lightly
+            smoothed) over the field: vessels, disc and shading give a fundus 0.30-0.7; a
+            flat, evenly shaded wall 0.18.
     """
 
     analysis_size: int = 512
@@ -47,13 +71,19 @@ class QualityConfig:
     min_sharpness: float = 0.08
     require_fov: bool = True
     inner: float = 0.9
+    sharpness_size: int = 192
+    require_fundus: bool = True
+    min_red_green: float = 1.4
+    max_edges: float = 0.1
+    min_relief: float = 0.24
 
     def __post_init__(self) -> None:
-        if not 32 <= int(self.analysis_size) <= 4096:
-            raise UserError(
-                f"quality option 'analysis_size' must be in 32..4096, got {self.analysis_size}"
-            )
-        for name in ("max_underexposed", "max_overexposed"):
+        for name, lo, hi in (("analysis_size", 32, 4096), ("sharpness_size", 32, 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not lo <= int(value) <= hi:
+                raise UserError(f"quality option {name!r} must be in {lo}..{hi}, got {value}")
+            setattr(self, name, int(value))
+        for name in ("max_underexposed", "max_overexposed", "max_edges"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UserError(
                     f"quality option {name!r} must be in (0, 1], got {getattr(self, name)}"
@@ -65,9 +95,11 @@ class QualityConfig:
             )
         if not self.min_sharpness > 0:
             raise UserError(f"quality option 'min_sharpness' must be > 0, got {self.min_sharpness}")
+        for name in ("min_red_green", "min_relief"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"quality option {name!r} must be > 0, got {getattr(self, name)}")
         if not 0.2 <= self.inner <= 1.0:
             raise UserError(f"quality option 'inner' must be in 0.2..1, got {self.inner}")
-        self.analysis_size = int(self.analysis_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every threshold."""
@@ -91,13 +123,22 @@ class Quality:
         score: 0..1, the worst of the per-check scores; each is 0.5 at its threshold, so an
             image passes exactly when every check scores at least 0.5.
         passed: every check passed.
-        reason: ``"ok"`` or the first failing check: ``"underexposed"``, ``"overexposed"``,
-            ``"no_fov"`` or ``"blurry"``.
-        sharpness: standard deviation of the Laplacian of the green channel divided by its
-            mean, in the inner field at ``analysis_size`` (contrast- and resolution-free).
+        reason: ``"ok"`` or the first failing check of :data:`REASONS`.
+        sharpness: ``std(L) / mean(G)`` over the inner field, where ``G`` is the green channel
+            (vessels are clearest there) of the field's square area-resampled to
+            ``S = min(sharpness_size, field diameter in pixels)`` pixels across and ``L`` its
+            3x3 Laplacian; the inner field is the disc of ``inner`` times the radius (a
+            frame-filling field: the whole frame), less 2 pixels at its edge. Tying ``S`` to
+            the field makes the measure resolution-free: the same photograph measures within
+            ~20 % at 224, 512, 1024 px and 4288x2848, and dividing by the mean makes it
+            exposure-free.
         underexposed: fraction of field pixels darker than ``dark_level``.
         overexposed: fraction of field pixels brighter than ``bright_level``.
-        fov_found: the circular field of view was found.
+        fov_found: a field of view was found (a circle or a frame-filling field).
+        fov_kind: ``"circle"``, ``"rect"`` (the field fills the frame) or ``"none"``.
+        red_green: mean red over mean green in the field (1.0 for grey images).
+        edges: share of the field with hard edges (see :class:`QualityConfig`).
+        relief: the luminance's ``(p95 - p5) / p50`` over the field.
     """
 
     score: float
@@ -107,18 +148,57 @@ class Quality:
     underexposed: float
     overexposed: float
     fov_found: bool
+    fov_kind: str = "circle"
+    red_green: float = 1.0
+    edges: float = 0.0
+    relief: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _field_masks(
+    h: int, w: int, x0: int, y0: int, side: int, n: int, cx: float, cy: float, r: float, rect: bool
+) -> tuple[np.ndarray, float]:
+    """(n, n) bool "inside the frame (and the circle)" and the radius in output pixels."""
+    k = side / n
+    centres = np.arange(n) + 0.5
+    fx = x0 - 0.5 + centres * k
+    fy = y0 - 0.5 + centres * k
+    in_frame = ((fy > -0.5) & (fy < h - 0.5))[:, None] & ((fx > -0.5) & (fx < w - 0.5))[None, :]
+    if rect:
+        return in_frame, r / k
+    ccx = (cx - x0 + 0.5) / k - 0.5
+    ccy = (cy - y0 + 0.5) / k - 0.5
+    rr = r / k
+    yy, xx = np.ogrid[:n, :n]
+    return in_frame & ((xx - ccx) ** 2 + (yy - ccy) ** 2 <= rr * rr), rr
+
+
 def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None = None) -> Quality:
     """Grade the image quality inside the field of view.
+
+    Checks, in order (the first failing one is the reason):
+
+    1. ``underexposed`` / ``overexposed``: the share of field pixels darker than
+       ``dark_level`` / brighter than ``bright_level``, on the field resized to
+       ``analysis_size``.
+    2. ``no_fov``: no field of view was found (neither a circle nor a frame-filling field).
+    3. ``not_fundus``: the field does not look like a fundus. Two tests, both gain-free:
+       colour: a colour field (channel means differing by more than 10 % of their mean) must
+       be red-dominant, ``mean R >= min_red_green * mean G``; structure: a fundus is a smooth
+       field crossed by thin vessels of moderate contrast, so the share of the field whose
+       local Michelson contrast ``(max - min) / (max + min)`` over a window of ~5 % of the
+       field exceeds 0.6 must be at most ``max_edges`` (rooms, people, printed targets and
+       text have hard edges); relief: the luminance's ``(p95 - p5) / p50`` over the field
+       is at least ``min_relief`` (a flat wall has none of the vessels, disc and shading).
+    4. ``blurry``: :attr:`Quality.sharpness` below ``min_sharpness``.
 
     Args:
         image: any uint8 image (grey, RGB, RGBA; any size).
         circle: its field of view, from :func:`fundus_edge.preprocess.find_fov`; when
-            ``found`` is False the circle given (the frame's inscribed circle) is measured.
+            ``found`` is False the circle given (the frame's inscribed circle) is measured; a
+            ``"rect"`` field is measured over the whole frame.
         cfg: thresholds; defaults to :class:`QualityConfig()`.
 
     Returns:
@@ -126,52 +206,75 @@ def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None 
     """
     cfg = cfg or QualityConfig()
     img = as_rgb_uint8(image)
-    n = cfg.analysis_size
     h, w = img.shape[:2]
-    r = circle.r if circle.r > 0 and np.isfinite(circle.r) else min(h, w) / 2.0
-    r = min(r, 2.0 * max(h, w))  # an absurd circle must not make a huge padded crop
-    cx = circle.cx if np.isfinite(circle.cx) else (w - 1) / 2.0
-    cy = circle.cy if np.isfinite(circle.cy) else (h - 1) / 2.0
+    rect = bool(circle.is_rect)
+    if rect:
+        # The whole frame is the field: a square around the frame's centre that covers it.
+        cx, cy, r = (w - 1) / 2.0, (h - 1) / 2.0, max(h, w) / 2.0
+    else:
+        r = circle.r if circle.r > 0 and np.isfinite(circle.r) else min(h, w) / 2.0
+        r = min(r, 2.0 * max(h, w))  # an absurd circle must not make a huge padded crop
+        cx = circle.cx if np.isfinite(circle.cx) else (w - 1) / 2.0
+        cy = circle.cy if np.isfinite(circle.cy) else (h - 1) / 2.0
+
+    # Exposure, at analysis_size.
+    n = cfg.analysis_size
     x0, y0, side = square_around(cx, cy, r, n)
     crop = crop_square(img, x0, y0, side, n, cv2.INTER_AREA)  # (n, n, 3)
-
-    # Output pixel u has its centre at frame x0 - 0.5 + (u + 0.5)·k; padding is not fundus.
-    k = side / n
-    centres = np.arange(n) + 0.5
-    fx = x0 - 0.5 + centres * k
-    fy = y0 - 0.5 + centres * k
-    in_frame = ((fy > -0.5) & (fy < h - 0.5))[:, None] & ((fx > -0.5) & (fx < w - 0.5))[None, :]
-    ccx = (cx - x0 + 0.5) / k - 0.5
-    ccy = (cy - y0 + 0.5) / k - 0.5
-    rr = r / k
-    yy, xx = np.ogrid[:n, :n]
-    d2 = (xx - ccx) ** 2 + (yy - ccy) ** 2
-    field = in_frame & (d2 <= rr * rr)
-    inner = in_frame & (d2 <= (cfg.inner * rr) ** 2)
-
+    field, _ = _field_masks(h, w, x0, y0, side, n, cx, cy, r, rect)
     lum = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
     n_field = int(np.count_nonzero(field))
     if n_field:
         values = lum[field]
         underexposed = float(np.count_nonzero(values < cfg.dark_level)) / n_field
         overexposed = float(np.count_nonzero(values > cfg.bright_level)) / n_field
+        means = crop[field].mean(axis=0)
     else:
         underexposed, overexposed = 1.0, 0.0
+        means = np.zeros(3)
 
-    # Sharpness: Laplacian spread relative to brightness, on green (vessels are clearest
-    # there). Only the inner field: the rim's step edge is not image detail.
-    green = crop[:, :, 1].astype(np.float32)
-    lap = cv2.Laplacian(green, cv2.CV_32F, ksize=3)
+    # Sharpness and structure, at S = min(sharpness_size, field diameter): never enlarged.
+    ns = int(min(cfg.sharpness_size, max(16, round(2.0 * r))))
+    sx0, sy0, sside = square_around(cx, cy, r, ns)
+    scrop = crop_square(img, sx0, sy0, sside, ns, cv2.INTER_AREA)
+    sr = r if rect else r * cfg.inner
+    sfield, _ = _field_masks(h, w, sx0, sy0, sside, ns, cx, cy, sr, rect)
+    inner = cv2.erode(sfield.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    green = scrop[:, :, 1].astype(np.float32)
     if np.count_nonzero(inner) >= 16:
-        mean = float(green[inner].mean())
-        sharpness = float(lap[inner].std()) / max(mean, 1.0)
+        lap = cv2.Laplacian(green, cv2.CV_32F, ksize=3)
+        sharpness = float(lap[inner].std()) / max(float(green[inner].mean()), 1.0)
+        slum = cv2.cvtColor(scrop, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        win = np.ones((max(3, round(_EDGE_WINDOW * ns) | 1),) * 2, np.uint8)
+        hi, lo = cv2.dilate(slum, win), cv2.erode(slum, win)
+        michelson = (hi - lo) / np.maximum(hi + lo, 8.0)
+        # Away from the field's edge by the window: the padding outside is not an edge.
+        away = cv2.erode(sfield.astype(np.uint8), win).astype(bool)
+        n_away = int(np.count_nonzero(away))
+        edges = float(np.count_nonzero(michelson[away] > _EDGE_CONTRAST)) / max(n_away, 1)
+        p5, p50, p95 = np.percentile(cv2.GaussianBlur(slum, (0, 0), 1.0)[inner], (5, 50, 95))
+        relief = float(p95 - p5) / max(float(p50), 1.0)
     else:
-        sharpness = 0.0
+        sharpness, edges, relief = 0.0, 0.0, 0.0
 
+    grey = float(means.max() - means.min()) <= 0.1 * max(float(means.mean()), 1e-6)
+    red_green = 1.0 if grey else float(means[0]) / max(float(means[1]), 1.0)
+    colour_ok = grey or red_green >= cfg.min_red_green
+    fundus_ok = not cfg.require_fundus or (
+        colour_ok and edges <= cfg.max_edges and relief >= cfg.min_relief
+    )
+    fov_ok = circle.found or not cfg.require_fov
+
+    fundus_score = 1.0
+    if cfg.require_fundus:
+        fundus_score = min(_below(edges, cfg.max_edges), min(1.0, 0.5 * relief / cfg.min_relief))
+        if not grey:
+            fundus_score = min(fundus_score, min(1.0, 0.5 * red_green / cfg.min_red_green))
     scores = {
         "underexposed": _below(underexposed, cfg.max_underexposed),
         "overexposed": _below(overexposed, cfg.max_overexposed),
-        "no_fov": 1.0 if circle.found or not cfg.require_fov else 0.0,
+        "no_fov": 1.0 if fov_ok else 0.0,
+        "not_fundus": fundus_score,
         "blurry": min(1.0, 0.5 * sharpness / cfg.min_sharpness),
     }
     failed = [
@@ -179,7 +282,8 @@ def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None 
         for name, ok in (
             ("underexposed", underexposed <= cfg.max_underexposed),
             ("overexposed", overexposed <= cfg.max_overexposed),
-            ("no_fov", circle.found or not cfg.require_fov),
+            ("no_fov", fov_ok),
+            ("not_fundus", fundus_ok),
             ("blurry", sharpness >= cfg.min_sharpness),
         )
         if not ok
@@ -192,6 +296,10 @@ def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None 
         underexposed=underexposed,
         overexposed=overexposed,
         fov_found=bool(circle.found),
+        fov_kind=("rect" if rect else "circle") if circle.found else "none",
+        red_green=red_green,
+        edges=edges,
+        relief=relief,
     )
 
 

@@ -209,10 +209,18 @@ def test_no_fov_falls_back_to_inscribed_circle(image):
     assert (c.cx, c.cy, c.r) == ((w - 1) / 2, (h - 1) / 2, min(h, w) / 2)
 
 
-def test_fundus_crop_without_black_surround_has_no_fov():
-    # microaneurysms() is a crop from inside the field: there is no circle to find.
+def test_fundus_crop_without_black_surround_is_a_rect_field():
+    # microaneurysms() is a crop from inside the field: no circle, the field fills the frame.
     img = cv2.resize(skdata.microaneurysms(), (300, 300))
-    assert not find_fov(img).found
+    c = find_fov(img)
+    assert c.found and c.kind == "rect" and c.is_rect
+    assert (c.cx, c.cy, c.r) == (149.5, 149.5, 150.0)
+    out = preprocess(np.dstack([img] * 3)[:, 20:], PreprocessConfig(size=100))
+    assert out.circle.is_rect
+    assert (out.geometry.x0, out.geometry.y0, out.geometry.side) == (0, 10, 280)
+    assert out.image.min() > 0  # nothing masked
+    assert Circle.from_dict(c.to_dict()) == c
+    assert Circle.from_dict({"cx": 1, "cy": 2, "r": 3, "found": True}).kind == "circle"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -350,3 +350,20 @@ def test_speed_report(tmp_path, record_property):
     record_property("synth_512_images_per_wall_s", n / wall)
     print(f"synth 512 px: {n / cpu:.1f} images per CPU-second, {n / wall:.1f} per wall-second")
     assert len(list((tmp_path / "speed").rglob("Meta/*.json"))) == n
+
+
+def test_frame_filling_and_non_fundus_frames():
+    from fundus_edge.synth import NON_FUNDUS_KINDS, frame_filling, non_fundus_frame
+
+    img, _, meta = generate_image(image_rng(0, "train", 0), 256, set())
+    ff = frame_filling(img, meta, 0.6)
+    assert ff.shape[0] == ff.shape[1] and ff.dtype == np.uint8
+    assert ff.max(axis=2).min() > 10  # no black surround anywhere
+    assert frame_filling(img, meta, 0.5, (90, 120)).shape == (90, 120, 3)
+    with pytest.raises(UserError, match="fraction"):
+        frame_filling(img, meta, 0.9)
+    for kind in NON_FUNDUS_KINDS:
+        f = non_fundus_frame(kind, (50, 70), np.random.default_rng(0))
+        assert f.shape == (50, 70, 3) and f.dtype == np.uint8
+    with pytest.raises(UserError, match="unknown kind"):
+        non_fundus_frame("sky", (10, 10), np.random.default_rng(0))

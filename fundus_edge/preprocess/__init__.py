@@ -33,7 +33,7 @@ import numpy as np
 from fundus_edge.errors import UserError
 from fundus_edge.options import options_from_dict
 from fundus_edge.preprocess.contrast import clahe, local_mean
-from fundus_edge.preprocess.fov import Circle, find_fov
+from fundus_edge.preprocess.fov import CIRCLE, RECT, Circle, find_fov
 from fundus_edge.preprocess.geometry import (
     Geometry,
     crop_geometry,
@@ -44,8 +44,10 @@ from fundus_edge.preprocess.geometry import (
 from fundus_edge.preprocess.read import as_rgb_uint8, read_image, read_mask
 
 __all__ = [
+    "CIRCLE",
     "CONTRASTS",
     "INTERPOLATIONS",
+    "RECT",
     "Circle",
     "Geometry",
     "PreprocessConfig",
@@ -158,8 +160,9 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> Prepro
 
     Finds the field of view, crops the square around it (black padding where the circle
     leaves the frame), resizes to ``cfg.size``, blacks out everything outside the circle and
-    applies the contrast normalisation. Without a field of view (``circle.found`` False) the
-    centred square of the frame is used and nothing is masked.
+    applies the contrast normalisation. A frame-filling field (``circle.kind == "rect"``) and
+    a frame without a field of view (``circle.found`` False) give the centred square of the
+    frame, nothing masked.
 
     Args:
         image: any uint8 image (grey, RGB, RGBA; any size; RGB order).
@@ -178,12 +181,13 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> Prepro
     geom = Geometry(x0, y0, side, cfg.size, (h, w), circle)
     out = crop_square(img, x0, y0, side, cfg.size, INTERPOLATIONS[cfg.interpolation])
 
-    if circle.found:
+    disc = circle.found and not circle.is_rect
+    if disc:
         ocx, ocy, orr = geom.output_circle()
         fov = disc_mask(cfg.size, ocx, ocy, orr)
     else:
         fov = np.ones((cfg.size, cfg.size), dtype=bool)
-    masking = cfg.mask and circle.found
+    masking = cfg.mask and disc
     if masking:
         out[~fov] = 0
     if cfg.contrast == "clahe":

@@ -14,7 +14,13 @@ import numpy as np
 
 from fundus_edge.preprocess.read import as_rgb_uint8
 
-__all__ = ["Circle", "find_fov"]
+__all__ = ["CIRCLE", "RECT", "Circle", "find_fov"]
+
+#: :attr:`Circle.kind` of a circular field of view (the usual camera image: a disc on black).
+CIRCLE = "circle"
+#: :attr:`Circle.kind` of a field that fills the frame (no black surround: the circle runs
+#: past every edge, as some cameras and cropped archives deliver). The frame is the field.
+RECT = "rect"
 
 # FOV search runs on a copy whose longest side is at most this: ~3 ms on a 4288x2848 frame,
 # and 1 px there is < 0.1 % of a typical radius.
@@ -29,22 +35,54 @@ _FOV_BLUR = 1.5  # Gaussian sigma (working pixels) against noise
 # for a sharp rim (measured: within 0.1 working px on drawn discs).
 _FOV_EDGE_BIAS = -NormalDist().inv_cdf(_FOV_LEVEL) * (_FOV_BLUR**2 + 1.0 / 12.0) ** 0.5 - 0.5
 
+# Frame-filling fields (see _rect_field). A working pixel is "lit" above
+# max(_RECT_DARK, _RECT_REL * median): a camera's black surround is below ~15 even after JPEG,
+# and the dimmest corner of a vignetted field is above a quarter of its median.
+_RECT_DARK = 12.0
+_RECT_REL = 0.25
+_RECT_STRIP = 0.02  # edge strip width, fraction of the shorter side
+_RECT_SIDE_LIT = 0.6  # a side is reached when this share of its strip is lit ...
+_RECT_SIDES = 3  # ... and at least this many of the four sides are
+_RECT_COVER = 0.85  # share of the whole frame lit
+# Structure: the std/mean of the frame smoothed at 3 % of its shorter side. Fundus crops measure
+# 0.05-0.07 (illumination, disc, vessel arcades); a blank, uniform or pure-noise frame < 0.01.
+_RECT_STRUCT_SIGMA = 0.03
+_RECT_MIN_STRUCT = 0.02
+
 
 @dataclass(frozen=True)
 class Circle:
-    """The circular field of view in frame pixels; ``found`` False means a fallback guess."""
+    """The field of view in frame pixels; ``found`` False means a fallback guess.
+
+    Attributes:
+        cx: centre column.
+        cy: centre row.
+        r: radius. For a ``"rect"`` field: half the frame's shorter side (the circle inscribed
+            in the centred square that :func:`~fundus_edge.preprocess.preprocess` crops).
+        found: a field of view was recognised (a circle or a frame-filling field).
+        kind: :data:`CIRCLE` (a disc; masked outside) or :data:`RECT` (the field fills the
+            frame: the frame is cropped and nothing is masked). Older dicts without it load as
+            ``"circle"``.
+    """
 
     cx: float
     cy: float
     r: float
     found: bool
+    kind: str = CIRCLE
+
+    @property
+    def is_rect(self) -> bool:
+        """The field fills the frame (no circle to mask)."""
+        return self.found and self.kind == RECT
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cx": self.cx, "cy": self.cy, "r": self.r, "found": self.found}
+        return {"cx": self.cx, "cy": self.cy, "r": self.r, "found": self.found, "kind": self.kind}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Circle:
-        return cls(float(d["cx"]), float(d["cy"]), float(d["r"]), bool(d["found"]))
+        kind = str(d.get("kind", CIRCLE))
+        return cls(float(d["cx"]), float(d["cy"]), float(d["r"]), bool(d["found"]), kind)
 
 
 def _fallback_circle(h: int, w: int) -> Circle:
@@ -114,20 +152,29 @@ def _ransac_circle(
 
 
 def find_fov(image: np.ndarray) -> Circle:
-    """Find the circular field of view of a fundus photograph.
+    """Find the field of view of a fundus photograph: a circle, or a frame-filling field.
 
-    Works on a copy whose longest side is 512 px: the channel maximum is smoothed and
-    thresholded between the background and a robust bright level; the boundary of the largest
-    bright component, less the points where the frame cuts the circle, gets a RANSAC circle
-    fit with trimmed least-squares refits. The result is accepted only when the circle
+    Works on a copy whose longest side is 512 px. **Circle**: the channel maximum is smoothed
+    and thresholded between the background and a robust bright level; the boundary of the
+    largest bright component, less the points where the frame cuts the circle, gets a RANSAC
+    circle fit with trimmed least-squares refits. The result is accepted only when the circle
     (clipped to the frame) and the component agree closely.
+
+    **Frame-filling field** (``kind="rect"``), tried when no circle is found: the content
+    reaches the frame's edges (at least 3 of the 4 edge strips, 2 % of the shorter side wide,
+    are 60 % lit; 85 % of the frame lit, "lit" meaning above ``max(12, median / 4)``) and the
+    frame has structure (the std/mean of the frame smoothed at 3 % of its shorter side is at
+    least 0.02: blank, uniform and pure-noise frames are below 0.01, fundus crops 0.05-0.07).
+    Whether such a frame is a fundus at all is the quality gate's question
+    (:func:`fundus_edge.quality.assess_quality`, reason ``"not_fundus"``).
 
     Args:
         image: any uint8 image (grey, RGB, RGBA; any size).
 
     Returns:
-        The circle in frame pixels; when no field of view is found, the circle inscribed in
-        the frame with ``found=False``.
+        The circle in frame pixels; a frame-filling field as ``Circle(centre of the frame,
+        half the shorter side, found=True, kind="rect")``; when neither is found, the circle
+        inscribed in the frame with ``found=False``.
     """
     img = as_rgb_uint8(image)
     h, w = img.shape[:2]
@@ -148,18 +195,52 @@ def find_fov(image: np.ndarray) -> Circle:
     lum = cv2.max(cv2.max(small[:, :, 0], small[:, :, 1]), small[:, :, 2])
     lum = cv2.GaussianBlur(lum, (0, 0), _FOV_BLUR)
 
+    fit = _circle_fit(lum)
+    if fit is not None:
+        cx_s, cy_s, r_s = fit
+        # Back to frame pixels: working pixel i covers frame pixels [i·k, (i+1)·k).
+        cx = (cx_s + 0.5) * k - 0.5
+        cy = (cy_s + 0.5) * k - 0.5
+        return Circle(float(cx), float(cy), float(r_s * k), True)
+    if min(sh, sw) >= 16 and _rect_field(lum):
+        return Circle(fallback.cx, fallback.cy, fallback.r, True, RECT)
+    return fallback
+
+
+def _rect_field(lum: np.ndarray) -> bool:
+    """Does the (smoothed, working-scale) channel maximum fill the frame with structure?"""
+    sh, sw = lum.shape
+    thr = max(_RECT_DARK, _RECT_REL * float(np.median(lum)))
+    lit = lum > thr
+    if lit.mean() < _RECT_COVER:
+        return False
+    e = max(2, round(_RECT_STRIP * min(sh, sw)))
+    strips = (lit[:e], lit[-e:], lit[:, :e], lit[:, -e:])
+    if sum(float(s.mean()) >= _RECT_SIDE_LIT for s in strips) < _RECT_SIDES:
+        return False
+    f = lum.astype(np.float32)
+    mean = float(f.mean())
+    if mean <= 0:
+        return False
+    smooth = cv2.GaussianBlur(f, (0, 0), _RECT_STRUCT_SIGMA * min(sh, sw))
+    return float(smooth.std()) / mean >= _RECT_MIN_STRUCT
+
+
+def _circle_fit(lum: np.ndarray) -> tuple[float, float, float] | None:
+    """The circle ``(cx, cy, r)`` in working pixels, or None (see :func:`find_fov`)."""
+    sh, sw = lum.shape
     cdf = np.cumsum(np.bincount(lum.ravel(), minlength=256)) / lum.size
     lo = float(np.searchsorted(cdf, 0.02))
     hi = float(np.searchsorted(cdf, 0.90))  # robust bright level: glare covers far less
     if hi - lo < 8:
-        return fallback
+        return None
     thr = lo + _FOV_LEVEL * (hi - lo)
     mask = (lum > thr).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
 
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
-        return fallback
+        return None
     contour = max(contours, key=cv2.contourArea)
     filled = np.zeros_like(mask)
     cv2.drawContours(filled, [contour], -1, 1, thickness=cv2.FILLED)
@@ -168,7 +249,7 @@ def find_fov(image: np.ndarray) -> Circle:
     on_border = (pts[:, 0] <= 1) | (pts[:, 0] >= sw - 2) | (pts[:, 1] <= 1) | (pts[:, 1] >= sh - 2)
     pts = pts[~on_border]
     if pts.shape[0] < 30:
-        return fallback
+        return None
     if pts.shape[0] > 4000:  # the fit needs shape, not every pixel
         pts = pts[:: pts.shape[0] // 2000 + 1]
 
@@ -183,23 +264,18 @@ def find_fov(image: np.ndarray) -> Circle:
         rng=np.random.default_rng(0),
     )
     if fit is None:
-        return fallback
+        return None
     cx_s, cy_s, r_s, inl = fit
     if inl.mean() < 0.5 or not (0 <= cx_s < sw and 0 <= cy_s < sh):
-        return fallback
+        return None
     r_s -= _FOV_EDGE_BIAS
     if r_s < 2.0:
-        return fallback
+        return None
 
     disc = np.zeros_like(mask)
     cv2.circle(disc, (round(cx_s * 16), round(cy_s * 16)), round(r_s * 16), 1, cv2.FILLED, 8, 4)
     inter = np.count_nonzero(disc & filled)
     union = np.count_nonzero(disc | filled)
     if union == 0 or inter / union < 0.9:
-        return fallback
-
-    # Back to frame pixels: working pixel i covers frame pixels [i·k, (i+1)·k).
-    cx = (cx_s + 0.5) * k - 0.5
-    cy = (cy_s + 0.5) * k - 0.5
-    r = r_s * k
-    return Circle(float(cx), float(cy), float(r), True)
+        return None
+    return cx_s, cy_s, r_s

@@ -188,8 +188,13 @@ def square_around(
 def crop_geometry(
     h: int, w: int, circle: Circle, size: int, margin: float, crop_fov: bool, area: bool
 ) -> tuple[int, int, int]:
-    """The crop square ``(x0, y0, side)`` of a frame, as :func:`preprocess` chooses it."""
-    if crop_fov and circle.found:
+    """The crop square ``(x0, y0, side)`` of a frame, as :func:`preprocess` chooses it.
+
+    The square around the circle (``margin`` added to its radius) when ``crop_fov`` and a
+    circle was found; else, and always for a frame-filling (``"rect"``) field, the centred
+    square of the frame.
+    """
+    if crop_fov and circle.found and not circle.is_rect:
         return square_around(circle.cx, circle.cy, circle.r * (1.0 + margin), size, area)
     side = min(h, w)
     return (w - side) // 2, (h - side) // 2, side
