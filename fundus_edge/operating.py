@@ -362,7 +362,7 @@ def operating_points(
 
     out = {}
     for j, name in enumerate(names):
-        rec: dict[str, Any] = {"threshold": round(float(thr[j]), 6), "policy": policy}
+        rec: dict[str, Any] = {"threshold": float(thr[j]), "policy": policy}
         for k, b in boot.items():
             rec[k] = {"value": num(b["value"][j]), "ci": [num(b["lo"][j]), num(b["hi"][j])]}
         rec["n_pos"] = int(y[:, j].sum())

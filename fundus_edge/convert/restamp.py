@@ -226,9 +226,10 @@ def restamp_model(
         "source_sha256": sha256_file(model),
     }
     new_meta = dict(meta)
-    new_meta["thresholds"] = [round(float(t), 6) for t in new_thr]
+    # Full precision: a rounded threshold can move a decision (a saturated label at 1 - 1e-7).
+    new_meta["thresholds"] = [float(t) for t in new_thr]
     if new_t is not None:
-        new_meta["temperature"] = [round(float(v), 6) for v in new_t]
+        new_meta["temperature"] = [float(v) for v in new_t]
     if pol is not None or explicit is not None:
         new_meta["threshold_policy"] = record["policy"]
     new_meta["threshold_history"] = [*(meta.get("threshold_history") or []), record]
