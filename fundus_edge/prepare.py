@@ -388,7 +388,7 @@ def _process(job: dict) -> dict:
     rec |= {
         "status": "ok",
         "output": job["rel"],
-        "fov": {"cx": c.cx, "cy": c.cy, "r": c.r, "found": c.found},
+        "fov": {"cx": c.cx, "cy": c.cy, "r": c.r, "found": c.found, "kind": c.kind},
         "geometry": g.to_dict(),
         "quality": {"score": q.score, "passed": q.passed, "reason": q.reason},
         "masks": masks,

@@ -167,6 +167,7 @@ class Prediction:
                 "cy": round(c.cy, 2),
                 "r": round(c.r, 2),
                 "found": c.found,
+                "kind": c.kind,
             },
             "ms": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -84,7 +84,7 @@ def render(
     step = int(32 * scale) + 4
 
     c = prediction.geometry.circle
-    if c.found:
+    if c.found and getattr(c, "kind", "circle") == "circle":  # a frame-filling field: no rim
         cv2.circle(
             out, (round(c.cx), round(c.cy)), round(c.r), _WHITE, max(1, round(scale)), cv2.LINE_AA
         )
