@@ -232,7 +232,7 @@ def test_restamp_keeps_graph_and_records_history(tmp_path, monkeypatch):
     assert len(read_metadata(dst)["threshold_history"]) == 2
 
 
-def test_temperature_in_contract_applied_by_predictor(tmp_path):
+def test_temperature_in_contract_is_validated():
     from fundus_edge.artifact import validate_metadata
 
     meta = {
