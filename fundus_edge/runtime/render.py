@@ -40,10 +40,12 @@ def overlay_map(frame: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.n
         A new (H, W, 3) uint8 RGB image.
     """
     colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
-    w = (alpha * np.clip(heat, 0.0, 1.0))[..., None]  # (H, W, 1): per-pixel opacity
-    out = frame.astype(np.float32) * (1.0 - w) + colour * w
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+    w = np.ascontiguousarray(alpha * np.clip(heat, 0.0, 1.0), dtype=np.float32)  # opacity
+    # frame * (1 - w) + colour * w, rounded, in one OpenCV pass: 4x faster than float numpy
+    # on a 1280x720 frame (3.4 vs 13.5 ms, bench/results/cpu-amd-epyc-2c/serve), which the
+    # live view pays per streamed frame.
+    return cv2.blendLinear(np.ascontiguousarray(frame), colour, 1.0 - w, w)
 
 
 def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour) -> None:
