@@ -27,6 +27,7 @@ them resampled onto the first member's grid (its ``cams`` output), and says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -188,7 +189,8 @@ class _CheckpointMaps:
                     return _g[1], _g[0]
 
             model = _FusedLogits(ens) if ens.fusion is not None else member
-            with _Native(model=model, target_layers=[member.target_layer]) as cam:
+            quiet = contextlib.redirect_stderr(io.StringIO())  # Score-CAM's tqdm bars
+            with quiet, _Native(model=model, target_layers=[member.target_layer]) as cam:
                 maps = cam(input_tensor=batch, targets=targets)  # (L, h_m, w_m)
             out.append(np.asarray(maps, dtype=np.float32))
         return out
