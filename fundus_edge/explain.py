@@ -1,6 +1,8 @@
 """``fundus-edge explain``: class maps for chosen labels and methods, written as files.
 
-Per image and per (label, method[, member]) it writes, under ``OUT/<image>/``:
+Per image and per (label, method[, member]) it writes, under ``OUT/<image>/`` (``<image>`` is
+the file's path under the source root, name and suffix kept: ``a/1.png/``, ``1.jpg/``; frame N
+of a multi-frame DICOM object ``m.dcm.frame00N/``):
 
 * ``<label>_<method>[_<member>].png``: the map over the ORIGINAL frame
   (:func:`fundus_edge.maps.map_on_frame`, :func:`fundus_edge.runtime.render.overlay_map`);
@@ -109,10 +111,15 @@ def _safe(text: str) -> str:
 
 
 def _image_key(frame) -> str:
+    """The image's output folder: its path under the source root, file name and suffix kept
+    (``a/1.png`` and ``b/1.png``, ``1.jpg`` and ``1.png`` never share one); frame N of a
+    multi-frame DICOM object is ``<name>.frameNNN``."""
     rel = frame.rel or Path(frame.name).name
-    rel = rel.replace("#", "_frame")
-    stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
-    return _safe(stem.replace("/", "__"))
+    base, _, n = rel.partition("#")
+    if n:
+        base = f"{base}.frame{int(n):03d}"
+    parts = [_safe(p) for p in base.split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) or "image"
 
 
 def _png(image_rgb: np.ndarray) -> bytes:

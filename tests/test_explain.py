@@ -89,12 +89,12 @@ def test_checkpoint_kernel_and_gradcam_per_member(models, tmp_path):
         png = cv2.imread(str(out / r["png"]))
         assert png.shape == (240, 240, 3)  # on the original frame
         assert 0.0 <= float(r["probability"]) <= 1.0 and r["source"] == "eye.png"
-    grid = cv2.imread(str(out / "eye" / "grid.png"))
+    grid = cv2.imread(str(out / "eye.png" / "grid.png"))
     assert grid.shape[0] > 2 * 200 and grid.shape[1] > 9 * 200  # 2 rows, 9 columns
     # The kernel maps are Grad-CAM, computed forward-only: the package agrees per member.
     for member in MEMBERS:
-        k = np.load(out / "eye" / f"DR_kernel_{member}.npy")
-        g = np.load(out / "eye" / f"DR_gradcam_{member}.npy")
+        k = np.load(out / "eye.png" / f"DR_kernel_{member}.npy")
+        g = np.load(out / "eye.png" / f"DR_gradcam_{member}.npy")
         if k.max() > 0 and k.min() == 0:
             np.testing.assert_allclose(k, g, atol=1e-2)
 
@@ -117,17 +117,17 @@ def test_onnx_kernel_maps_equal_the_checkpoints(models, tmp_path):
     rows = _index(tmp_path / "ox")
     assert len(rows) == len(LABELS) * 3
     for label in LABELS:
-        ours = np.load(tmp_path / "ox" / "eye" / f"{label}_kernel.npy")
-        theirs = np.load(tmp_path / "ck" / "eye" / f"{label}_kernel.npy")
+        ours = np.load(tmp_path / "ox" / "eye.png" / f"{label}_kernel.npy")
+        theirs = np.load(tmp_path / "ck" / "eye.png" / f"{label}_kernel.npy")
         np.testing.assert_allclose(ours, theirs, atol=1e-4)
         # The first member's grid is the graph's: its own map matches too.
         first = f"{label}_kernel_{MEMBERS[0]}.npy"
         np.testing.assert_allclose(
-            np.load(tmp_path / "ox" / "eye" / first),
-            np.load(tmp_path / "ck" / "eye" / first),
+            np.load(tmp_path / "ox" / "eye.png" / first),
+            np.load(tmp_path / "ck" / "eye.png" / first),
             atol=1e-4,
         )
-        assert np.load(tmp_path / "ox" / "eye" / f"{label}_kernel_resnet18.npy").shape == (4, 4)
+        assert np.load(tmp_path / "ox" / "eye.png" / f"{label}_kernel_resnet18.npy").shape == (4, 4)
 
 
 @pytest.mark.parametrize(
@@ -163,3 +163,16 @@ def test_no_such_source_exits_2(models, tmp_path):
         app, ["explain", str(ckpt), str(tmp_path / "nope.png"), "--out", str(tmp_path)]
     )
     assert res.exit_code == 2 and "nope.png" in res.output
+
+
+def test_outputs_never_collide(tmp_path):
+    """a/1.png, b/1.png, 1.jpg and 1.png each get their own folder (path and suffix kept)."""
+    from types import SimpleNamespace
+
+    from fundus_edge.explain import _image_key
+
+    keys = {
+        _image_key(SimpleNamespace(rel=r, name=r))
+        for r in ("a/1.png", "b/1.png", "1.jpg", "1.png", "a__1.png", "m.dcm#2")
+    }
+    assert len(keys) == 6 and "m.dcm.frame002" in keys and "a/1.png" in keys
