@@ -434,6 +434,8 @@ def evaluate_model(
     precision: str | None = None,
     threshold_policy: str | None = None,
     calibrate: bool = False,
+    faithfulness: int | None = None,
+    faithfulness_steps: int = 16,
 ) -> dict:
     """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
 
@@ -441,7 +443,8 @@ def evaluate_model(
     ``cuda[:N]``); an exported graph (``.onnx``, ``.engine``/``.plan``) runs through its
     :mod:`fundus_edge.backends` backend with the labels, thresholds and preprocessing of its
     own metadata, and needs no PyTorch; ``backend`` names another runtime for it (``openvino``
-    at ``precision`` fp32/bf16/int8), as ``run --backend`` does.
+    at ``precision`` fp32/bf16/int8), as ``run --backend`` does. ``faithfulness`` (images per
+    label) adds deletion/insertion AUCs of the maps (:mod:`fundus_edge.faithfulness`).
 
     Raises:
         UserError: missing model or data, unknown split, no samples.
@@ -504,6 +507,22 @@ def evaluate_model(
             screening_label=ds.screening_label or "Disease_Risk",
             global_labels=global_labels_of(ds.root),
         )
+        if faithfulness is not None:  # eval --faithfulness: deletion/insertion AUC of the maps
+            from fundus_edge.faithfulness import add_faithfulness
+
+            add_faithfulness(
+                report,
+                predict,
+                ds.splits[split],
+                ds.label_names,
+                labels,
+                pre,
+                torch_model=None if runner is not None else (model, dev),
+                images=faithfulness,
+                steps=faithfulness_steps,
+                batch_size=batch_size,
+                out_dir=out_dir,
+            )
     finally:
         if runner is not None:
             runner.close()

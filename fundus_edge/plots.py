@@ -15,7 +15,13 @@ import numpy as np
 
 from fundus_edge.fileio import atomic_write_bytes
 
-__all__ = ["plot_map_grid", "plot_pr", "plot_roc", "plot_training_curves"]
+__all__ = [
+    "plot_faithfulness",
+    "plot_map_grid",
+    "plot_pr",
+    "plot_roc",
+    "plot_training_curves",
+]
 
 
 def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 5.0)):
@@ -159,4 +165,29 @@ def plot_map_grid(
         if masks is not None and masks[k] is not None and np.any(masks[k]):
             ax.contour(np.asarray(masks[k], dtype=np.float32), levels=[0.5], colors="white")
         ax.set_title(titles[k], fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_faithfulness(curves: dict, macro: dict, path) -> Path:
+    """Deletion and insertion curves, one line per map method (macro mean over labels).
+
+    Args:
+        curves: method -> ``{"fraction", "deletion", "insertion"}`` (the report's ``curves``).
+        macro: method -> ``{"deletion_auc", "insertion_auc"}``, for the legend.
+        path: output PNG.
+    """
+    plt, fig, axes = _figure(1, 2, size=(10.0, 4.2))
+    styles = {"kernel": "-", "gradcam": "--", "random": ":"}
+    for k, (kind, better) in enumerate((("deletion", "lower"), ("insertion", "higher"))):
+        ax = axes[0, k]
+        for method, c in curves.items():
+            auc = macro.get(method, {}).get(f"{kind}_auc")
+            label = method if auc is None else f"{method} (AUC {auc:.3f})"
+            ax.plot(c["fraction"], c[kind], styles.get(method, "-"), label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("probability of the label")
+        ax.set_title(f"{kind.capitalize()} (AUC {better} is better)")
+        ax.legend(fontsize=8)
     return _save(plt, fig, path)

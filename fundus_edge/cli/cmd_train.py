@@ -176,6 +176,18 @@ def eval_(
         help="Fit a temperature per label on --data's validation split and apply it "
         "(without --threshold-policy the thresholds follow it: decisions do not change).",
     ),
+    faithfulness: bool = typer.Option(
+        False,
+        "--faithfulness",
+        help="Deletion/insertion AUC of the maps (kernel, grad-cam from a checkpoint, random) "
+        "on each label's positive images; pixels deleted to a blurred copy.",
+    ),
+    faithfulness_images: int = typer.Option(
+        32, "--faithfulness-images", help="Positive images per label for --faithfulness."
+    ),
+    faithfulness_steps: int = typer.Option(
+        16, "--faithfulness-steps", help="Deletion/insertion steps for --faithfulness (>= 2)."
+    ),
 ) -> None:
     """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots.
 
@@ -197,6 +209,10 @@ def eval_(
         from fundus_edge.operating import parse_policy
 
         parse_policy(threshold_policy)
+    if faithfulness:
+        from fundus_edge.faithfulness import validate_options
+
+        validate_options(faithfulness_images, faithfulness_steps)
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
     if out is not None:
         require("matplotlib", purpose="the plots in --out")  # asked for: checked before work
@@ -226,6 +242,8 @@ def eval_(
         precision=precision,
         threshold_policy=threshold_policy,
         calibrate=calibrate,
+        faithfulness=faithfulness_images if faithfulness else None,
+        faithfulness_steps=faithfulness_steps,
     )
     _render(rep)
 
@@ -260,10 +278,29 @@ def _render(rep: dict) -> None:
             f"energy inside {f(lm['energy_inside'])}{excluded}"
         )
     _render_operating(rep)
+    _render_faithfulness(rep)
     for note in rep.get("notes", []):
         typer.echo(f"  note: {note}")
     for key, path in rep.get("figures", {}).items():
         typer.echo(f"  {key}: {path}")
+
+
+def _render_faithfulness(rep: dict) -> None:
+    """Macro deletion/insertion AUC per map method, from ``faithfulness.py``."""
+    fa = rep.get("faithfulness")
+    if not fa:
+        return
+    typer.echo(
+        f"  faithfulness ({fa['steps']} steps, up to {fa['images_per_label']} positive images "
+        "per label, blur baseline; deletion lower / insertion higher is better):"
+    )
+    for method, r in fa["macro"].items():
+        typer.echo(
+            f"    {method:<8} deletion AUC {r['deletion_auc']:.4f}  "
+            f"insertion AUC {r['insertion_auc']:.4f}  ({r['labels']} labels)"
+        )
+    for note in fa.get("notes", []):
+        typer.echo(f"    note: {note}")
 
 
 def _render_operating(rep: dict) -> None:
