@@ -27,9 +27,7 @@ decoder probe times one DICOM frame through each pydicom JPEG plugin, the reader
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -37,10 +35,10 @@ import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import machine  # bench/machine.py: what the results record about the machine
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,45 +219,8 @@ def probe_decoders(dicom_file: Path, png_file: Path, repeats: int) -> dict[str, 
     }
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
-
-
-def _cpu_model() -> str:
-    import re
-
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else platform.machine()
-
-
-def _load() -> float | None:
-    import os
-
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def device_info() -> dict[str, Any]:
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": _cpu_model(),
-        "cores": cores,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": _versions(),
-    }
+    return machine.device_info(PACKAGES)
 
 
 def measure(
@@ -274,7 +235,7 @@ def measure(
     """Write the photos, warm up, measure interleaved; the result record (no verdict text)."""
     from fundus_edge.runtime import Predictor
 
-    load_before = _load()
+    load_before = machine.load_average()
     with tempfile.TemporaryDirectory(prefix="fe-dicom-bench-", dir=work) as tmp:
         t0 = time.perf_counter()
         files = write_photos(Path(tmp), n, size, noise)
@@ -355,7 +316,7 @@ def measure(
     device = device_info()
     # Other processes on the machine (a shared CI or workstation) change absolute figures; the
     # interleaved ratios are what the result is about.
-    device["load_average_1min"] = {"before": load_before, "after": _load()}
+    device["load_average_1min"] = {"before": load_before, "after": machine.load_average()}
     return {
         "benchmark": "dicom-throughput",
         "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -44,7 +44,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -56,10 +55,10 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import machine  # bench/machine.py: what the results record about the machine
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -898,39 +897,8 @@ def probe_costs(model: Path, video: Path, quality: int = 80, repeats: int = 20) 
 # ---------------------------------------------------------------------------- the whole bench
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else platform.machine()
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def device_info() -> dict[str, Any]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": _cpu_model(),
-        "cores": cores,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": _versions(),
-    }
+    return machine.device_info(PACKAGES)
 
 
 def _shown(path: Path) -> str:
@@ -957,7 +925,7 @@ def measure(
     from fundus_edge.serve.hub import STALL_S
 
     warm = min(5.0, seconds / 3.0)
-    load_before = _load()
+    load_before = machine.load_average()
     with tempfile.TemporaryDirectory(prefix="fe-serve-bench-") as tmp:
         work = Path(tmp)
         made = video is None
@@ -1111,7 +1079,7 @@ def measure(
         },
     }
     device = device_info()
-    device["load_average_1min"] = {"before": load_before, "after": _load()}
+    device["load_average_1min"] = {"before": load_before, "after": machine.load_average()}
     return {
         "benchmark": "serve",
         "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),

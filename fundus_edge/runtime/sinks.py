@@ -111,7 +111,7 @@ class JsonlSink(Sink):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if append:
-                _end_on_newline(self.path)
+                end_on_newline(self.path)
             mode = "a" if append else "w"
             self._fh: TextIO | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
@@ -135,8 +135,8 @@ class JsonlSink(Sink):
         return f"{self.path} ({self.lines} records)"
 
 
-def _end_on_newline(path: Path) -> None:
-    """A log cut mid-line by a power loss: drop the partial line before appending to it."""
+def end_on_newline(path: Path) -> None:
+    """A log or journal cut mid-line by a power loss: drop the partial line before appending."""
     try:
         with open(path, "rb+") as fh:
             data = fh.read()
@@ -191,7 +191,7 @@ class CsvSink(Sink):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             header = None
             if append and self.path.is_file() and self.path.stat().st_size:
-                _end_on_newline(self.path)
+                end_on_newline(self.path)
                 with open(self.path, encoding="utf-8", newline="") as fh:
                     header = next(csv.reader(fh), None)
                 if header != self.columns:

@@ -33,7 +33,7 @@ from typing import Any
 from fundus_edge.errors import MissingDependencyError, UserError
 from fundus_edge.log import get_logger
 from fundus_edge.media import DICOM_SUFFIXES, is_dicom_file, is_image_file
-from fundus_edge.runtime.sinks import Output, Sink
+from fundus_edge.runtime.sinks import Output, Sink, end_on_newline
 from fundus_edge.runtime.sources import Frame, Skipped, StillFilesSource
 
 __all__ = [
@@ -91,17 +91,6 @@ def _maybe_still(name: str) -> bool:
 
 def _now_iso() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="milliseconds")
-
-
-def _end_on_newline(path: Path) -> None:
-    """A journal cut mid-line (a power loss): drop the partial line before appending."""
-    try:
-        with open(path, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-    except FileNotFoundError:
-        pass
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
@@ -214,7 +203,7 @@ class WatchFolderSource(StillFilesSource):
         except OSError as exc:
             raise UserError(f"--watch {self.folder}: cannot list ({exc.strerror or exc})") from None
         try:
-            _end_on_newline(self.journal)
+            end_on_newline(self.journal)
             entries, lines = read_journal(self.journal)
         except OSError as exc:
             raise UserError(f"{self.journal}: cannot read ({exc.strerror or exc})") from None
@@ -478,7 +467,7 @@ class JournalSink(Sink):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _end_on_newline(self.path)
+            end_on_newline(self.path)
             self._last = {k: _stamp(e) for k, e in read_journal(self.path)[0].items()}
             with open(self.path, "a", encoding="utf-8"):
                 pass
