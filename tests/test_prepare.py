@@ -67,7 +67,7 @@ def test_layout_manifest_and_masks(tmp_path):
     assert [r["source"] for r in records] == sorted(r["source"] for r in records)
     for r in records:
         assert r["status"] == "ok" and r["output"] == r["source"]
-        assert set(r["fov"]) == {"cx", "cy", "r", "found"}
+        assert set(r["fov"]) == {"cx", "cy", "r", "found", "kind"}
         assert r["fov"]["found"] is True and abs(r["fov"]["r"] - 29) < 2  # drawn radius 29
         assert set(r["quality"]) == {"score", "passed", "reason"}
         assert 0.0 <= r["quality"]["score"] <= 1.0
