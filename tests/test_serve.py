@@ -184,7 +184,11 @@ def test_beyond_loopback_every_endpoint_needs_the_token(video, tmp_path, capsys)
     base = f"http://127.0.0.1:{port}/"
     with LiveRun(video, tmp_path, f"0.0.0.0:{port}") as live:
         live.wait_up(base)
-        printed = capsys.readouterr().err
+        printed = ""
+        deadline = time.monotonic() + 10
+        while "?token=" not in printed and time.monotonic() < deadline:
+            printed += capsys.readouterr().err  # printed just after the server started
+            time.sleep(0.05)
         token = printed.split("?token=", 1)[1].split()[0]  # generated, printed once
         assert len(token) >= 16
         for method, path in ENDPOINTS:
