@@ -54,14 +54,16 @@ def _client(scope: dict) -> str:
     return f"{c[0]}:{c[1]}" if c else "?"
 
 
-async def _plain(send, status: int, text: str, headers: list | None = None) -> None:
-    body = (text + "\n").encode()
+async def _respond(
+    send, status: int, body: bytes, content_type: bytes, headers: list | None = None
+) -> None:
+    """A whole response: status, type, length, no caching, any extra headers, the body."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
                 *(headers or []),
@@ -69,23 +71,15 @@ async def _plain(send, status: int, text: str, headers: list | None = None) -> N
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _plain(send, status: int, text: str, headers: list | None = None) -> None:
+    await _respond(send, status, (text + "\n").encode(), b"text/plain; charset=utf-8", headers)
 
 
 async def _json(send, status: int, obj: Any, headers: list | None = None) -> None:
     body = json.dumps(obj, allow_nan=False).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await _respond(send, status, body, b"application/json", headers)
 
 
 def _token_of(scope: dict) -> tuple[str | None, bool]:
