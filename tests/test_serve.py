@@ -317,7 +317,7 @@ def test_hub_never_blocks_and_cuts_a_stalled_viewer(monkeypatch):
         frame = np.zeros((2000, 3000, 3), np.uint8)
         t0 = time.perf_counter()
         for i in range(50):
-            hub._last_sent = 0.0  # no rate limit here
+            hub._last_sent = hub._last_record_sent = 0.0  # no rate limit here
             hub.publish_frame(frame, i, time.time())
             hub.publish_record({"frame": i})
         assert time.perf_counter() - t0 < 5  # returned each time; nobody read anything
@@ -335,5 +335,25 @@ def test_hub_never_blocks_and_cuts_a_stalled_viewer(monkeypatch):
         # 3 streams at most (the cut one stays attached until its handler detaches it);
         # event listeners count apart.
         assert hub.attach("stream") is None and hub.attach("events") is not None
+    finally:
+        loop.close()
+
+
+def test_records_reach_listeners_at_the_stream_rate_ending_on_the_newest():
+    from fundus_edge.serve import hub as hubmod
+
+    hub = hubmod.Hub(max_viewers=3, fps=10.0)
+    loop = asyncio.new_event_loop()
+    hub.loop = loop
+    try:
+        listener = hub.attach("events")
+        for i in range(30):  # a fast model: 30 records well within 0.1 s
+            hub.publish_record({"frame": i})
+        loop.run_until_complete(asyncio.sleep(0.3))  # the scheduled flush runs
+        got = []
+        while not listener.queue.empty():
+            name, data = listener.queue.get_nowait()
+            got.append(json.loads(data)["frame"])
+        assert got == [0, 29] and hub.records_sent == 2 and hub.last_record == {"frame": 29}
     finally:
         loop.close()

@@ -142,7 +142,7 @@ def run(
     serve_fps: float = typer.Option(
         10.0,
         "--serve-fps",
-        help="Frames a second the live view streams (only those are rendered for it).",
+        help="Frames (and result events) a second the live view sends at most; only those frames are rendered for it.",
     ),
     capture_dir: Path | None = typer.Option(
         None,

@@ -8,7 +8,12 @@ viewer whose queue stayed full for :data:`STALL_S` seconds (it stopped reading) 
 The annotated frame is JPEG-encoded once per published frame, only while someone watches,
 downscaled to :data:`STREAM_MAX_SIDE` and at most ``fps`` frames a second (``--serve-fps``,
 default :data:`STREAM_FPS`): :meth:`Hub.frame_due` tells the draw thread whether the next frame
-will be sent at all, so frames nobody will see are not even rendered.
+will be sent at all, so frames nobody will see are not even rendered. Records (the JSONL's,
+one per processed frame) go to the event listeners at the same rate at most, newest first: a
+record that arrives sooner than ``1/fps`` after the last one sent waits, and a newer one
+replaces it, so the listeners always end on the run's latest record while a fast model's 30+
+records a second cost the run one serialisation and one wake-up of the server per tenth of a
+second, not one per frame per viewer (the JSONL and CSV sinks keep every record).
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ class Hub:
         self.viewer_drops = 0
         self.viewers_cut = 0
         self._last_sent = 0.0
+        self._last_record_sent = 0.0
+        self._pending_record: dict[str, Any] | None = None
+        self._record_flush = False  # a flush of the pending record is scheduled
+        self.records_sent = 0
         self.captures: list[dict[str, Any]] = []
         self.capture_requests: collections.deque[int] = collections.deque()
         self._next_capture = 1
@@ -139,11 +148,39 @@ class Hub:
         self._push(viewers, item)
 
     def publish_record(self, record: dict[str, Any]) -> None:
-        """The log thread's record of each processed frame; never blocks."""
+        """The log thread's record of each processed frame; never blocks. Sent at most
+        ``fps`` times a second, the newest (see module doc)."""
         self.last_record = record
-        viewers = self._watching("events")
-        if viewers and self.loop is not None:
-            self._push(viewers, ("record", json.dumps(record, allow_nan=False)))
+        loop = self.loop
+        if loop is None or not self._watching("events"):
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._pending_record = record
+            if self._record_flush:
+                return  # the scheduled flush sends the newest
+            wait = self._last_record_sent + 1.0 / self.fps - now
+            if wait > 0:
+                self._record_flush = True
+            else:
+                self._last_record_sent = now
+                self._pending_record = None
+        if wait > 0:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping
+                loop.call_soon_threadsafe(loop.call_later, wait, self._flush_record)
+            return
+        self.records_sent += 1
+        self._push(self._watching("events"), ("record", json.dumps(record, allow_nan=False)))
+
+    def _flush_record(self) -> None:
+        """On the event loop: send the newest record that waited for its turn."""
+        with self._lock:
+            record, self._pending_record = self._pending_record, None
+            self._record_flush = False
+            self._last_record_sent = time.monotonic()
+        if record is not None:
+            self.records_sent += 1
+            self._deliver(self._watching("events"), ("record", json.dumps(record, allow_nan=False)))
 
     def publish_event(self, name: str, data: Any) -> None:
         """Another server-sent event (``status``, ``captures``) to every event listener."""
