@@ -1,8 +1,10 @@
-"""The synthetic fundus generator: determinism, RFMiD layout, masks, visible lesions, the CLI."""
+"""The synthetic fundus generator: determinism, RFMiD layout, masks, visible lesions, the lesion
+registry and its drawing order, the CLI."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import time
@@ -16,15 +18,19 @@ from typer.testing import CliRunner
 from fundus_edge.errors import UserError
 from fundus_edge.synth import (
     DEFAULT_PREVALENCE,
+    GLOBAL_LABELS,
     LABELS,
+    LESIONS,
     SPLIT_LAYOUT,
     SynthConfig,
     generate_dataset,
     generate_image,
     image_rng,
     parse_splits,
+    register_lesion,
     sample_labels,
 )
+from fundus_edge.synth.registry import STAGES, stage_lesions
 
 N, SIZE, SEED = 12, 128, 3
 # Scale 3 so that a dozen images still carry most labels.
@@ -258,6 +264,125 @@ def test_crvo_bleeds_in_all_quadrants():
         (r["x"] > dx, r["y"] > dy) for r in meta["lesions"] if r["kind"] == "flame_haemorrhage"
     }
     assert len(quads) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The lesion registry and the drawing order
+
+#: (stage, label) in drawing order, which is the order the image's generator is used in: moving
+#: a lesion changes the bytes of every image with it (and the pins below).
+DRAW_ORDER = [
+    ("choroid", "TSLN"),
+    ("choroid", "MYA"),
+    ("disc", "ODC"),
+    ("retina", "ODE"),
+    ("retina", "DN"),
+    ("retina", "ARMD"),
+    ("retina", "CSR"),
+    ("retina", "DR"),
+    ("retina", "BRVO"),
+    ("retina", "CRVO"),
+    ("retina", "LS"),
+    ("media", "MH"),
+]
+
+
+def test_lesions_registered_in_drawing_order():
+    assert [(s.stage, s.label) for st in STAGES for s in stage_lesions(st, LABELS)] == DRAW_ORDER
+    assert set(LESIONS) == set(LABELS)
+    assert sorted(GLOBAL_LABELS) == ["MH"]
+    assert {k: LESIONS[k].prevalence for k in LABELS} == DEFAULT_PREVALENCE
+    assert list(DEFAULT_PREVALENCE) == list(LABELS)
+    assert stage_lesions("retina", {"LS", "DR", "MH"}) == [LESIONS["DR"], LESIONS["LS"]]
+
+
+def test_generate_image_calls_the_registered_drawers_in_order(monkeypatch):
+    calls = []
+    for label, spec in list(LESIONS.items()):
+
+        def spy(cv, _draw=spec.draw, _label=label):
+            calls.append(_label)
+            return _draw(cv)
+
+        monkeypatch.setitem(LESIONS, label, dataclasses.replace(spec, draw=spy))
+    _, masks, _ = generate_image(np.random.default_rng(1), 96, set(LABELS))
+    assert calls == [label for _, label in DRAW_ORDER]
+    assert set(masks) == set(LABELS)
+    calls.clear()
+    generate_image(np.random.default_rng(1), 96, {"LS", "TSLN"})
+    assert calls == ["TSLN", "LS"]
+
+
+def test_register_lesion_checks_its_entry():
+    def draw(cv):
+        return np.zeros((cv.scene.size, cv.scene.size), np.uint8)
+
+    bad = [
+        ({"label": "XX", "stage": "retina", "order": 99, "prevalence": 0.1}, "not an RFMiD"),
+        ({"label": "Disease_Risk", "stage": "retina", "order": 99, "prevalence": 0.1}, "RFMiD"),
+        ({"label": "DR", "stage": "retina", "order": 99, "prevalence": 0.1}, "already"),
+        ({"label": "ERM", "stage": "lens", "order": 99, "prevalence": 0.1}, "unknown stage"),
+        ({"label": "ERM", "stage": "retina", "order": 50, "prevalence": 0.1}, "DR's"),
+        ({"label": "ERM", "stage": "retina", "order": 99, "prevalence": 1.5}, "prevalence"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            register_lesion(**kwargs)(draw)
+    assert "ERM" not in LESIONS
+    try:
+        assert register_lesion("ERM", "retina", 85, 0.05)(draw) is draw
+        assert [s.label for s in stage_lesions("retina", {"ERM", "LS", "DR"})] == [
+            "DR",
+            "LS",
+            "ERM",
+        ]
+    finally:
+        LESIONS.pop("ERM", None)
+
+
+#: Made with the generator before it became a package (one module with a per-label if-chain;
+#: the data sets it wrote are byte-identical to today's): for an image, the sha256 of its meta
+#: (every lesion record, in drawing order: numpy arithmetic only, so independent of the OpenCV
+#: build) and the generator's state after it (how many numbers it drew). Drawing a lesion at
+#: another point, or one number more or fewer, changes them.
+PINNED = {
+    (21, 128, "DR+ARMD+MH+DN+MYA+BRVO+TSLN+LS+CSR+ODC+CRVO+ODE"): (
+        "1c26ef16ee6b5fb8cc128bb93e87b0d5726727581c1ad6e134b0a870b150b8a2",
+        90494505652240692137985521076343386055,
+    ),
+    (22, 160, "MYA"): (
+        "198e343db63609d81f47cbec3319739d72add7c26f15ea63a42b2403f586ee21",
+        101507890772212489490919206302436172619,
+    ),
+    (23, 160, "MYA+TSLN"): (
+        "40fbae9561c41c80ab97dda0689596ba0afdb93fb1860a49e753e40cad95e82c",
+        11581340019372294780566084229161332715,
+    ),
+    (24, 128, "BRVO+CRVO+ODC+ODE"): (
+        "6fe16ad28267e38e05a97486c06f20cb1514e44f64ac5bff89c9656c7abb179c",
+        208202885980381350568154897784042493776,
+    ),
+    (25, 96, ""): (
+        "b970367a26c40cb2bbd6481218bb1ad1c0e4d6760217642b78cb20652886e252",
+        306018803627635602795930112119608491095,
+    ),
+    (26, 400, "CSR+DR+LS+MH"): (
+        "c4ad535f72dbfc8f78e181f88d4113dc691684f46bc5e010d5e6f2dfb62a8f60",
+        222595747085733767062376294087279256877,
+    ),
+    (27, 128, "ARMD+DN"): (
+        "0e2c7b95e7443227d57d4b039ae9b97ebd80b9907c1e67eabb4a54e2c93f88eb",
+        161330670827867129542450030447406987042,
+    ),
+}
+
+
+@pytest.mark.parametrize("seed, size, labels", list(PINNED))
+def test_draws_match_the_pinned_generator(seed, size, labels):
+    rng = np.random.default_rng(seed)
+    _, _, meta = generate_image(rng, size, set(labels.split("+")) - {""})
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    assert (digest, rng.bit_generator.state["state"]["state"]) == PINNED[seed, size, labels]
 
 
 # ---------------------------------------------------------------------------------------------
