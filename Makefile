@@ -17,7 +17,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[train,dev,openvino,dicom,report,serve]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[train,dev,openvino,dicom,report,serve,tensorboard,mlflow]'
 	@touch $@
 
 venv: $(STAMP)

@@ -1,0 +1,222 @@
+"""Experiment tracking: TensorBoard event files and a local MLflow store, read back with each
+package's own reader; the fixed images' maps; a missing extra is exit 3 naming it; a tiny
+training run with each logger, and export logging its report into the same run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_edge import tracking
+from fundus_edge.errors import MissingDependencyError, UserError
+from fundus_edge.tracking import numeric_metrics, open_tracker, read_record
+from fundus_edge.tracking.provenance import git_commit
+from fundus_edge.tracking.snapshots import pick_samples
+
+CONFIG = {
+    "name": "t",
+    "optim": {"lr": 0.001, "loss": {"name": "focal"}},
+    "model": {"members": ["a", "b"]},
+}
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return {"img1_DR": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            "img2_MH": rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)}  # fmt: skip
+
+
+def _log_everything(tracker, artifact: Path) -> dict:
+    images = _images()
+    tracker.log_config(CONFIG)
+    tracker.log_params({"data.fingerprint": "abc123", "git.commit": "f" * 40})
+    tracker.log_metrics(1, {"val_loss": 0.5, "train_loss": 0.7})
+    tracker.log_metrics(2, {"val_loss": 0.25, "train_loss": 0.4})
+    tracker.log_images(1, images)
+    tracker.log_images(2, images)
+    tracker.log_artifact(artifact)
+    return images
+
+
+def _artifact(tmp_path: Path) -> Path:
+    f = tmp_path / "best.safetensors"
+    f.write_bytes(b"weights" * 100)
+    return f
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def test_flatten_and_numeric_metrics():
+    assert tracking.flatten(CONFIG) == {
+        "name": "t", "optim.lr": 0.001, "optim.loss.name": "focal", "model.members": ["a", "b"],
+    }  # fmt: skip
+    rec = {"epoch": 3, "val_loss": 0.5, "val_riadd": None, "best": True, "lr": 1e-3,
+           "val_map": float("nan"), "time_s": 2, "note": "x", "n": np.float32(1.5)}  # fmt: skip
+    assert numeric_metrics(rec) == {"val_loss": 0.5, "lr": 1e-3, "time_s": 2.0, "n": 1.5}
+
+
+class _S:
+    def __init__(self, sid, labels):
+        self.id, self.labels = sid, np.asarray(labels, dtype=np.float32)
+
+
+def test_pick_samples_covers_labels_first_and_is_deterministic():
+    names = ["Disease_Risk", "DR", "MH", "ODC"]
+    samples = [_S("a", [0, 0, 0, 0]), _S("b", [1, 1, 0, 0]), _S("c", [1, 1, 0, 0]),
+               _S("d", [1, 0, 0, 1]), _S("e", [1, 0, 1, 0])]  # fmt: skip
+    got = pick_samples(samples, names, 4, skip=["Disease_Risk"])
+    # one per finding first (DR: b, MH: e, ODC: d), then the split's order with its label
+    assert got == [(1, 1), (4, 2), (3, 3), (0, 0)]
+    assert pick_samples(samples, names, 4, skip=["Disease_Risk"]) == got
+    assert pick_samples(samples, names, 2) == [(1, 0), (2, 1)]  # no skip: b is taken
+    assert len(pick_samples(samples, names, 50)) == len(samples)
+
+
+def test_git_commit(tmp_path):
+    assert git_commit(tmp_path) is None  # not a work tree
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("1")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    assert git_commit(tmp_path) == {"commit": sha, "dirty": False}
+    (tmp_path / "f.txt").write_text("2")
+    assert git_commit(tmp_path) == {"commit": sha, "dirty": True}
+
+
+def test_unknown_logger_and_missing_extras(monkeypatch, tmp_path):
+    with pytest.raises(UserError, match="--logger 'wandb'"):
+        tracking.require_tracker("wandb")
+    tracking.require_tracker("none")
+    assert isinstance(open_tracker("none", tmp_path, "x"), tracking.NullTracker)
+    assert not (tmp_path / tracking.RECORD_FILE).exists()
+    for module, extra in (("mlflow", "mlflow"), ("tensorboard", "tensorboard")):
+        monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: ImportError
+        with pytest.raises(MissingDependencyError, match=rf"pip install 'fundus-edge\[{extra}\]'"):
+            open_tracker(module, tmp_path, "x")
+    assert not any(tmp_path.iterdir())  # nothing was made
+
+
+# -- TensorBoard ------------------------------------------------------------------------------
+
+
+def _tb_events(logdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def _tb_text(ea, tag: str) -> str:
+    return ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+
+
+def test_tensorboard_tracker_reads_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (extra: tensorboard)")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    art = _artifact(tmp_path)
+    with open_tracker("tensorboard", run_dir, "exp1") as tb:
+        images = _log_everything(tb, art)
+    rec = read_record(run_dir)
+    logdir = run_dir / "tensorboard" / "exp1"
+    assert rec == {"kind": "tensorboard", "logdir": str(logdir.absolute())}
+    ea = _tb_events(logdir)
+    assert [(s.step, s.value) for s in ea.Scalars("val_loss")] == [(1, 0.5), (2, 0.25)]
+    assert [s.step for s in ea.Scalars("train_loss")] == [1, 2]
+    for name, img in images.items():
+        got = ea.Images(f"maps/{name}")
+        assert [g.step for g in got] == [1, 2]
+        png = np.frombuffer(got[-1].encoded_image_string, np.uint8)
+        back = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(back, img)  # PNG: lossless, RGB order kept
+    assert "lr: 0.001" in _tb_text(ea, "config") and "focal" in _tb_text(ea, "config")
+    assert "| data.fingerprint | abc123 |" in _tb_text(ea, "params")
+    assert "sha256" in _tb_text(ea, "artifacts/best.safetensors")
+    assert (logdir / "artifacts" / art.name).read_bytes() == art.read_bytes()
+    with pytest.raises(ValueError, match="uint8"):
+        tracking.reopen_tracker(rec).log_images(3, {"x": np.zeros((4, 4), np.float32)})
+
+
+# -- MLflow -----------------------------------------------------------------------------------
+
+
+def _mlflow_client(rec: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=rec["tracking_uri"])
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifact_paths(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_mlflow_tracker_reads_back_and_resumes(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (extra: mlflow)")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    art = _artifact(tmp_path)
+    with open_tracker("mlflow", run_dir, "exp1") as ml:
+        _log_everything(ml, art)
+    rec = read_record(run_dir)
+    assert rec["kind"] == "mlflow"
+    store = (run_dir / "mlflow").absolute()
+    assert rec["tracking_uri"] == f"sqlite:///{store}/mlflow.db"
+    client = _mlflow_client(rec)
+    run = client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "exp1"
+    p = run.data.params
+    assert p["optim.lr"] == "0.001" and p["optim.loss.name"] == "focal"
+    assert p["data.fingerprint"] == "abc123"
+    assert run.data.tags["mlflow.source.git.commit"] == "f" * 40
+    hist = client.get_metric_history(rec["run_id"], "val_loss")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 0.5), (2, 0.25)]
+    files = _artifact_paths(client, rec["run_id"])
+    assert "config.yaml" in files and "best.safetensors" in files
+    assert (store / "artifacts" / rec["run_id"] / "artifacts" / "best.safetensors").is_file()
+    pngs = [f for f in files if f.endswith(".png")]
+    for name in _images():  # per image and step (the run page's slider), original size kept
+        assert sum(1 for f in pngs if name in f and "compressed" not in f) == 2, pngs
+    cfg_text = Path(client.download_artifacts(rec["run_id"], "config.yaml", str(tmp_path)))
+    assert "focal" in cfg_text.read_text()
+
+    # --resume: the same MLflow run continues; a changed param is noted, not refused.
+    with open_tracker("mlflow", run_dir, "exp1", resume=True) as ml:
+        ml.log_config({**CONFIG, "optim": {"lr": 0.01, "loss": {"name": "focal"}}})
+        ml.log_metrics(3, {"val_loss": 0.1})
+    assert read_record(run_dir)["run_id"] == rec["run_id"]
+    run = client.get_run(rec["run_id"])
+    assert run.data.params["optim.lr"] == "0.001" and run.data.tags["resumed.optim.lr"] == "0.01"
+    assert len(client.get_metric_history(rec["run_id"], "val_loss")) == 3
+    # without --resume: a new run
+    open_tracker("mlflow", run_dir, "exp1").close(ok=False)
+    rec2 = read_record(run_dir)
+    assert rec2["run_id"] != rec["run_id"]
+    assert client.get_run(rec2["run_id"]).info.status == "FAILED"
+
+
+def test_a_record_naming_a_lost_run_is_a_user_error(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (extra: mlflow)")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rec = {"kind": "mlflow", "tracking_uri": uri, "run_id": "0" * 32}
+    with pytest.raises(UserError, match="is not in"):
+        tracking.reopen_tracker(rec)
+    (tmp_path / tracking.RECORD_FILE).write_text("{not json")
+    with pytest.raises(UserError, match=tracking.RECORD_FILE):
+        read_record(tmp_path)
