@@ -9,6 +9,7 @@ frame-filling field (``circle.kind == "rect"``: no black surround), the whole fr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,52 @@ def _field_masks(
     return in_frame & ((xx - ccx) ** 2 + (yy - ccy) ** 2 <= rr * rr), rr
 
 
+# A video's frames share one field of view (FovTracker): their masks are made once. Keys are
+# the exact geometry, so a still with another circle never gets another's masks.
+@functools.lru_cache(maxsize=8)
+def _exposure_mask(
+    h: int, w: int, x0: int, y0: int, side: int, n: int, cx: float, cy: float, r: float, rect: bool
+) -> tuple[np.ndarray, int]:
+    """The exposure field as a uint8 0/1 mask (OpenCV's mask type) and its pixel count."""
+    field, _ = _field_masks(h, w, x0, y0, side, n, cx, cy, r, rect)
+    mask = field.astype(np.uint8)
+    mask.flags.writeable = False
+    return mask, int(np.count_nonzero(mask))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharpness_masks(
+    h: int,
+    w: int,
+    x0: int,
+    y0: int,
+    side: int,
+    n: int,
+    cx: float,
+    cy: float,
+    r: float,
+    rect: bool,
+    win: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``inner`` (the field less 2 pixels at its edge) and ``away`` (less the edge window)."""
+    sfield, _ = _field_masks(h, w, x0, y0, side, n, cx, cy, r, rect)
+    u8 = sfield.astype(np.uint8)
+    inner = cv2.erode(u8, np.ones((5, 5), np.uint8)).astype(bool)
+    away = cv2.erode(u8, np.ones((win, win), np.uint8)).astype(bool)
+    inner.flags.writeable = False
+    away.flags.writeable = False
+    return inner, away
+
+
+def _field_crop(img: np.ndarray, x0: int, y0: int, side: int, n: int) -> np.ndarray:
+    """The field's square reduced to ``n`` pixels: area averaging; bilinear for a reduction by
+    less than 2x, where it averages each output pixel's 2x2 neighbourhood as area does to
+    within a fraction of a pixel's weight, at a tenth of OpenCV's fractional area cost
+    (25 vs 2.3 ms for a 1,000-px field to 512 on the 2-core EPYC)."""
+    mode = cv2.INTER_LINEAR if n < side < 2 * n else cv2.INTER_AREA
+    return crop_square(img, x0, y0, side, n, mode)
+
+
 def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None = None) -> Quality:
     """Grade the image quality inside the field of view.
 
@@ -220,15 +267,15 @@ def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None 
     # Exposure, at analysis_size.
     n = cfg.analysis_size
     x0, y0, side = square_around(cx, cy, r, n)
-    crop = crop_square(img, x0, y0, side, n, cv2.INTER_AREA)  # (n, n, 3)
-    field, _ = _field_masks(h, w, x0, y0, side, n, cx, cy, r, rect)
+    crop = _field_crop(img, x0, y0, side, n)  # (n, n, 3)
+    field, n_field = _exposure_mask(h, w, x0, y0, side, n, cx, cy, r, rect)
     lum = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
-    n_field = int(np.count_nonzero(field))
     if n_field:
-        values = lum[field]
-        underexposed = float(np.count_nonzero(values < cfg.dark_level)) / n_field
-        overexposed = float(np.count_nonzero(values > cfg.bright_level)) / n_field
-        means = crop[field].mean(axis=0)
+        # The field's luminance histogram: the shares below and above the levels, exactly.
+        hist = cv2.calcHist([lum], [0], field, [256], [0, 256]).ravel()
+        underexposed = float(hist[: int(np.ceil(cfg.dark_level))].sum()) / n_field
+        overexposed = float(hist[int(np.floor(cfg.bright_level)) + 1 :].sum()) / n_field
+        means = np.array(cv2.mean(crop, mask=field)[:3])
     else:
         underexposed, overexposed = 1.0, 0.0
         means = np.zeros(3)
@@ -238,18 +285,18 @@ def assess_quality(image: np.ndarray, circle: Circle, cfg: QualityConfig | None 
     sx0, sy0, sside = square_around(cx, cy, r, ns)
     scrop = crop_square(img, sx0, sy0, sside, ns, cv2.INTER_AREA)
     sr = r if rect else r * cfg.inner
-    sfield, _ = _field_masks(h, w, sx0, sy0, sside, ns, cx, cy, sr, rect)
-    inner = cv2.erode(sfield.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    k_win = max(3, round(_EDGE_WINDOW * ns) | 1)
+    # inner: the field less 2 pixels at its edge; away: less the edge window (the padding
+    # outside the field is not an edge).
+    inner, away = _sharpness_masks(h, w, sx0, sy0, sside, ns, cx, cy, sr, rect, k_win)
     green = scrop[:, :, 1].astype(np.float32)
     if np.count_nonzero(inner) >= 16:
         lap = cv2.Laplacian(green, cv2.CV_32F, ksize=3)
         sharpness = float(lap[inner].std()) / max(float(green[inner].mean()), 1.0)
         slum = cv2.cvtColor(scrop, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        win = np.ones((max(3, round(_EDGE_WINDOW * ns) | 1),) * 2, np.uint8)
+        win = np.ones((k_win, k_win), np.uint8)
         hi, lo = cv2.dilate(slum, win), cv2.erode(slum, win)
         michelson = (hi - lo) / np.maximum(hi + lo, 8.0)
-        # Away from the field's edge by the window: the padding outside is not an edge.
-        away = cv2.erode(sfield.astype(np.uint8), win).astype(bool)
         n_away = int(np.count_nonzero(away))
         edges = float(np.count_nonzero(michelson[away] > _EDGE_CONTRAST)) / max(n_away, 1)
         p5, p50, p95 = np.percentile(cv2.GaussianBlur(slum, (0, 0), 1.0)[inner], (5, 50, 95))

@@ -12,6 +12,7 @@ import pytest
 from fundus_edge.errors import DataError, UserError
 from fundus_edge.preprocess import (
     Circle,
+    FovTracker,
     Geometry,
     PreprocessConfig,
     crop_square,
@@ -495,3 +496,50 @@ def test_crop_square_crops_masks_like_images():
     assert m.shape == (128, 128) and m.dtype == np.uint8
     np.testing.assert_array_equal(m > 0, (im[:, :, 1] == 255) & (im[:, :, 0] == 0))
     assert crop_square(mask, 1000, 1000, 50, 16, cv2.INTER_NEAREST).shape == (16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# FovTracker: a video's field of view, fitted once and then checked
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fov_tracker_fits_once_and_keeps_a_still_field():
+    frames = [synthetic_fundus(540, 960, 480, 270, 250, seed=s) for s in range(6)]
+    tracker = FovTracker(refit_every=100)
+    first = tracker.find(frames[0])
+    assert first == find_fov(frames[0])  # the first frame gets find_fov's own answer
+    assert all(tracker.find(f) == first for f in frames[1:])
+    assert (tracker.fits, tracker.frames) == (1, 6)
+    # The tracked circle is the one a fit would give, to the bound the fit itself meets.
+    assert_circle_close(first, 480, 270, 250)
+    # preprocess with a known circle is preprocess without one on the frame it came from.
+    cfg = PreprocessConfig(size=96)
+    a, b = preprocess(frames[0], cfg), preprocess(frames[0], cfg, circle=first)
+    assert np.array_equal(a.image, b.image) and a.geometry == b.geometry
+
+
+def test_fov_tracker_refits_when_the_field_moves_or_the_frame_changes():
+    tracker = FovTracker(refit_every=100)
+    tracker.find(synthetic_fundus(540, 960, 480, 270, 250))
+    moved = synthetic_fundus(540, 960, 300, 270, 250, seed=1)  # the camera moved 180 px
+    c = tracker.find(moved)
+    assert tracker.fits == 2 and c == find_fov(moved)
+    assert_circle_close(c, 300, 270, 250)
+    other_size = synthetic_fundus(480, 640, 320, 240, 200, seed=2)
+    assert tracker.find(other_size) == find_fov(other_size) and tracker.fits == 3
+    dark = np.zeros((480, 640, 3), np.uint8)  # lens cap on: nothing to track, fitted each time
+    assert tracker.find(dark) == find_fov(dark) and not tracker.find(dark).found
+    assert tracker.fits == 5
+    tracker.reset()
+    tracker.find(other_size)
+    assert tracker.fits == 6
+
+
+def test_fov_tracker_refits_every_n_frames():
+    frame = synthetic_fundus(300, 400, 200, 150, 130)
+    tracker = FovTracker(refit_every=3)
+    for _ in range(8):
+        tracker.find(frame)
+    assert tracker.fits == 3  # frames 1, 4 and 7 fitted, the others tracked
+    with pytest.raises(UserError, match="refit_every"):
+        FovTracker(refit_every=0)

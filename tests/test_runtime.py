@@ -33,6 +33,7 @@ from fundus_edge.runtime.sources import (
     CsiSource,
     Frame,
     ImageFilesSource,
+    SimCameraSource,
     Source,
     StreamSource,
     VideoFileSource,
@@ -196,6 +197,87 @@ def test_source_spec_dispatch_and_errors(tmp_path):
         "nvarguscamerasrc sensor-id=1" in pipe and "width=1280, height=720, framerate=60/1" in pipe
     )
     assert pipe.rstrip().endswith("sync=false")
+
+
+def test_simulated_camera_keeps_its_rate_and_a_slow_reader_gets_the_newest_frame():
+    src = open_source("sim://320x240@50")
+    assert isinstance(src, SimCameraSource) and src.live and src.video
+    with src:
+        assert src.nominal_fps == 50
+        t0 = time.monotonic()
+        frames = [src.read() for _ in range(11)]
+        took = time.monotonic() - t0
+        assert all(f is not None for f in frames)
+        assert frames[0].image.shape == (240, 320, 3) and frames[0].image.dtype == np.uint8
+        assert [f.index for f in frames] == list(range(11))
+        assert 0.15 <= took < 2.0  # frame 10 is captured 0.2 s after frame 0
+        assert not np.shares_memory(frames[0].image, frames[4].image)  # a buffer per frame
+        assert frames[0].image[120, 160, 0] > 60 and frames[0].image[5, 5].max() < 30  # a fundus
+        time.sleep(0.3)  # ~15 frames captured meanwhile; the reader gets only the newest
+        late = src.read()
+        assert src.missed >= 8 and late.timestamp >= frames[-1].timestamp + 0.25
+        src.interrupt.set()
+        assert src.read() is None and src.end_reason == "interrupted"
+
+
+def test_simulated_camera_specs():
+    default = open_source("sim://")
+    assert (default.width, default.height, default.fps) == (1920, 1080, 30.0)
+    s = open_source("sim://640x480@12.5")
+    assert (s.width, s.height, s.fps) == (640, 480, 12.5)
+    s = open_source("sim://640x480", width=800, fps=5)  # options given win, as for cameras
+    assert (s.width, s.height, s.fps) == (800, 480, 5.0)
+    for bad in ("sim://big", "sim://32x32@5", "sim://640x480@0", "sim://640x480@"):
+        with pytest.raises(UserError, match="sim://"):
+            open_source(bad)
+
+
+def test_run_tracks_a_videos_field_of_view_and_fits_each_still(onnx_model, tmp_path, retina):
+    canvas = np.zeros((360, 480, 3), np.uint8)
+    canvas[20:340, 80:400] = retina
+    video = tmp_path / "exam.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (480, 360))
+    noise = np.random.default_rng(0)
+    for _ in range(8):
+        frame = np.clip(canvas + noise.normal(0, 2, canvas.shape), 0, 255).astype(np.uint8)
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+
+    def records(track: bool, source: str, predictor: Predictor) -> list[dict]:
+        got: list[dict] = []
+        cfg = RunConfig(model=onnx_model, source=source, headless=True, track_fov=track)
+        run(
+            cfg, predictor=predictor, on_output=lambda o: got.append(o.record), handle_signals=False
+        )
+        return got
+
+    tracking = Predictor(onnx_model, track_fov=True)
+    tracked = records(True, str(video), tracking)
+    assert tracking.fov_tracker is not None and tracking.fov_tracker.fits == 1
+    plain = Predictor(onnx_model)
+    fitted = records(False, str(video), plain)
+    assert plain.fov_tracker is None  # the caller's predictor comes back as it went in
+    assert len(tracked) == len(fitted) == 8
+    first = fitted[0]["fov"]
+    assert all(r["fov"] == first for r in tracked)  # the first frame's fit, kept
+    for t, f in zip(tracked, fitted, strict=True):
+        assert abs(f["fov"]["cx"] - first["cx"]) < 0.02 * first["r"]  # fits agree to ~1 %
+        assert t["quality"]["reason"] == f["quality"]["reason"]
+        for label, p in t["probabilities"].items():
+            assert abs(p - f["probabilities"][label]) < 0.02
+
+    # Stills are fitted one by one whatever track_fov says: results as predict() gives them.
+    stills = tmp_path / "stills"
+    stills.mkdir()
+    for i, shift in enumerate((0, 40, 80)):
+        img = np.zeros((360, 480, 3), np.uint8)
+        img[20:340, shift : shift + 320] = retina
+        cv2.imwrite(str(stills / f"{i}.png"), img[:, :, ::-1])
+    got = records(True, str(stills), plain)
+    for i, rec in enumerate(got):
+        alone = plain.predict(cv2.imread(str(stills / f"{i}.png"))[:, :, ::-1])
+        assert rec["fov"] == alone.to_record()["fov"]
+        assert rec["probabilities"] == alone.to_record()["probabilities"]
 
 
 def test_missing_camera_is_one_line_fast():

@@ -8,7 +8,8 @@ The package is split along its jobs; every public name is re-exported here, so
 
 * :mod:`~fundus_edge.preprocess.read`: files to RGB uint8 (``read_image``, ``read_mask``,
   ``as_rgb_uint8``);
-* :mod:`~fundus_edge.preprocess.fov`: the field of view (``Circle``, ``find_fov``);
+* :mod:`~fundus_edge.preprocess.fov`: the field of view (``Circle``, ``find_fov``, and
+  ``FovTracker``, which finds it once in a video and then only checks it);
 * :mod:`~fundus_edge.preprocess.geometry`: crop squares and the way back to the frame
   (``Geometry``, ``crop_square``, ``square_around``, ``crop_geometry``);
 * :mod:`~fundus_edge.preprocess.contrast`: CLAHE and Graham's local mean;
@@ -33,7 +34,7 @@ import numpy as np
 from fundus_edge.errors import UserError
 from fundus_edge.options import options_from_dict
 from fundus_edge.preprocess.contrast import clahe, local_mean
-from fundus_edge.preprocess.fov import CIRCLE, RECT, Circle, find_fov
+from fundus_edge.preprocess.fov import CIRCLE, RECT, Circle, FovTracker, find_fov
 from fundus_edge.preprocess.geometry import (
     Geometry,
     crop_geometry,
@@ -49,6 +50,7 @@ __all__ = [
     "INTERPOLATIONS",
     "RECT",
     "Circle",
+    "FovTracker",
     "Geometry",
     "PreprocessConfig",
     "Preprocessed",
@@ -155,7 +157,9 @@ class Preprocessed:
     circle: Circle
 
 
-def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> Preprocessed:
+def preprocess(
+    image: np.ndarray, cfg: PreprocessConfig | None = None, circle: Circle | None = None
+) -> Preprocessed:
     """Turn a fundus photograph into a model input.
 
     Finds the field of view, crops the square around it (black padding where the circle
@@ -167,6 +171,8 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> Prepro
     Args:
         image: any uint8 image (grey, RGB, RGBA; any size; RGB order).
         cfg: options; defaults to :class:`PreprocessConfig()`.
+        circle: the field of view when the caller knows it already (a
+            :class:`FovTracker`'s answer for a video frame); None: :func:`find_fov`.
 
     Returns:
         The ``(size, size, 3)`` uint8 image, its :class:`Geometry` and the circle.
@@ -174,7 +180,8 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> Prepro
     cfg = cfg or PreprocessConfig()
     img = as_rgb_uint8(image)
     h, w = img.shape[:2]
-    circle = find_fov(img)
+    if circle is None:
+        circle = find_fov(img)
     x0, y0, side = crop_geometry(
         h, w, circle, cfg.size, cfg.margin, cfg.crop_fov, cfg.interpolation == "area"
     )

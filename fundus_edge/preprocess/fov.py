@@ -1,6 +1,6 @@
 """The fundus field of view: a circle fitted to the bright field, or a frame-filling field.
 
-See :func:`find_fov`.
+See :func:`find_fov`; :class:`FovTracker` finds it once in a video and then only checks it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fundus_edge.errors import UserError
 from fundus_edge.preprocess.read import as_rgb_uint8
 
-__all__ = ["CIRCLE", "RECT", "Circle", "find_fov"]
+__all__ = ["CIRCLE", "RECT", "Circle", "FovTracker", "find_fov"]
 
 #: :attr:`Circle.kind` of a circular field of view (the usual camera image: a disc on black).
 CIRCLE = "circle"
@@ -279,3 +280,100 @@ def _circle_fit(lum: np.ndarray) -> tuple[float, float, float] | None:
     if union == 0 or inter / union < 0.9:
         return None
     return cx_s, cy_s, r_s
+
+
+# Tracking (FovTracker): the rim is checked on rings just inside and just outside the circle.
+_TRACK_POINTS = 64  # per ring
+_TRACK_INNER = 0.85  # inner ring radius, fraction of r: inside the field, clear of the rim
+_TRACK_OUTER = 1.08  # outer ring: in the black surround, clear of the rim's blur
+_TRACK_AGREE = 0.8  # share of each ring's points that must still be on its side of the level
+_TRACK_MIN_POINTS = 8  # fewer outer points than this inside the frame: check the inner ring only
+
+
+class FovTracker:
+    """:func:`find_fov` for a video: fit the field of view once, then only check it.
+
+    A camera's field of view is its aperture: it does not move between frames. The tracker
+    fits the circle with :func:`find_fov` on the first frame, remembers the brightness of 64
+    points on a ring just inside the rim (0.85 r) and 64 just outside (1.08 r, those inside
+    the frame), and on every later frame reads the same 128 pixels (microseconds, against
+    ~5 ms for a fit on a 1920x1080 frame). The circle is kept while at least 80 % of the inner
+    points are still brighter, and 80 % of the outer points darker, than the level halfway
+    between the two rings' medians at the fit. It is fitted afresh when that check fails (the
+    camera moved, the exposure jumped, the scene is not the same kind), when the frame size
+    changes, every ``refit_every`` frames, and on every frame while no circle is found (or the
+    field fills the frame): those frames get exactly :func:`find_fov`'s answer.
+
+    Args:
+        refit_every: fit every this many frames even when the check passes (1: every frame).
+    """
+
+    def __init__(self, refit_every: int = 120) -> None:
+        if refit_every < 1:
+            raise UserError(f"FovTracker: refit_every must be >= 1, got {refit_every}")
+        self.refit_every = refit_every
+        self.fits = 0  # find_fov calls so far
+        self.frames = 0  # frames seen so far
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the circle: the next frame is fitted."""
+        self._circle: Circle | None = None
+        self._shape: tuple[int, int] | None = None
+        self._since = 0
+        self._inner: tuple[np.ndarray, np.ndarray] | None = None
+        self._outer: tuple[np.ndarray, np.ndarray] | None = None
+        self._level = 0.0
+
+    def find(self, image: np.ndarray) -> Circle:
+        """The field of view of this frame: the tracked circle, or a new fit."""
+        img = as_rgb_uint8(image)
+        self.frames += 1
+        shape = img.shape[:2]
+        due = self._since >= self.refit_every - 1
+        tracked = self._circle is not None and shape == self._shape and not due
+        if tracked and self._still_there(img):
+            self._since += 1
+            return self._circle  # type: ignore[return-value]
+        return self._fit(img)
+
+    def _fit(self, img: np.ndarray) -> Circle:
+        self.fits += 1
+        circle = find_fov(img)
+        self._circle = None
+        if circle.found and not circle.is_rect:
+            h, w = img.shape[:2]
+            self._inner = _ring(circle, _TRACK_INNER, h, w)
+            self._outer = _ring(circle, _TRACK_OUTER, h, w)
+            inner, outer = _levels(img, self._inner), _levels(img, self._outer)
+            lo = float(np.median(outer)) if outer.size >= _TRACK_MIN_POINTS else 0.0
+            hi = float(np.median(inner)) if inner.size else 0.0
+            # Only a rim with contrast can be checked; otherwise every frame is fitted.
+            if inner.size >= _TRACK_MIN_POINTS and hi - lo >= 16.0:
+                self._level = 0.5 * (hi + lo)
+                self._circle, self._shape, self._since = circle, (h, w), 0
+        return circle
+
+    def _still_there(self, img: np.ndarray) -> bool:
+        assert self._inner is not None and self._outer is not None
+        inner = _levels(img, self._inner)
+        if np.count_nonzero(inner > self._level) < _TRACK_AGREE * inner.size:
+            return False
+        outer = _levels(img, self._outer)
+        if outer.size >= _TRACK_MIN_POINTS:
+            return np.count_nonzero(outer < self._level) >= _TRACK_AGREE * outer.size
+        return True
+
+
+def _ring(circle: Circle, fraction: float, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int arrays of the ring's points that lie inside the frame."""
+    a = np.linspace(0.0, 2.0 * np.pi, _TRACK_POINTS, endpoint=False)
+    x = np.rint(circle.cx + fraction * circle.r * np.cos(a)).astype(np.intp)
+    y = np.rint(circle.cy + fraction * circle.r * np.sin(a)).astype(np.intp)
+    keep = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    return y[keep], x[keep]
+
+
+def _levels(img: np.ndarray, ring: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The channel maximum (as in :func:`find_fov`) at the ring's points."""
+    return img[ring[0], ring[1]].max(axis=-1).astype(np.float32)

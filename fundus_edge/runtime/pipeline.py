@@ -3,9 +3,18 @@
 Threads and bounded queues let the stages overlap, so a slow window or disk never stalls
 inference and memory stays flat however long the run:
 
-    capture thread --inbox--> inference thread --records--> log thread (JSONL + CSV, --capture)
-                                               \\--visual---> main thread (render, window,
-                                                              video, image folder, report)
+    capture thread --inbox--> prepare thread --prepared--> inference thread --records--> log
+      (decode)                (FOV, crop,                  (model, thresholds,   thread (JSONL,
+                               quality gate)                maps)                 CSV, --capture)
+                                                                       \\--visual--> main thread
+                                                              (render, window, video, folder)
+
+Decoding, preprocessing and inference run in threads of their own, so frame N+1 is decoded
+and preprocessed while the model runs on frame N (OpenCV, NumPy's large array operations and
+the inference runtimes release the GIL). A video's field of view is found once and then
+tracked (:class:`~fundus_edge.preprocess.FovTracker`; stills are fitted one by one), and a
+frame is rendered only when a visual sink will show it: no visual sink, no rendering; a
+live view without viewers, none; a video of a live source at its own frame rate.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
@@ -94,6 +103,7 @@ class RunConfig:
     max_viewers: int = 8
     serve_fps: float = 10.0  # streamed (and so rendered) frames a second at most
     capture_dir: Path | None = None  # the live view's captures (default ./captures)
+    track_fov: bool = True  # video sources: find the field of view once, then track it
 
 
 @dataclass
@@ -257,6 +267,8 @@ class _Run:
         self.logs = [s for s in sinks if not s.visual]
         live = source.live
         self.inbox = _Channel(1 if live else cfg.queue_size, latest=live)
+        # One prepared frame waits while the model runs: more would only age a live frame.
+        self.prepared = _Channel(1 if live else cfg.queue_size, latest=False)
         self.records = _Channel(max(64, cfg.queue_size), latest=False)
         lossy = live and all(s.lossy for s in self.visual)
         self.drawings = _Channel(2 if lossy else cfg.queue_size, latest=lossy)
@@ -290,7 +302,7 @@ class _Run:
         self.errors.append(exc)
         self.stop.set()
         self.source.interrupt.set()
-        for ch in (self.inbox, self.records, self.drawings):
+        for ch in (self.inbox, self.prepared, self.records, self.drawings):
             ch.cancel()
 
     # -- threads -------------------------------------------------------------------------------
@@ -315,12 +327,24 @@ class _Run:
         finally:
             self.inbox.close()
 
-    def infer(self) -> None:
+    def prepare(self) -> None:
         try:
             while (frame := self.inbox.get()) is not None:
                 if self.interrupted:
                     break  # leave queued frames: the user wants out now
-                prepared = self.predictor.prepare(frame.image)
+                if not self.prepared.put((frame, self.predictor.prepare(frame.image))):
+                    break
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self.prepared.close()
+
+    def infer(self) -> None:
+        try:
+            while (item := self.prepared.get()) is not None:
+                if self.interrupted:
+                    break
+                frame, prepared = item
                 (raw,) = self.predictor.infer([prepared])
                 pred = self.predictor.finish(prepared, raw)
                 pred.timings["latency"] = (time.time() - frame.timestamp) * 1e3
@@ -436,6 +460,7 @@ class _Run:
         t0 = time.perf_counter()
         threads = [
             threading.Thread(target=self.capture, name="fe-capture", daemon=True),
+            threading.Thread(target=self.prepare, name="fe-prepare", daemon=True),
             threading.Thread(target=self.infer, name="fe-infer", daemon=True),
             threading.Thread(target=self.write_logs, name="fe-log", daemon=True),
         ]
@@ -660,6 +685,7 @@ def run(
     # The source first: a missing camera is reported in a second, before a model loads.
     source.open()
     own_predictor = predictor is None
+    was_tracking = None if predictor is None else predictor.track_fov
     sinks: list[Sink] = []
     session = None
     try:
@@ -700,6 +726,8 @@ def run(
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
         predictor.smoothing = smoothing
+        # A video's frames share one field of view; stills and folders are fitted one by one.
+        predictor.track_fov = cfg.track_fov and source.video
         predictor.reset()
         sinks = _make_sinks(cfg, source, predictor)
         if journal is not None:
@@ -725,6 +753,8 @@ def run(
         source.close()
         if own_predictor and predictor is not None:
             predictor.close()
+        elif predictor is not None and was_tracking is not None:
+            predictor.track_fov = was_tracking  # the caller's predictor as it came
 
 
 class _signals_stop:

@@ -31,6 +31,7 @@ from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 from fundus_edge.maps import map_on_frame, normalise_member_maps
 from fundus_edge.preprocess import (
+    FovTracker,
     Geometry,
     PreprocessConfig,
     Preprocessed,
@@ -189,6 +190,9 @@ class Predictor:
         gate: skip inference on frames that fail the quality gate.
         smoothing: exponential smoothing of probabilities over successive frames, in
             [0, 1): 0 = none, 0.6 = each new frame counts 40 %. For live video.
+        track_fov: successive frames come from one camera (a video): find the field of view
+            once and then only check it (:class:`~fundus_edge.preprocess.FovTracker`) instead
+            of fitting it in every frame. Leave False for stills, where each image differs.
     """
 
     def __init__(
@@ -202,6 +206,7 @@ class Predictor:
         cuda_graph: bool = False,
         gate: bool = True,
         smoothing: float = 0.0,
+        track_fov: bool = False,
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
@@ -257,15 +262,31 @@ class Predictor:
         self.gate = gate
         self.smoothing = smoothing
         self._ema: np.ndarray | None = None
+        self.fov_tracker: FovTracker | None = FovTracker() if track_fov else None
 
     @property
     def metadata(self) -> dict[str, Any]:
         """The artifact's contract dict."""
         return self.backend.metadata
 
+    @property
+    def track_fov(self) -> bool:
+        """Frames are a video's: the field of view is tracked (see the class docstring)."""
+        return self.fov_tracker is not None
+
+    @track_fov.setter
+    def track_fov(self, on: bool) -> None:
+        if not on:
+            self.fov_tracker = None
+        elif self.fov_tracker is None:
+            self.fov_tracker = FovTracker()
+
     def reset(self) -> None:
-        """Forget the smoothing state (a new patient, a new stream)."""
+        """Forget the smoothing state and the tracked field of view (a new patient, a new
+        stream)."""
         self._ema = None
+        if self.fov_tracker is not None:
+            self.fov_tracker.reset()
 
     def prepare(self, frame: np.ndarray) -> Prepared:
         """Preprocess one full camera frame and grade its quality.
@@ -275,7 +296,8 @@ class Predictor:
         """
         frame = as_rgb_uint8(frame)
         t0 = time.perf_counter()
-        pre = preprocess(frame, self.preprocess_config)
+        circle = None if self.fov_tracker is None else self.fov_tracker.find(frame)
+        pre = preprocess(frame, self.preprocess_config, circle)
         t1 = time.perf_counter()
         quality = assess_quality(frame, pre.circle, self.quality_config)
         t2 = time.perf_counter()

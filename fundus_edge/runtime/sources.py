@@ -2,6 +2,7 @@
 
 ``open_source(spec)`` reads what the user typed: a camera index (``0``), a V4L2 device
 (``/dev/video0``), a Jetson CSI camera (``csi://0``), a stream (``rtsp://``, ``http://``), a
+simulated camera (``sim://1920x1080@30``: synthetic fundus frames at a camera's rate), a
 video file, an image or DICOM file, a folder of them (subfolders included: DICOM archives nest
 patient/study/series folders) or a glob. Every frame is RGB uint8; a multi-frame DICOM object
 gives one frame per frame, each carrying the object's identifiers (:attr:`Frame.dicom`).
@@ -35,6 +36,7 @@ __all__ = [
     "CsiSource",
     "Frame",
     "ImageFilesSource",
+    "SimCameraSource",
     "Skipped",
     "Source",
     "StillFilesSource",
@@ -107,6 +109,9 @@ class Source(ABC):
     Attributes:
         live: a camera or stream (keep only the newest frame) rather than a file
             (process every frame).
+        video: successive frames come from one camera, so its field of view stays put and
+            can be tracked instead of found afresh in every frame (cameras, streams, video
+            files); False for stills and folders, where each image differs.
         description: what the user gave, for records and messages.
         skipped: files or frames that could not be read.
         end_reason: why :meth:`read` returned None (``"end of source"``, ``"camera lost"``...).
@@ -114,6 +119,7 @@ class Source(ABC):
     """
 
     live: bool = False
+    video: bool = False
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -158,6 +164,7 @@ class _CaptureSource(Source):
     """Common code of cameras and streams: open, read, reconnect."""
 
     live = True
+    video = True
 
     def __init__(
         self,
@@ -362,6 +369,75 @@ class StreamSource(_CaptureSource):
         return f"no stream answered within {OPEN_TIMEOUT_S:g} s; check the URL and the network"
 
 
+class SimCameraSource(Source):
+    """A simulated live camera, ``sim://WIDTHxHEIGHT@FPS`` (default ``sim://1920x1080@30``).
+
+    It behaves like a real camera with a one-frame buffer: frame ``i`` is captured at
+    ``open + i / fps`` whether or not anyone reads it, and :meth:`read` returns the newest
+    captured frame not yet delivered (waiting for the next one when it is caught up), so a
+    slow reader loses frames, counted in :attr:`missed`. The pictures are synthetic fundus
+    photographs (:func:`fundus_edge.synth.generate_image`, the field's diameter the frame's
+    height) on a black frame, a few variants with different sensor noise taken in turn; the
+    field of view stays put, as a real fundus camera's does. For benchmarks and for trying
+    ``run`` without a camera: a rate above the model's makes the pipeline the bottleneck.
+    """
+
+    live = True
+    video = True
+    #: distinct frames (sensor-noise variants) delivered in turn
+    VARIANTS = 4
+
+    def __init__(self, description: str, width: int, height: int, fps: float, seed: int = 0):
+        super().__init__(description)
+        self.width, self.height, self.fps = width, height, fps
+        self.seed = seed
+        self.missed = 0  # frames captured but replaced by a newer one before a read
+        self._frames: list[np.ndarray] = []
+        self._start = 0.0  # time.monotonic() of frame 0
+        self._wall = 0.0  # time.time() of frame 0
+        self._next = 0  # the first capture number not yet delivered
+
+    def open(self) -> None:
+        from fundus_edge.synth import DEFAULT_PREVALENCE, generate_image, sample_labels
+
+        rng = np.random.default_rng(self.seed)
+        side = min(self.width, self.height)
+        if side < 64:
+            raise UserError(f"{self.description}: a simulated camera needs at least 64x64 pixels")
+        photo = generate_image(rng, side, sample_labels(rng, DEFAULT_PREVALENCE))[0]
+        base = np.zeros((self.height, self.width, 3), np.uint8)
+        y0, x0 = (self.height - side) // 2, (self.width - side) // 2
+        base[y0 : y0 + side, x0 : x0 + side] = photo
+        self._frames = []
+        for _ in range(self.VARIANTS):
+            noise = rng.normal(0.0, 2.0, base.shape).astype(np.float32)
+            self._frames.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+        self.nominal_fps = self.fps
+        self._start, self._wall = time.monotonic(), time.time()
+        self._next = 0
+
+    def read(self) -> Frame | None:
+        if not self._frames:
+            raise UserError(f"{self.description}: read before open")
+        while True:
+            if self.interrupt.is_set():
+                self.end_reason = "interrupted"
+                return None
+            newest = int((time.monotonic() - self._start) * self.fps)
+            if newest >= self._next:
+                break
+            self.interrupt.wait(max(self._start + self._next / self.fps - time.monotonic(), 0.0))
+        self.missed += newest - self._next
+        self._next = newest + 1
+        # A fresh buffer per frame, as a capture driver hands out.
+        frame = self._frame(self._frames[newest % self.VARIANTS].copy())
+        frame.timestamp = self._wall + newest / self.fps
+        return frame
+
+    def close(self) -> None:
+        self._frames = []
+
+
 # ----------------------------------------------------------------------------------------------
 # File sources: every frame, in order
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +445,8 @@ class StreamSource(_CaptureSource):
 
 class VideoFileSource(Source):
     """A video file; every decodable frame in order. Broken frames are skipped and listed."""
+
+    video = True
 
     def __init__(self, path: str | os.PathLike, loop: bool = False) -> None:
         super().__init__(str(path))
@@ -678,7 +756,8 @@ def open_source(
 
     Args:
         spec: camera index (int or ``"0"``), ``/dev/videoN``, ``csi://N``, ``rtsp://...``,
-            ``http(s)://...``, a video file, an image file, a folder or a glob pattern.
+            ``http(s)://...``, ``sim://WxH@FPS`` (:class:`SimCameraSource`), a video file, an
+            image file, a folder or a glob pattern.
         width, height, fps: requested capture size and rate (cameras; CSI pipelines).
         loop: start files over at the end.
         reconnect: seconds a live source keeps trying to reconnect after losing the device.
@@ -705,6 +784,8 @@ def open_source(
         raise UserError(f"{text}: a CSI camera is csi://N with N the sensor id, e.g. csi://0")
     if text.lower().startswith(STREAM_SCHEMES):
         return StreamSource(text, **live_opts)
+    if text.lower().startswith("sim://"):
+        return _sim_camera(text, width, height, fps)
     if any(ch in text for ch in "*?["):
         paths = sorted(Path(p) for p in globlib.glob(text, recursive=True) if Path(p).is_file())
         if not paths:
@@ -719,6 +800,26 @@ def open_source(
     if is_image_file(path) or path.suffix.lower() in (".dcm", ".dicom") or has_dicom_magic(path):
         return ImageFilesSource([path], str(path), loop=loop, anonymiser=anonymiser)
     return VideoFileSource(path, loop=loop)
+
+
+SIM_DEFAULT = "sim://1920x1080@30"
+
+
+def _sim_camera(
+    text: str, width: int | None, height: int | None, fps: float | None
+) -> SimCameraSource:
+    """``sim://[WxH][@FPS]``; --width/--height/--fps given on the command line take precedence."""
+    m = re.fullmatch(r"sim://(?:(\d+)x(\d+))?(?:@(\d+(?:\.\d+)?))?", text.strip().lower())
+    if m is None:
+        raise UserError(f"{text}: a simulated camera is sim://WIDTHxHEIGHT@FPS, e.g. {SIM_DEFAULT}")
+    w = width or (int(m.group(1)) if m.group(1) else 1920)
+    h = height or (int(m.group(2)) if m.group(2) else 1080)
+    rate = fps or (float(m.group(3)) if m.group(3) else 30.0)
+    if not rate > 0:
+        raise UserError(f"{text}: the frame rate must be > 0")
+    if min(w, h) < 64 or max(w, h) > 8192:
+        raise UserError(f"{text}: a simulated camera's frame must be 64 to 8192 pixels a side")
+    return SimCameraSource(text, w, h, rate)
 
 
 def _files_source(
