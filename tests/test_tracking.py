@@ -4,6 +4,8 @@ training run with each logger, and export logging its report into the same run."
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +222,69 @@ def test_a_record_naming_a_lost_run_is_a_user_error(tmp_path):
     (tmp_path / tracking.RECORD_FILE).write_text("{not json")
     with pytest.raises(UserError, match=tracking.RECORD_FILE):
         read_record(tmp_path)
+
+
+# -- the fixed images' maps -------------------------------------------------------------------
+
+
+def test_snapshots_render_each_images_own_label_map_over_it():
+    torch = pytest.importorskip("torch", reason="torch is not installed (extra: train)")
+    from fundus_edge.tracking.snapshots import MapSnapshots
+
+    class TwoCorners(torch.nn.Module):
+        """cams (N, M=2, C=2, 4, 4): label 0 peaks top-left, label 1 bottom-right."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            cams = torch.zeros(x.shape[0], 2, 2, 4, 4)
+            cams[:, :, 0, 0, 0] = 5.0
+            cams[:, :, 1, 3, 3] = 0.01  # another scale: peak scaling makes it as strong
+            return {"cams": cams * self.w}
+
+    grey = np.full((2, 32, 32, 3), 128, np.uint8)
+    snaps = MapSnapshots(["a_L0", "b_L1"], grey, [0, 1], (0.5,) * 3, (0.25,) * 3)
+    model = TwoCorners().train()
+    out = snaps.render(model)
+    assert model.training  # mode restored
+    assert list(out) == ["a_L0", "b_L1"]
+    for name, (hot, cold) in {"a_L0": ((0, 0), (31, 31)), "b_L1": ((31, 31), (0, 0))}.items():
+        img = out[name]
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert np.abs(img[hot].astype(int) - 128).max() > 40, name  # the map's peak is drawn
+        assert np.array_equal(img[cold], [128, 128, 128]), name  # no evidence: image unchanged
+    assert MapSnapshots.pick([], ["L0"], _Pre(), (0.5,) * 3, (0.25,) * 3).render(model) == {}
+
+
+class _Pre:
+    size = 32
+
+
+def test_export_logger_refusals_come_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    import fundus_edge.cli.cmd_export  # noqa: F401  (registers export)
+    from fundus_edge.cli.app import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "best.safetensors"
+    ck.write_bytes(b"not read")
+    out = tmp_path / "out"
+
+    def export(*args):
+        return CliRunner().invoke(app, ["export", "--model", str(ck), "--out", str(out), *args])
+
+    res = export("--logger", "wandb")
+    assert res.exit_code == 2 and "--logger 'wandb'" in res.output
+    if importlib.util.find_spec("tensorboard") is not None:
+        res = export("--logger", "tensorboard")
+        assert res.exit_code == 2 and f"{run} has no tracking.json" in res.output, res.output
+        (run / "tracking.json").write_text(json.dumps({"kind": "mlflow", "run_id": "x"}))
+        res = export("--logger", "tensorboard")
+        assert res.exit_code == 2 and "tracks the run with mlflow" in res.output, res.output
+    res = export("--logger", "tensorboard", "--thresholds", str(ck), "--reason", "x")
+    assert res.exit_code == 2 and "drop it to re-stamp" in res.output
+    assert not out.exists()

@@ -103,6 +103,12 @@ def export(
     reason: str | None = typer.Option(
         None, "--reason", help="Why the thresholds change (required to re-stamp; recorded)."
     ),
+    logger: str = typer.Option(
+        "none",
+        "--logger",
+        help="Log export_report.json into the tracked training run the checkpoint came from "
+        "(its tracking.json): none | tensorboard | mlflow.",
+    ),
 ) -> None:
     """Fuse both backbones, their CAM kernels and the enhancement into one ONNX graph; verify parity.
 
@@ -119,12 +125,16 @@ def export(
     from fundus_edge.convert.export_config import ExportConfig, load_profile
     from fundus_edge.convert.steps import tensorrt_available
     from fundus_edge.errors import UserError
+    from fundus_edge.tracking import RECORD_FILE, checkpoint_run, log_files
 
     if thresholds is not None or threshold_policy is not None or calibrate:
+        if logger != "none":
+            raise UserError("--logger logs an export's report into its run; drop it to re-stamp")
         _restamp(model, out, thresholds, threshold_policy, calibrate, data, reason, fp16, int8, fmt)
         return
     if fp16 and int8:
         raise UserError("--fp16 and --int8 exclude each other; pick one precision")
+    tracked = checkpoint_run(model, logger)  # before any work: package, run, record
     values: dict = load_profile(profile) if profile else {}
     given = {
         "out": str(out) if out else None,
@@ -160,6 +170,9 @@ def export(
     values.setdefault("format", "engine" if tensorrt_available() else "onnx")
     report = export_model(ExportConfig(**values))
     _summary(report, Path(values["out"]))
+    if tracked is not None:
+        log_files(tracked, [Path(values["out"]) / "export_report.json"], model.parent / RECORD_FILE)
+        typer.echo(f"export report logged to the {logger} run of {model.parent}")
 
 
 def _restamp(model, out, thresholds, policy, calibrate, data, reason, fp16, int8, fmt) -> None:
