@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from fundus_edge.convert.calibration import synthetic_frames, synthetic_images
+from fundus_edge.convert.calibration import synthetic_images
 from fundus_edge.convert.steps import (
     Artifact,
     CheckpointToOnnx,
@@ -538,76 +538,11 @@ def _write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 10.0) ->
 
 
 def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
-    from fundus_edge.runtime import Predictor, RunConfig, run
-    from fundus_edge.runtime.render import render
-    from fundus_edge.runtime.sinks import Output, VideoSink
-    from fundus_edge.runtime.sources import VideoFileSource
+    """``runtime.run`` against the model alone, on a video file and a simulated camera:
+    bench/pipelined.py (its options there)."""
+    from pipelined import run_pipelined  # bench/pipelined.py (imported here: it imports this)
 
-    res = ScenarioResult("pipelined")
-    n = _opt(opts, "frames", 12)
-    size = _opt(opts, "frame_size", 512)
-    video = _write_video(ws.root / "frames.mp4", synthetic_frames(n, size, ws.cfg.seed + 3))
-    if opts.get("backend") == "auto":  # the fastest CPU runtime x precision that passes parity
-        ws.int8()
-        predictor = Predictor(ws.fused_onnx, backend="auto", gate=False)
-        label = f"{predictor.backend.name}-cpu"
-        precision = getattr(predictor.backend, "precision", "fp32")
-        res.notes.append(f"pipelined: --backend auto chose {predictor.backend.device}")
-    else:
-        predictor = Predictor(ws.ort(ws.fused_onnx), gate=False)
-        label, precision = "onnxruntime-cpu", "fp32"
-    img = ws.images(1)
-
-    def pipelined() -> None:
-        cfg = RunConfig(
-            model=ws.fused_onnx, source=str(video), headless=True, save_video=ws.root / "p.mp4"
-        )
-        s = run(cfg, predictor=predictor, handle_signals=False)
-        if s.frames_processed != n:
-            raise UserError(f"pipelined run processed {s.frames_processed} of {n} frames")
-
-    def sequential() -> None:
-        src = VideoFileSource(video)
-        src.open()
-        sink = VideoSink(ws.root / "s.mp4", fps=10.0)
-        try:
-            while (frame := src.read()) is not None:
-                pred = predictor.predict(frame.image)
-                out = Output(frame, pred, {})
-                out.rendered = render(frame.image, pred)
-                sink.write(out)
-        finally:
-            src.close()
-            sink.close()
-
-    def model_only() -> None:
-        for _ in range(n):
-            predictor.backend.infer(img)
-
-    try:
-        s = interleave(
-            {"pipelined": pipelined, "sequential": sequential, "model": model_only},
-            _opt(opts, "rounds", 3),
-            1,
-            _opt(opts, "warmup", 1),
-        )
-    finally:
-        predictor.close()
-    # One sample per round and variant: ms per frame over the whole video.
-    per = {k: [v / n for v in vs] for k, vs in s.items()}
-    a = res.row("runtime.run (threads)", label, per["pipelined"], precision=precision)
-    b = res.row(
-        "plain loop read-predict-render-write", label, per["sequential"], precision=precision
-    )
-    c = res.row("model only (infer)", label, per["model"], precision=precision)
-    res.compare(b, a, "pipelined speed-up over the sequential loop")
-    res.compare(c, a, "pipelined FPS / model-only FPS", opts.get("target", ">= 0.9"))
-    res.notes.append(
-        f"pipelined: {n} synthetic {size}x{size} frames per round from an mp4 video, every "
-        "frame rendered and written to an mp4 in both loops; samples are ms per frame of one "
-        "whole pass."
-    )
-    return res
+    return run_pipelined(ws, opts)
 
 
 def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:

@@ -1,0 +1,288 @@
+"""The suite's ``pipelined`` scenario: ``fundus-edge run`` against the model alone.
+
+Does ``run`` keep up with its model? Variants, interleaved in rounds (``suite.interleave``):
+
+* ``run`` on an mp4 video (``runtime.run``: its capture, prepare, inference and log threads);
+* with ``before: true``, the same run with the field of view fitted in every frame
+  (``RunConfig(track_fov=False)``: the optimisation switched off, measured in the same rounds);
+* a plain loop, read -> predict -> (render ->) write, one frame at a time;
+* the model alone: ``backend.infer`` on one preprocessed image, ``frames`` times;
+* with ``camera: true``, ``run`` on a simulated live camera
+  (:class:`fundus_edge.runtime.sources.SimCameraSource`, ``sim://WxH@FPS``) for
+  ``camera_seconds`` a round, tracked and (``before``) fitted per frame.
+
+Ratios: FPS of ``run`` / FPS of the model alone, for the file and for the camera (target
+``>= 0.9``). A camera cannot deliver more than its rate, so the simulated camera runs at
+``camera_rate`` times the model-only FPS measured before the rounds (default 1.5: the pipeline,
+not the camera, is then the bottleneck) and its FPS is frames processed / seconds run.
+
+Options (beside ``rounds``, ``warmup``, ``frames`` and ``target``):
+
+* ``frame``: ``WxH`` of the video's frames (a synthetic fundus photograph, the frame's height
+  across, on black), or the older ``frame_size: N`` for N x N photographs;
+* ``model``: the model to run, as :class:`~fundus_edge.models.EnsembleConfig` keys (e.g. a
+  one-member student: ``members``, ``member_head``, ``views``, ``image_size``,
+  ``num_classes``), exported here with random weights; default the suite's model;
+* ``sink``: ``video`` (every frame rendered and written to an mp4, in ``run`` and in the plain
+  loop) or ``jsonl`` (the per-frame records only: nothing is rendered, as ``run --jsonl``);
+* ``backend: auto``: ``--backend auto``'s choice instead of ONNX Runtime FP32 (suite model only).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from suite import (  # bench/suite.py, beside this file
+    ScenarioResult,
+    Workspace,
+    _opt,
+    _write_video,
+    interleave,
+)
+
+from fundus_edge.convert.calibration import synthetic_frames
+from fundus_edge.errors import UserError
+from fundus_edge.log import get_logger
+
+__all__ = ["run_pipelined"]
+
+log = get_logger("bench.pipelined")
+
+
+def _frame_shape(opts: Mapping[str, Any]) -> tuple[int, int]:
+    """(width, height) of the video's frames."""
+    spec = opts.get("frame")
+    if spec is None:
+        side = int(_opt(opts, "frame_size", 512))
+        return side, side
+    try:
+        w, h = (int(v) for v in str(spec).lower().split("x"))
+    except ValueError:
+        raise UserError(f"pipelined.frame: WIDTHxHEIGHT, e.g. 1920x1080; got {spec!r}") from None
+    if min(w, h) < 64:
+        raise UserError(f"pipelined.frame: at least 64x64 pixels, got {spec!r}")
+    return w, h
+
+
+def _frames(n: int, w: int, h: int, seed: int) -> list[np.ndarray]:
+    """``n`` frames of one simulated exam: a synthetic photograph ``min(w, h)`` across, centred
+    on black, its content drifting a few pixels from frame to frame behind the camera's fixed
+    aperture (the photograph's field of view), with fresh sensor noise in every frame."""
+    import cv2
+
+    from fundus_edge.preprocess import find_fov
+
+    side = min(w, h)
+    photo = synthetic_frames(1, side, seed)[0]
+    c = find_fov(photo)
+    aperture = np.zeros((side, side), np.uint8)
+    cv2.circle(aperture, (round(c.cx), round(c.cy)), round(c.r), 1, cv2.FILLED)
+    rng = np.random.default_rng(seed)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    out = []
+    for i in range(n):
+        dx, dy = round(4 * np.sin(i / 3)), round(3 * np.cos(i / 4))
+        moved = np.roll(photo, (dy, dx), axis=(0, 1)) * aperture[:, :, None]
+        noisy = np.clip(moved + rng.normal(0, 2, moved.shape), 0, 255).astype(np.uint8)
+        f = np.zeros((h, w, 3), np.uint8)
+        f[y0 : y0 + side, x0 : x0 + side] = noisy * aperture[:, :, None]
+        out.append(f)
+    return out
+
+
+def _model(ws: Workspace, spec: Mapping[str, Any] | None) -> tuple[Path, str]:
+    """The ONNX to run and its description: the suite's fused graph, or ``spec`` exported."""
+    if not spec:
+        return ws.fused_onnx, "the suite's model"
+    from fundus_edge.convert.steps import Artifact, CheckpointToOnnx
+    from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint
+    from fundus_edge.preprocess import PreprocessConfig
+
+    keys = dict(spec)
+    keys["members"] = tuple(keys.get("members", ()))
+    try:
+        mc = EnsembleConfig(**keys)
+    except TypeError as exc:
+        raise UserError(f"pipelined.model: {exc}") from None
+    ens = build_ensemble(mc).eval()
+    ckpt = save_checkpoint(
+        ws.root / "pipelined.safetensors",
+        ens,
+        extra={"preprocess": PreprocessConfig(size=mc.image_size).to_dict()},
+    )
+    art = CheckpointToOnnx("pipelined", simplify=False).run(Artifact("checkpoint", ckpt), ws.steps)
+    desc = (
+        f"{' + '.join(mc.members)} (member head {mc.member_head}, views {mc.views}), "
+        f"{mc.num_classes} classes, {mc.image_size}x{mc.image_size}, random weights"
+    )
+    return art.artifact.path, desc
+
+
+def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    """The ``pipelined`` scenario (see the module docstring)."""
+    from fundus_edge.backends import load_backend
+    from fundus_edge.preprocess import preprocess
+    from fundus_edge.runtime import Predictor, RunConfig, run
+    from fundus_edge.runtime.pipeline import make_record
+    from fundus_edge.runtime.render import render
+    from fundus_edge.runtime.sinks import Output, VideoSink
+    from fundus_edge.runtime.sources import SimCameraSource, VideoFileSource
+
+    res = ScenarioResult("pipelined")
+    n = int(_opt(opts, "frames", 12))
+    w, h = _frame_shape(opts)
+    sink = str(opts.get("sink", "video"))
+    if sink not in ("video", "jsonl"):
+        raise UserError(f"pipelined.sink: video or jsonl, got {sink!r}")
+    before = bool(opts.get("before", False))
+    camera = bool(opts.get("camera", False))
+    rounds, warmup = int(_opt(opts, "rounds", 3)), int(_opt(opts, "warmup", 1))
+    model, model_desc = _model(ws, opts.get("model"))
+    video = _write_video(ws.root / f"frames_{w}x{h}.mp4", _frames(n, w, h, ws.cfg.seed + 3))
+
+    if opts.get("backend") == "auto" and not opts.get("model"):
+        ws.int8()
+        predictor = Predictor(model, backend="auto", gate=False)
+        label = f"{predictor.backend.name}-cpu"
+        precision = getattr(predictor.backend, "precision", "fp32")
+        res.notes.append(f"pipelined: --backend auto chose {predictor.backend.device}")
+    else:
+        backend = load_backend(model, provider="cpu", threads=ws.cfg.threads or None)
+        predictor = Predictor(backend, gate=False)
+        label, precision = "onnxruntime-cpu", "fp32"
+    size = predictor.preprocess_config.size
+    img = preprocess(
+        synthetic_frames(1, max(256, size), ws.cfg.seed)[0], predictor.preprocess_config
+    )
+    batch = img.image[None]  # (1, S, S, 3) uint8
+
+    def outputs(tag: str) -> dict[str, Any]:
+        if sink == "video":
+            return {"save_video": ws.root / f"{tag}.mp4"}
+        return {"jsonl": ws.root / f"{tag}.jsonl"}
+
+    def file_run(track: bool) -> None:
+        cfg = RunConfig(
+            model=model, source=str(video), headless=True, track_fov=track, **outputs("p")
+        )
+        s = run(cfg, predictor=predictor, handle_signals=False)
+        if s.frames_processed != n:
+            raise UserError(f"pipelined run processed {s.frames_processed} of {n} frames")
+
+    def sequential() -> None:
+        src = VideoFileSource(video)
+        src.open()
+        out_video = VideoSink(ws.root / "s.mp4", fps=10.0) if sink == "video" else None
+        log_file = open(ws.root / "s.jsonl", "w") if sink == "jsonl" else None  # noqa: SIM115
+        try:
+            while (frame := src.read()) is not None:
+                pred = predictor.predict(frame.image)
+                if out_video is not None:
+                    out = Output(frame, pred, {})
+                    out.rendered = render(frame.image, pred)
+                    out_video.write(out)
+                if log_file is not None:
+                    log_file.write(json.dumps(make_record(frame, str(video), pred)) + "\n")
+        finally:
+            src.close()
+            if out_video is not None:
+                out_video.close()
+            if log_file is not None:
+                log_file.close()
+
+    def model_only() -> None:
+        for _ in range(n):
+            predictor.backend.infer(batch)
+
+    variants: dict[str, Any] = {"pipelined": lambda: file_run(True)}
+    if before:
+        variants["fitted"] = lambda: file_run(False)
+    variants["sequential"] = sequential
+    variants["model"] = model_only
+
+    per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
+    cam_desc = ""
+    if camera:
+        seconds = float(_opt(opts, "camera_seconds", 3.0))
+        probe = [0.0] * 3
+        for i in range(3):  # the camera's rate: above what the model alone does here
+            t = interleave({"m": model_only}, 1, 1, 1 if i == 0 else 0)["m"][0]
+            probe[i] = t / n
+        model_fps = 1e3 / float(np.median(probe))
+        cam_fps = round(float(_opt(opts, "camera_rate", 1.5)) * model_fps)
+        cam_desc = f"sim://{w}x{h}@{cam_fps}"
+
+        def camera_run(track: bool, key: str) -> None:
+            src = SimCameraSource(cam_desc, w, h, cam_fps, seed=ws.cfg.seed)
+            cfg = RunConfig(model=model, source=src, headless=True, track_fov=track, **outputs("c"))
+            stopper = threading.Timer(seconds, src.interrupt.set)
+            src.open()  # (generating the frames is not timed: run() times from the first read)
+            stopper.start()
+            try:
+                s = run(cfg, predictor=predictor, handle_signals=False)
+            finally:
+                stopper.cancel()
+            if s.frames_processed < 2:
+                raise UserError(f"{cam_desc}: only {s.frames_processed} frames processed")
+            per_frame.setdefault(key, []).append(1e3 * s.elapsed_s / s.frames_processed)
+
+        variants["camera"] = lambda: camera_run(True, "camera")
+        if before:
+            variants["camera_fitted"] = lambda: camera_run(False, "camera_fitted")
+
+    try:
+        samples = interleave(variants, rounds, 1, warmup)
+    finally:
+        predictor.close()
+    # File variants: one sample per round, ms per frame over the whole video.
+    per = {k: [v / n for v in vs] for k, vs in samples.items() if not k.startswith("camera")}
+    for k, vs in per_frame.items():
+        per[k] = vs[-rounds:]  # the timed rounds (warm-up calls come first)
+
+    def row(variant: str, key: str) -> Any:
+        return res.row(variant, label, per[key], precision=precision)
+
+    tracked = row("runtime.run (threads)", "pipelined")
+    fitted = row("runtime.run (threads), FOV fitted per frame", "fitted") if before else None
+    plain = row(
+        f"plain loop read-predict-{'render-' if sink == 'video' else ''}write", "sequential"
+    )
+    alone = row("model only (infer)", "model")
+    target = opts.get("target", ">= 0.9")
+    res.compare(plain, tracked, "pipelined speed-up over the sequential loop")
+    res.compare(alone, tracked, "pipelined FPS / model-only FPS", target)
+    if fitted is not None:
+        res.compare(alone, fitted, "pipelined FPS / model-only FPS, FOV fitted per frame")
+    if camera:
+        cam = row(f"runtime.run on {cam_desc}", "camera")
+        res.compare(alone, cam, "pipelined FPS / model-only FPS, simulated camera", target)
+        if before:
+            cam_fitted = row(f"runtime.run on {cam_desc}, FOV fitted per frame", "camera_fitted")
+            res.compare(
+                alone,
+                cam_fitted,
+                "pipelined FPS / model-only FPS, simulated camera, FOV fitted per frame",
+            )
+    what = (
+        "every frame rendered and written to an mp4"
+        if sink == "video"
+        else "every frame's record written to a JSONL log (no visual sink: nothing rendered)"
+    )
+    res.notes.append(
+        f"pipelined: model {model_desc}; {n} synthetic {w}x{h} frames per round from an mp4 "
+        f"video, {what}, in run and in the plain loop; samples are ms per frame of one whole "
+        "pass."
+        + (
+            f" Simulated camera {cam_desc} (rate {opts.get('camera_rate', 1.5)}x the model-only "
+            f"FPS measured first), {opts.get('camera_seconds', 3.0)} s a round; samples are "
+            "run's elapsed time / frames processed."
+            if camera
+            else ""
+        )
+    )
+    return res
