@@ -280,6 +280,34 @@ def test_run_tracks_a_videos_field_of_view_and_fits_each_still(onnx_model, tmp_p
         assert rec["probabilities"] == alone.to_record()["probabilities"]
 
 
+def test_live_video_is_written_at_its_own_rate_and_nothing_is_drawn_without_a_visual_sink(
+    onnx_model, tmp_path
+):
+    # A camera at 100 FPS, a video at 10: the video gets ~10 frames a second, not every one.
+    cam = SimCameraSource("sim://160x120@100", 160, 120, 100.0)
+    out = tmp_path / "live.mp4"
+    cfg = RunConfig(
+        model=onnx_model, source=cam, headless=True, save_video=out, fps=10.0, max_frames=80
+    )
+    s = run(cfg, handle_signals=False)
+    assert s.frames_processed >= 10
+    written = int(next(o for o in s.outputs if "live.mp4" in o).split("(")[1].split()[0])
+    assert 1 <= written <= 10.0 * s.elapsed_s + 2 < s.frames_processed
+    assert s.stage_ms.get("render") is not None
+    # Only a log: no frame is rendered at all.
+    s = run(
+        RunConfig(
+            model=onnx_model,
+            source=SimCameraSource("sim://160x120@100", 160, 120, 100.0),
+            headless=True,
+            jsonl=tmp_path / "l.jsonl",
+            max_frames=20,
+        ),
+        handle_signals=False,
+    )
+    assert s.frames_processed > 0 and "render" not in s.stage_ms
+
+
 def test_missing_camera_is_one_line_fast():
     t0 = time.monotonic()
     src = open_source(57)

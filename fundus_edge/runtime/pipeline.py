@@ -285,6 +285,7 @@ class _Run:
         )
         self._ms: dict[str, float] = dict.fromkeys((*STAGES, "render"), 0.0)
         self._rendered = 0
+        self._slots: dict[int, float] = {}  # paced sinks' next frame time (see _due)
         self.hub: Any = None  # the live view's (run --serve): its map choice, its status
         self._t0 = time.time()
         self._recent: collections.deque[float] = collections.deque(maxlen=30)
@@ -434,7 +435,8 @@ class _Run:
                     inst = 1.0 / max(now - last, 1e-6)
                     fps = inst if fps is None else 0.9 * fps + 0.1 * inst
                 last = now
-                if not any(sink.wants_frame for sink in self.visual):
+                wanting = [sink for sink in self.visual if sink.wants_frame and self._due(sink)]
+                if not wanting:
                     continue  # nobody would see it (a live view without viewers)
                 t0 = time.perf_counter()
                 which = self.hub.map if self.hub is not None and self.hub.map else self.cfg.map
@@ -447,12 +449,26 @@ class _Run:
                 )
                 self._ms["render"] += (time.perf_counter() - t0) * 1e3
                 self._rendered += 1
-                for sink in self.visual:
+                for sink in wanting:
                     sink.write(out)
                     if sink.done:
                         self.request_stop("closed by the user")
         except BaseException as exc:
             self._fail(exc)
+
+    def _due(self, sink: Sink) -> bool:
+        """A lossy sink with a frame rate (a live source's ``--save-video``) takes frames at
+        that rate, not at the model's: a frame is due within half a period of its slot, so a
+        source at or below the rate loses nothing and a faster one is thinned evenly."""
+        rate = getattr(sink, "fps", None)
+        if not sink.lossy or not rate:
+            return True
+        now, period = time.monotonic(), 1.0 / rate
+        slot = self._slots.get(id(sink), now)
+        if now < slot - 0.5 * period:
+            return False
+        self._slots[id(sink)] = max(slot + period, now - 0.5 * period)
+        return True
 
     # -- the run ---------------------------------------------------------------------------------
 
