@@ -25,6 +25,9 @@ variant alike. A ratio is the ratio of median latencies with the 95% bootstrap i
 * ``training``: a CAM-augmented training step (forward with maps, enhancement, loss and
   backward on both views) vs a plain step on the doubled batch (target <= 1.15x) and vs the
   same step with maps from the ``grad-cam`` package (target >= 1.5x faster).
+* ``student``: a distilled one-member student against its teacher (macro AUROC, pointing
+  game) and against the suite's model, the paper's ensemble (FLOPs, INT8 latency), its maps
+  vs ``grad-cam``, an Orin Nano roofline estimate and ``run`` FPS (``bench/student.py``).
 
 Models are randomly initialised: latency does not depend on the weights' values.
 """
@@ -686,6 +689,14 @@ def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     return res
 
 
+def scenario_student(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+    """A distilled student against its teacher (accuracy) and the suite's model (cost):
+    bench/student.py. ``ws``'s model is the cost baseline (the paper's ensemble)."""
+    from student import run_student  # bench/student.py (imported here: it imports this module)
+
+    return run_student(ws, opts)
+
+
 SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] = {
     "fused_vs_user": scenario_fused_vs_user,
     "cam_overhead": scenario_cam_overhead,
@@ -693,6 +704,7 @@ SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] =
     "pipelined": scenario_pipelined,
     "cpu_runtimes": scenario_cpu_runtimes,
     "training": scenario_training,
+    "student": scenario_student,
 }
 
 
@@ -752,6 +764,16 @@ def run_suite(
     return result
 
 
+def _plotted(result: BenchResult) -> list[dict[str, Any]]:
+    """The targets drawn in ``ratios.png``: ratios; not values such as a map difference or an
+    estimated FPS (``plot: false``), nor rows not measured."""
+    return [
+        t
+        for t in result.config.get("targets") or []
+        if t.get("plot", True) and t.get("value") is not None
+    ]
+
+
 def plot_ratios(result: BenchResult, path: str | os.PathLike) -> Path:
     """Horizontal bars of each scenario ratio with its 95% interval and target marker."""
     import io
@@ -761,7 +783,7 @@ def plot_ratios(result: BenchResult, path: str | os.PathLike) -> Path:
 
     from fundus_edge.fileio import atomic_write_bytes
 
-    targets = result.config.get("targets") or []
+    targets = _plotted(result)
     if not targets:
         raise UserError("no scenario ratios to plot")
     fig = Figure(figsize=(8.0, 0.5 * len(targets) + 1.2), dpi=120, layout="constrained")
@@ -792,11 +814,7 @@ def plot_ratios(result: BenchResult, path: str | os.PathLike) -> Path:
 
 
 def _ratio_plot(result: BenchResult, out: Path) -> dict[str, Path]:
-    return (
-        {"ratios_png": plot_ratios(result, out / "ratios.png")}
-        if result.config.get("targets")
-        else {}
-    )
+    return {"ratios_png": plot_ratios(result, out / "ratios.png")} if _plotted(result) else {}
 
 
 def run_suite_files(

@@ -281,7 +281,10 @@ def test_interleave_alternates_order():
 def test_suite_yaml_files_load(repo_root):
     for name in ("quick", "full"):
         cfg = load_suite(repo_root / "bench" / "scenarios" / f"{name}.yaml")
-        assert list(cfg.scenarios) == list(SCENARIOS)
+        # The student scenario needs a teacher and its reports: it has its own suite file.
+        assert list(cfg.scenarios) == [s for s in SCENARIOS if s != "student"]
+    student = load_suite(repo_root / "bench" / "scenarios" / "student.yaml")
+    assert list(student.scenarios) == ["student"] and student.members == ("vgg19", "resnet50")
     full = load_suite(repo_root / "bench" / "scenarios" / "full.yaml")
     assert full.members == ("vgg19", "resnet50") and full.image_size == 224
 
@@ -343,3 +346,156 @@ def test_quick_suite_plumbing_on_tiny_model(tmp_path):
     text = paths["markdown"].read_text()
     assert "## Scenario ratios vs targets" in text and "INT8 speed-up over FP32" in text
     assert read_result(paths["json"]).config["targets"] == targets
+
+
+# ---------------------------------------------------------------------------- student scenario
+
+
+def _tiny_ckpt(path: Path, label_names, **cfg) -> Path:
+    from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint
+    from fundus_edge.preprocess import PreprocessConfig
+
+    torch.manual_seed(1)
+    mc = EnsembleConfig(label_names=tuple(label_names), num_classes=len(label_names), **cfg)
+    pre = PreprocessConfig(size=mc.image_size).to_dict()
+    return save_checkpoint(path, build_ensemble(mc).eval(), extra={"preprocess": pre})
+
+
+def test_student_scenario_on_tiny_models(tmp_path, tiny_synth):
+    """Every target row of the student scenario, measured in one run at tiny size: accuracy from
+    two evaluated checkpoints, FLOPs, interleaved INT8 latency, maps vs grad-cam, the roofline
+    estimate and the pipelined run on the student's graph."""
+    from suite import _plotted, _ratio_plot
+
+    from fundus_edge.data import open_dataset
+    from fundus_edge.perf.bench import write_outputs
+
+    labels = open_dataset(tiny_synth).label_names
+    teacher = _tiny_ckpt(
+        tmp_path / "teacher.safetensors", labels, members=("resnet18",), member_head="gap",
+        image_size=64,
+    )  # fmt: skip
+    student = _tiny_ckpt(
+        tmp_path / "student.safetensors", labels, members=("resnet18_os16",),
+        member_head="gap", views="original", image_size=32,
+    )  # fmt: skip
+    cfg = SuiteConfig(
+        name="tiny-student",
+        members=("resnet18",),
+        member_head="gap",
+        num_classes=4,
+        image_size=32,
+        scenarios={
+            "student": {
+                "student": str(student),
+                "teacher": str(teacher),
+                "student_eval": str(student),
+                "teacher_eval": str(teacher),
+                "data": str(tiny_synth),
+                "rounds": 2,
+                "iters": 1,
+                "warmup": 1,
+                "calib_images": 2,
+                "pipelined": {"rounds": 1, "frames": 2, "frame_size": 128},
+            }
+        },
+    )
+    result = run_suite(cfg, work_dir=tmp_path, roofline=False)
+    targets = {t["ratio"]: t for t in result.config["targets"]}
+    assert all(t["scenario"] == "student" for t in targets.values())
+    auroc = targets["macro AUROC student / teacher (held-out split)"]
+    assert auroc["value"] > 0 and auroc["met"] in (True, False) and auroc["target"] == ">= 0.98"
+    drop = next(t for k, t in targets.items() if k.startswith("pointing game"))
+    assert -1 <= drop["value"] <= 1 and drop["target"] == "<= 0.02"
+    # FLOPs: the one-pass resnet18_os16 student at 32 px against the two-pass resnet18 at 64 px.
+    vs_teacher = targets["FLOPs per frame student / teacher (each as it runs)"]
+    assert vs_teacher["value"] > 0 and vs_teacher["met"] == (vs_teacher["value"] <= 0.25)
+    vs_paper = targets["FLOPs per frame student / paper ensemble (32 px)"]
+    assert vs_paper["value"] > 0 and "GFLOPs" in vs_paper["display"]
+    int8 = targets["INT8 latency student / paper ensemble (ORT CPU, batch 1)"]
+    assert int8["ci_low"] <= int8["value"] <= int8["ci_high"] and int8["samples"] == [2, 2]
+    # The export step's check of the student's maps against grad-cam: exact up to float noise.
+    max_abs = targets["student maps vs grad-cam on the student: max abs diff"]
+    corr = targets["student maps vs grad-cam on the student: min correlation"]
+    assert max_abs["met"] is True and corr["met"] is True
+    orin = next(t for k, t in targets.items() if k.startswith("ESTIMATE"))
+    assert orin["value"] > 0 and orin["display"].startswith("est.") and orin["plot"] is False
+    piped = [t for k, t in targets.items() if k.startswith("student, pipelined")]
+    assert any(t["target"] == ">= 0.9" for t in piped)
+    names = result.names()
+    assert (
+        "student: student int8 (32 px)" in names and "student: paper ensemble int8 (32 px)" in names
+    )
+    assert any(n.startswith("student pipelined: ") for n in names)
+    assert any("roofline ESTIMATE" in n for n in result.config["notes"])
+    # Rendered: values that are not speed-ups print as themselves; only ratios are plotted.
+    paths = write_outputs(result, tmp_path / "out", extra_plots=_ratio_plot)
+    text = paths["markdown"].read_text()
+    assert orin["display"] in text and max_abs["display"] in text
+    plotted = {t["ratio"] for t in _plotted(result)}
+    assert int8["ratio"] in plotted and orin["ratio"] not in plotted
+    assert paths["ratios_png"].stat().st_size > 1000
+
+
+def _report(auroc: float, pg: float, **kw) -> dict:
+    loc = {"macro": {"pointing_game_tol": pg}, "tolerance": 0.04}
+    return {"n": 10, "split": "test", "macro": {"auroc": auroc}, "localisation": loc, **kw}
+
+
+def test_student_accuracy_rows_from_reports(tmp_path):
+    """The accuracy rows read two eval reports; missing ones are 'not measured', never zero."""
+    from student import _accuracy_rows
+    from suite import ScenarioResult
+
+    from fundus_edge.fileio import atomic_write_json
+
+    st, te = tmp_path / "s.json", tmp_path / "t.json"
+    atomic_write_json(st, _report(0.88, 0.70))
+    atomic_write_json(te, _report(0.90, 0.75))
+    targets = {"auroc_ratio": ">= 0.98", "pointing_drop": "<= 0.02"}
+    res = ScenarioResult("student")
+    _accuracy_rows(res, None, {"student_eval": str(st), "teacher_eval": str(te)}, targets)
+    auroc, pg = res.targets
+    assert auroc["value"] == pytest.approx(0.88 / 0.90) and auroc["met"] is False
+    assert pg["value"] == pytest.approx(0.05) and pg["met"] is False
+    assert "0.9778" in auroc["display"]
+
+    res = ScenarioResult("student")
+    _accuracy_rows(
+        res, None, {"student_eval": str(tmp_path / "none.json"), "teacher_eval": str(te)}, targets
+    )
+    assert [t["value"] for t in res.targets] == [None, None]
+    assert [t["met"] for t in res.targets] == [None, None]
+    assert all(t["display"] == "not measured" for t in res.targets)
+    assert any("does not exist" in n for n in res.notes)
+
+    atomic_write_json(st, _report(0.88, 0.70, split="val"))
+    with pytest.raises(UserError, match="differ in split"):
+        _accuracy_rows(
+            ScenarioResult("student"),
+            None,
+            {"student_eval": str(st), "teacher_eval": str(te)},
+            targets,
+        )
+    atomic_write_json(st, {"n": 3})
+    with pytest.raises(UserError, match="not an eval report"):
+        _accuracy_rows(
+            ScenarioResult("student"),
+            None,
+            {"student_eval": str(st), "teacher_eval": str(te)},
+            targets,
+        )
+
+
+def test_student_options_are_checked():
+    from student import run_student
+
+    from fundus_edge.perf.roofline import JETSON_PEAKS
+
+    assert "orin-nano-8gb-super" in JETSON_PEAKS
+    with pytest.raises(UserError, match="unknown option 'studnet'"):
+        run_student(None, {"studnet": "x.safetensors"})
+    with pytest.raises(UserError, match="unknown target 'speed'"):
+        run_student(None, {"targets": {"speed": ">= 2"}})
+    with pytest.raises(UserError, match="must read"):
+        run_student(None, {"targets": {"orin_nano_fps": "60"}})

@@ -785,7 +785,9 @@ def render_bench_markdown(result: BenchResult, title: str = "fundus-edge benchma
                 [
                     t["scenario"],
                     t["ratio"],
-                    f"{t['value']:.2f}x",
+                    # A target that is not a speed-up (a FLOP ratio, a map difference, an
+                    # estimated FPS, "not measured") carries its own text.
+                    t.get("display") or f"{t['value']:.2f}x",
                     "-" if t.get("ci_low") is None else f"{t['ci_low']:.2f}-{t['ci_high']:.2f}",
                     t.get("target") or "-",
                     {True: "yes", False: "NO", None: "-"}[t.get("met")],
