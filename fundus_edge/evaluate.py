@@ -8,10 +8,13 @@ graph or a TensorRT engine are evaluated by the same code::
         "cams":  (N, C, h, w) class maps in [0, 1] (optional: None or absent skips localisation),
     }
 
-:func:`torch_predictor` builds one from an :class:`~fundus_edge.models.Ensemble`. Class maps
-for localisation and overlays combine members with :mod:`fundus_edge.maps` (each member
-resampled onto the first member's grid, scaled to its peak, averaged): the same maps
-``run`` shows and the export checks compare.
+:func:`backend_predictor` builds one from any :mod:`fundus_edge.backends` backend, and
+:func:`evaluate_model` opens every model that way (``load_backend``, as ``run`` does): a
+checkpoint runs in the torch backend's fused forward, the graph its export traces, so the
+input is normalised in one place (:func:`fundus_edge.models.fused.normalise_input`) whatever
+the model file. Class maps for localisation and overlays combine members with
+:mod:`fundus_edge.maps` (each member resampled onto the first member's grid, scaled to its
+peak, averaged): the same maps ``run`` shows and the export checks compare.
 
 Localisation (only where :attr:`Sample.masks` has a lesion mask for a positive label): the
 label's map is brought back onto the original frame with
@@ -36,6 +39,7 @@ import numpy as np
 
 from fundus_edge.data import Sample
 from fundus_edge.errors import DataError, UserError
+from fundus_edge.faithfulness import ROAD_PERCENTILES
 from fundus_edge.log import get_logger, progress
 from fundus_edge.maps import display, map_on_frame, normalise_member_maps
 from fundus_edge.metrics import energy_inside, multilabel_report, nanmean_or_none, pointing_game
@@ -58,7 +62,6 @@ __all__ = [
     "global_labels_of",
     "localisation_report",
     "predict_samples",
-    "torch_predictor",
 ]
 
 log = get_logger("evaluate")
@@ -89,49 +92,19 @@ class Predictions:
     images: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def torch_predictor(model, device: str = "cpu", mean=None, std=None) -> PredictFn:
-    """Predict function over an :class:`~fundus_edge.models.Ensemble` (eval mode, no grad).
-
-    Args:
-        model: the ensemble; ``model.config`` supplies mean/std unless given.
-        device: torch device string.
-        mean: normalisation mean override.
-        std: normalisation std override.
-    """
-    import torch
-
-    cfg = getattr(model, "config", None)
-    mean = tuple(mean if mean is not None else cfg.mean)
-    std = tuple(std if std is not None else cfg.std)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    model = model.to(device).eval()
-
-    def predict(images: np.ndarray) -> dict[str, Any]:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        x = (x.permute(0, 3, 1, 2).float() / 255.0 - m) / s  # (N,3,S,S)
-        with torch.no_grad():
-            out = model(x)
-        cams = normalised_member_maps(out["cams"].float().cpu().numpy())  # (N,C,h,w)
-        return {"probs": out["probs"].float().cpu().numpy(), "cams": cams}
-
-    return predict
-
-
-def normalised_member_maps(cams: np.ndarray) -> np.ndarray:
-    """Raw maps (N,M,C,h,w) -> (N,C,h,w): :func:`fundus_edge.maps.normalise_member_maps`."""
-    return normalise_member_maps(cams)
-
-
 def backend_predictor(backend) -> PredictFn:
-    """Predict function over an exported model (any :mod:`fundus_edge.backends` backend)."""
+    """Predict function over a loaded model: any :mod:`fundus_edge.backends` backend.
+
+    Its raw member maps ``(N, M, C, h, w)`` are combined into ``(N, C, h, w)`` by
+    :func:`fundus_edge.maps.normalise_member_maps`.
+    """
 
     def predict(images: np.ndarray) -> dict[str, Any]:
         out = backend.infer(np.ascontiguousarray(images))
         cams = out.get("cams")
         return {
             "probs": np.asarray(out["probs"], dtype=np.float32),
-            "cams": None if cams is None else normalised_member_maps(cams),
+            "cams": None if cams is None else normalise_member_maps(cams),
         }
 
     return predict
@@ -436,21 +409,33 @@ def evaluate_model(
     calibrate: bool = False,
     faithfulness: int | None = None,
     faithfulness_steps: int = 16,
+    faithfulness_road: Sequence[int] | None = ROAD_PERCENTILES,
 ) -> dict:
     """``fundus-edge eval``: evaluate a checkpoint or an exported model on one split.
 
-    A checkpoint (``.safetensors``) runs in PyTorch on ``device`` (``auto``, ``cpu``,
-    ``cuda[:N]``); an exported graph (``.onnx``, ``.engine``/``.plan``) runs through its
-    :mod:`fundus_edge.backends` backend with the labels, thresholds and preprocessing of its
-    own metadata, and needs no PyTorch; ``backend`` names another runtime for it (``openvino``
-    at ``precision`` fp32/bf16/int8), as ``run --backend`` does. ``faithfulness`` (images per
-    label) adds deletion/insertion AUCs of the maps (:mod:`fundus_edge.faithfulness`).
+    Every model opens through :func:`fundus_edge.backends.load_backend`, as ``run`` opens it:
+    by its suffix, or the runtime ``backend`` names (``openvino`` at ``precision``
+    fp32/bf16/int8). A checkpoint (``.safetensors``) runs in the torch backend on ``device``
+    (``auto``, ``cpu``, ``cuda[:N]``); an exported graph (``.onnx``, ``.engine``/``.plan``,
+    ``.xml``) needs no PyTorch. The labels, thresholds, temperature and preprocessing come
+    from the backend's contract (a checkpoint's meta, an export's metadata). ``faithfulness``
+    (images per label) adds deletion/insertion AUCs and ROAD at ``faithfulness_road``'s
+    percentiles (grad-cam's by default; empty or None: no ROAD) of the maps
+    (:mod:`fundus_edge.faithfulness`); grad-cam's maps there use the torch backend's module.
+
+    Args:
+        device: ``auto`` leaves the choice to the backend (the torch backend takes CUDA when
+            available); anything else is passed on, and a backend without a ``device``
+            option (ONNX Runtime, TensorRT) refuses it.
 
     Raises:
-        UserError: missing model or data, unknown split, no samples.
+        UserError: missing model or data, unknown split, no samples, an option the model's
+            backend does not take.
     """
+    from fundus_edge.backends import load_backend
     from fundus_edge.data import open_dataset
     from fundus_edge.fileio import atomic_write_json
+    from fundus_edge.operating import evaluate_operating
 
     model_path = Path(model_path)
     if not model_path.exists():
@@ -459,40 +444,19 @@ def evaluate_model(
     if split not in ds.splits or not ds.splits[split]:
         have = ", ".join(k for k, v in ds.splits.items() if v) or "none"
         raise UserError(f"{data_dir}: split {split!r} has no samples (splits with samples: {have})")
-    runner = None
-    if model_path.suffix.lower() in (".onnx", ".engine", ".plan", ".xml"):
-        from fundus_edge.backends import load_backend
-
-        runner = load_backend(model_path, backend=backend, precision=precision)
+    runner = load_backend(
+        model_path,
+        backend=backend,
+        precision=precision,
+        device=None if device == "auto" else device,
+    )
+    try:
         meta = runner.metadata
         predict = backend_predictor(runner)
         labels = list(meta["label_names"])
         pre = PreprocessConfig.from_dict(meta["preprocess"])
-    else:
-        from fundus_edge.errors import require_all
-
-        require_all(
-            [
-                ("torch", "evaluating a checkpoint (export it to run on the edge install)"),
-                ("torchvision", "evaluating a checkpoint"),
-                ("safetensors", "reading checkpoints"),
-            ]
-        )
-        from fundus_edge.models import load_checkpoint
-        from fundus_edge.trainer import resolve_device
-
-        dev = str(resolve_device(device))
-        model, meta = load_checkpoint(model_path)
-        predict = torch_predictor(model, dev)
-        labels = list(meta.get("label_names") or model.config.label_names)
-        pre = PreprocessConfig.from_dict(
-            meta.get("preprocess") or {"size": model.config.image_size}
-        )
-    try:
         # Thresholds/temperature: the model's, or tuned/fitted on val (--threshold-policy,
         # --calibrate); adds operating points with intervals and calibration to the report.
-        from fundus_edge.operating import evaluate_operating
-
         report = evaluate_operating(
             predict,
             ds,
@@ -507,7 +471,7 @@ def evaluate_model(
             screening_label=ds.screening_label or "Disease_Risk",
             global_labels=global_labels_of(ds.root),
         )
-        if faithfulness is not None:  # eval --faithfulness: deletion/insertion AUC of the maps
+        if faithfulness is not None:  # eval --faithfulness: deletion/insertion AUC, ROAD
             from fundus_edge.faithfulness import add_faithfulness
 
             add_faithfulness(
@@ -517,18 +481,17 @@ def evaluate_model(
                 ds.label_names,
                 labels,
                 pre,
-                torch_model=None if runner is not None else (model, dev),
+                backend=runner,
                 images=faithfulness,
                 steps=faithfulness_steps,
+                road_percentiles=faithfulness_road,
                 batch_size=batch_size,
                 out_dir=out_dir,
             )
     finally:
-        if runner is not None:
-            runner.close()
+        runner.close()
     report["model"] = str(model_path)
-    if runner is not None:
-        report["backend"] = {"name": runner.name, "device": runner.device}
+    report["backend"] = {"name": runner.name, "device": runner.device}
     report["data"] = str(data_dir)
     if json_path is not None:
         atomic_write_json(json_path, report)

@@ -168,15 +168,19 @@ def plot_map_grid(
     return _save(plt, fig, path)
 
 
-def plot_faithfulness(curves: dict, macro: dict, path) -> Path:
-    """Deletion and insertion curves, one line per map method (macro mean over labels).
+def plot_faithfulness(curves: dict, macro: dict, path, road: dict | None = None) -> Path:
+    """Deletion and insertion curves, one line per map method (macro mean over labels); with
+    ``road``, a third panel: ROAD's MoRF and LeRF probability change per removed fraction.
 
     Args:
         curves: method -> ``{"fraction", "deletion", "insertion"}`` (the report's ``curves``).
-        macro: method -> ``{"deletion_auc", "insertion_auc"}``, for the legend.
+        macro: method -> ``{"deletion_auc", "insertion_auc"}`` (and ``road_combined``), for
+            the legends.
         path: output PNG.
+        road: the report's ``road`` section (``removed_fraction``, ``curves``), or None.
     """
-    plt, fig, axes = _figure(1, 2, size=(10.0, 4.2))
+    panels = 3 if road else 2
+    plt, fig, axes = _figure(1, panels, size=(5.0 * panels, 4.2))
     styles = {"kernel": "-", "gradcam": "--", "random": ":"}
     for k, (kind, better) in enumerate((("deletion", "lower"), ("insertion", "higher"))):
         ax = axes[0, k]
@@ -190,4 +194,19 @@ def plot_faithfulness(curves: dict, macro: dict, path) -> Path:
         ax.set_ylabel("probability of the label")
         ax.set_title(f"{kind.capitalize()} (AUC {better} is better)")
         ax.legend(fontsize=8)
+    if road:
+        ax = axes[0, 2]
+        x = road["removed_fraction"]
+        for i, (method, c) in enumerate(road["curves"].items()):
+            colour = f"C{i}"
+            combined = macro.get(method, {}).get("road_combined")
+            tail = "" if combined is None else f", combined {combined:.3f}"
+            ax.plot(x, c["morf"], "v-", color=colour, label=f"{method} MoRF{tail}")
+            ax.plot(x, c["lerf"], "^:", color=colour, label=f"{method} LeRF")
+        ax.axhline(0.0, color="0.6", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of pixels imputed (ROAD)")
+        ax.set_ylabel("change in probability of the label")
+        ax.set_title("ROAD (MoRF lower, LeRF higher is better)")
+        ax.legend(fontsize=7)
     return _save(plt, fig, path)

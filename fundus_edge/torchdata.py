@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from fundus_edge.data import Sample
 from fundus_edge.errors import DataError
 from fundus_edge.log import get_logger
+from fundus_edge.models.fused import normalise_input
 from fundus_edge.preprocess import PreprocessConfig, preprocess, read_image, read_mask
 
 __all__ = [
@@ -109,11 +110,9 @@ def augment_image(
 
 
 def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` RGB -> normalised float ``(3, H, W)``."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
+    """uint8 ``(H, W, 3)`` RGB -> normalised float ``(3, H, W)``, as the exported graph does it
+    (:func:`fundus_edge.models.fused.normalise_input`)."""
+    return normalise_input(torch.from_numpy(np.ascontiguousarray(img)), mean, std)
 
 
 #: Lesion masks reach the loss at ``1 / MASK_STRIDE`` of the input side, as the fraction of

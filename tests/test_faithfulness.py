@@ -1,7 +1,11 @@
-"""eval --faithfulness: deletion/insertion AUC ranks a right map above a shuffled one; the
-report section's shape; option validation; no grad-cam without a checkpoint (a note)."""
+"""eval --faithfulness: deletion/insertion AUC and ROAD rank a right map above a shuffled one;
+the report section's shape; ROAD present exactly when torch and grad-cam are (else a note);
+option validation; no grad-cam without a checkpoint (a note)."""
 
 from __future__ import annotations
+
+import importlib.util
+import math
 
 import cv2
 import numpy as np
@@ -11,11 +15,22 @@ from typer.testing import CliRunner
 from fundus_edge.cli import app
 from fundus_edge.data import Sample
 from fundus_edge.errors import UserError
-from fundus_edge.faithfulness import add_faithfulness, auc, curves, validate_options
+from fundus_edge.faithfulness import (
+    ROAD_PERCENTILES,
+    add_faithfulness,
+    auc,
+    curves,
+    parse_road_percentiles,
+    road,
+    road_unavailable,
+    validate_options,
+)
 from fundus_edge.preprocess import PreprocessConfig
 
 S = 64  # the blur baseline: sigma 2 px
 LABELS = ("A", "B")
+HAVE_ROAD = all(importlib.util.find_spec(m) for m in ("torch", "scipy", "pytorch_grad_cam"))
+ROAD_KEYS = {"road_morf", "road_lerf", "road_combined"}
 
 
 def _region(c: int) -> tuple[slice, slice]:
@@ -72,7 +87,10 @@ def split(tmp_path):
 def test_report_section_shape(split, tmp_path):
     pre = PreprocessConfig(size=S, crop_fov=False, mask=False)
     report: dict = {"figures": {}}
-    sec = add_faithfulness(report, _predict, split, LABELS, LABELS, pre, images=3, steps=4)
+    # one ROAD percentile keeps it quick (a sparse solve per percentile, order, map and image)
+    sec = add_faithfulness(
+        report, _predict, split, LABELS, LABELS, pre, images=3, steps=4, road_percentiles=(50,)
+    )
     assert report["faithfulness"] is sec
     # no checkpoint (an exported model's path): kernel and random rows, and a note, no error
     assert sec["methods"] == ["kernel", "random"]
@@ -80,19 +98,89 @@ def test_report_section_shape(split, tmp_path):
     assert set(sec["per_label"]) == {"A", "B"}
     assert sec["per_label"]["A"]["kernel"]["n"] == 3  # capped by images
     assert sec["per_label"]["B"]["random"]["n"] == 2
+    road_keys = ROAD_KEYS if HAVE_ROAD else set()
     for row in sec["per_label"].values():
         for m in ("kernel", "random"):
-            assert set(row[m]) == {"deletion_auc", "insertion_auc", "n"}
+            assert set(row[m]) == {"deletion_auc", "insertion_auc", "n"} | road_keys
     assert set(sec["macro"]) == {"kernel", "random"}
     assert sec["macro"]["kernel"]["labels"] == 2
     k, r = sec["macro"]["kernel"], sec["macro"]["random"]
     assert k["deletion_auc"] < r["deletion_auc"] and k["insertion_auc"] > r["insertion_auc"]
+    if HAVE_ROAD:  # ROAD is never silently absent where it can run
+        assert sec["road"]["percentiles"] == [50]
+        assert k["road_combined"] > r["road_combined"] and k["road_morf"] < r["road_morf"]
+        assert not any("ROAD" in n for n in sec["notes"])
+    else:
+        assert sec["road"] is None and any("ROAD left out" in n for n in sec["notes"])
     c = sec["curves"]["kernel"]
     assert len(c["fraction"]) == len(c["deletion"]) == len(c["insertion"]) == 5
     assert sec["steps"] == 4 and sec["images_per_label"] == 3 and sec["figure"] is None
     # seeded: the same numbers again
-    again = add_faithfulness({}, _predict, split, LABELS, LABELS, pre, images=3, steps=4)
+    again = add_faithfulness(
+        {}, _predict, split, LABELS, LABELS, pre, images=3, steps=4, road_percentiles=(50,)
+    )
     assert again["macro"] == sec["macro"]
+
+
+def test_road_scores_a_right_map_above_a_shuffled_one():
+    pytest.importorskip("pytorch_grad_cam", reason="ROAD is grad-cam's (the train extra)")
+    torch = pytest.importorskip("torch")
+    image = _image()
+    right = _predict(image[None])["cams"][0, 0]
+    shuffled = np.random.default_rng(1).permutation(right.ravel()).reshape(right.shape)
+    maps = {"right": right, "shuffled": shuffled}
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    res = road(_predict, image, maps, label=0, percentiles=(20, 50, 90), seed=3)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's torch RNG is untouched
+    again = road(_predict, image, maps, label=0, percentiles=(20, 50, 90), seed=3)
+    for m in maps:
+        assert res[m]["morf"].shape == res[m]["lerf"].shape == (3,)
+        assert np.isfinite(res[m]["morf"]).all() and np.isfinite(res[m]["lerf"]).all()
+        np.testing.assert_array_equal(res[m]["morf"], again[m]["morf"])  # seeded
+    # Removing the most relevant 10 % or more imputes the whole square (1.6 % of the pixels):
+    # the probability (1.0 on the image) drops to 0; removing the least relevant leaves it.
+    np.testing.assert_allclose(res["right"]["morf"], -1.0)
+    np.testing.assert_allclose(res["right"]["lerf"], 0.0)
+    assert res["shuffled"]["morf"].mean() > -0.9 and res["shuffled"]["lerf"].mean() < -0.1
+
+
+def test_road_absent_is_a_note(split, monkeypatch):
+    """Without grad-cam ROAD is left out with a note saying so; with it, never left out."""
+    pre = PreprocessConfig(size=S, crop_fov=False, mask=False)
+    assert (road_unavailable() is None) == HAVE_ROAD
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a),
+    )
+    assert "grad-cam is not installed" in road_unavailable()
+    sec = add_faithfulness({}, _predict, split, LABELS, LABELS, pre, images=1, steps=2)
+    assert sec["road"] is None
+    assert any("ROAD left out: grad-cam is not installed" in n for n in sec["notes"])
+    for row in sec["per_label"].values():
+        assert not ROAD_KEYS & set(row["kernel"])
+    with pytest.raises(UserError, match="ROAD percentiles"):
+        add_faithfulness({}, _predict, split, LABELS, LABELS, pre, road_percentiles=(0, 50))
+
+
+def test_road_figures_are_finite(split):
+    pytest.importorskip("pytorch_grad_cam", reason="ROAD is grad-cam's (the train extra)")
+    import inspect
+
+    # eval --faithfulness asks for grad-cam's own percentiles
+    defaults = inspect.signature(add_faithfulness).parameters["road_percentiles"].default
+    assert tuple(defaults) == ROAD_PERCENTILES == (10, 20, 30, 40, 50, 60, 70, 80, 90)
+    pre = PreprocessConfig(size=S, crop_fov=False, mask=False)
+    sec = add_faithfulness(
+        {}, _predict, split, LABELS, LABELS, pre, images=1, steps=2, road_percentiles=(30, 70)
+    )
+    assert sec["road"]["removed_fraction"] == [0.7, 0.3]
+    for m in ("kernel", "random"):
+        assert all(math.isfinite(sec["macro"][m][k]) for k in ROAD_KEYS)
+        assert len(sec["road"]["curves"][m]["morf"]) == 2
 
 
 def test_report_plot(split, tmp_path):
@@ -100,7 +188,16 @@ def test_report_plot(split, tmp_path):
     pre = PreprocessConfig(size=S, crop_fov=False, mask=False)
     report: dict = {"figures": {}}
     add_faithfulness(
-        report, _predict, split, LABELS, LABELS, pre, images=1, steps=2, out_dir=tmp_path
+        report,
+        _predict,
+        split,
+        LABELS,
+        LABELS,
+        pre,
+        images=1,
+        steps=2,
+        road_percentiles=(50,),
+        out_dir=tmp_path,
     )
     assert (tmp_path / "faithfulness.png").stat().st_size > 0
     assert report["figures"]["faithfulness"] == str(tmp_path / "faithfulness.png")
@@ -112,6 +209,11 @@ def test_options_validated(tmp_path):
         validate_options(1, 1)
     with pytest.raises(UserError, match="faithfulness-images"):
         validate_options(0, 16)
+    assert parse_road_percentiles("10, 50,90") == (10, 50, 90)
+    assert parse_road_percentiles("None") == ()
+    for bad in ("0,50", "50,100", "a", "50,50", ""):
+        with pytest.raises(UserError, match="--faithfulness-road"):
+            parse_road_percentiles(bad)
     runner = CliRunner()
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")

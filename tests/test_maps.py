@@ -142,7 +142,6 @@ def test_eval_run_and_export_check_agree_on_an_exported_ensemble(exported, frame
     import torch
 
     from fundus_edge.backends import load_backend
-    from fundus_edge.evaluate import torch_predictor
 
     ckpt, onnx_path, report, ens = exported
     check = report["checks"]["onnxruntime_vs_pytorch"]
@@ -152,7 +151,8 @@ def test_eval_run_and_export_check_agree_on_an_exported_ensemble(exported, frame
     with Predictor(ckpt, device="cpu", gate=False) as p:
         res = p.predict(frame)
     images = preprocess(frame, PreprocessConfig(size=64)).image[None]
-    from_eval_torch = torch_predictor(ens)(images)["cams"][0]
+    with load_backend(ckpt, device="cpu") as b:  # eval opens a checkpoint this way
+        from_eval_torch = backend_predictor(b)(images)["cams"][0]
     assert from_onnx.shape == (len(LABELS), 4, 4)
     np.testing.assert_allclose(res.maps, from_onnx, atol=1e-4)
     np.testing.assert_allclose(from_eval_torch, from_onnx, atol=1e-4)

@@ -27,7 +27,12 @@ class TorchBackend(Backend):
 
     Args:
         path: the checkpoint (saved by ``fundus_edge.models.save_checkpoint``).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; None picks CUDA when available.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; None or ``"auto"`` picks CUDA when
+            available.
+
+    Attributes:
+        model: the :class:`~fundus_edge.models.fused.FusedModel` it runs (in eval mode, on
+            :attr:`device`), for what needs the torch module itself: grad-cam's maps.
     """
 
     name: ClassVar[str] = "torch"
@@ -50,14 +55,25 @@ class TorchBackend(Backend):
         from fundus_edge.models.fused import FusedModel
 
         self._torch = torch
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: this PyTorch has no CUDA device")
+        device = _resolve_device(torch, device)
         ensemble, meta = load_checkpoint(self.path)
         self.metadata = contract_from_checkpoint(meta, str(self.path))
+        if meta.get("temperature") is not None:
+            # A checkpoint's own temperature (optional) reaches the runtime as an export's would.
+            from fundus_edge.operating import temperature_vector
+
+            labels = self.metadata["label_names"]
+            temperature_vector(meta["temperature"], len(labels), f"{self.path}: checkpoint")
+            self.metadata["temperature"] = meta["temperature"]
         self._model = FusedModel(ensemble).eval().to(device)
         self.device = str(device)
+
+    @property
+    def model(self):
+        """The :class:`~fundus_edge.models.fused.FusedModel` this backend runs."""
+        if self._model is None:
+            raise UserError(f"{self.path}: the torch backend is closed")
+        return self._model
 
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -68,3 +84,23 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self._model = None
+
+
+def _resolve_device(torch: Any, device: str | None) -> str:
+    """``None``/``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` checked.
+
+    Raises:
+        UserError: an unknown device, or CUDA asked for where this PyTorch has none.
+    """
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        built = torch.version.cuda or "no CUDA"
+        raise UserError(
+            f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+            f"built with {built}); use --device cpu"
+        )
+    return device

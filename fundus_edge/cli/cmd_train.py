@@ -139,7 +139,7 @@ def eval_(
         ...,
         "--model",
         "-m",
-        help="Checkpoint (.safetensors) or exported model (.onnx, .engine/.plan).",
+        help="Checkpoint (.safetensors) or exported model (.onnx, .engine/.plan, .xml).",
     ),
     data: Path = typer.Option(..., "--data", "-d", help="Dataset folder."),
     split: str = typer.Option("test", "--split", help="train | val | test."),
@@ -152,12 +152,15 @@ def eval_(
         "[default: beside --json, when matplotlib is installed].",
     ),
     device: str = typer.Option(
-        "auto", "--device", help="PyTorch device for checkpoints: auto | cpu | cuda | cuda:N."
+        "auto",
+        "--device",
+        help="PyTorch device for checkpoints: auto | cpu | cuda | cuda:N; OpenVINO device "
+        "(CPU, GPU, NPU) with --backend openvino [default auto: the backend's own choice].",
     ),
     backend: str | None = typer.Option(
         None,
         "--backend",
-        help="Exported models: onnxruntime | openvino | tensorrt [default: by the file's suffix].",
+        help="onnxruntime | openvino | tensorrt | torch [default: by the file's suffix].",
     ),
     precision: str | None = typer.Option(
         None, "--precision", help="OpenVINO compute: fp32 | bf16 | int8 [default: the file's]."
@@ -180,13 +183,20 @@ def eval_(
         False,
         "--faithfulness",
         help="Deletion/insertion AUC of the maps (kernel, grad-cam from a checkpoint, random) "
-        "on each label's positive images; pixels deleted to a blurred copy.",
+        "on each label's positive images, pixels deleted to a blurred copy; and ROAD (grad-cam's "
+        "imputer) where torch and grad-cam are installed.",
     ),
     faithfulness_images: int = typer.Option(
         32, "--faithfulness-images", help="Positive images per label for --faithfulness."
     ),
     faithfulness_steps: int = typer.Option(
         16, "--faithfulness-steps", help="Deletion/insertion steps for --faithfulness (>= 2)."
+    ),
+    faithfulness_road: str = typer.Option(
+        "10,20,30,40,50,60,70,80,90",
+        "--faithfulness-road",
+        help="ROAD percentiles for --faithfulness (grad-cam's; each costs a sparse solve per "
+        "map, order and image), or none.",
     ),
 ) -> None:
     """Evaluate a model on a split: AUROC, AP, F1, RIADD score, localisation, plots.
@@ -209,10 +219,12 @@ def eval_(
         from fundus_edge.operating import parse_policy
 
         parse_policy(threshold_policy)
+    road_percentiles: tuple[int, ...] = ()
     if faithfulness:
-        from fundus_edge.faithfulness import validate_options
+        from fundus_edge.faithfulness import parse_road_percentiles, validate_options
 
         validate_options(faithfulness_images, faithfulness_steps)
+        road_percentiles = parse_road_percentiles(faithfulness_road)
     plots_dir = out if out is not None else (json_file.parent if json_file is not None else None)
     if out is not None:
         require("matplotlib", purpose="the plots in --out")  # asked for: checked before work
@@ -244,6 +256,7 @@ def eval_(
         calibrate=calibrate,
         faithfulness=faithfulness_images if faithfulness else None,
         faithfulness_steps=faithfulness_steps,
+        faithfulness_road=road_percentiles if faithfulness else None,
     )
     _render(rep)
 
@@ -295,9 +308,21 @@ def _render_faithfulness(rep: dict) -> None:
         "per label, blur baseline; deletion lower / insertion higher is better):"
     )
     for method, r in fa["macro"].items():
+        road = (
+            f"  ROAD MoRF {r['road_morf']:+.4f} LeRF {r['road_lerf']:+.4f} "
+            f"combined {r['road_combined']:+.4f}"
+            if "road_combined" in r
+            else ""
+        )
         typer.echo(
             f"    {method:<8} deletion AUC {r['deletion_auc']:.4f}  "
-            f"insertion AUC {r['insertion_auc']:.4f}  ({r['labels']} labels)"
+            f"insertion AUC {r['insertion_auc']:.4f}{road}  ({r['labels']} labels)"
+        )
+    if fa.get("road"):
+        typer.echo(
+            "    ROAD: probability change when the most (MoRF, lower is better) or least (LeRF, "
+            f"higher is better) relevant pixels are imputed, mean over percentiles "
+            f"{', '.join(map(str, fa['road']['percentiles']))}; combined (LeRF - MoRF) / 2"
         )
     for note in fa.get("notes", []):
         typer.echo(f"    note: {note}")

@@ -18,7 +18,31 @@ from torch import nn
 from fundus_edge.artifact import CONTRACT_OUTPUTS as OUTPUT_NAMES
 from fundus_edge.models.ensemble import Ensemble
 
-__all__ = ["OUTPUT_NAMES", "FusedModel"]
+__all__ = ["OUTPUT_NAMES", "FusedModel", "normalise_input"]
+
+
+def normalise_input(image: torch.Tensor, mean, std) -> torch.Tensor:
+    """The model input's normalisation: uint8 RGB -> float32 ``(x / 255 - mean) / std``.
+
+    The one place it is written: the fused graph (so every export, ``run``, ``eval``), the
+    training data loader and the maps ``explain`` draws all call it, so they cannot drift.
+    Computed as ``(x - 255 mean) / (255 std)``: in the exported graph the scaled constants fold
+    into one Sub and one Div on the uint8 input.
+
+    Args:
+        image: uint8 (or float 0-255) ``(N, H, W, 3)`` or ``(H, W, 3)`` RGB.
+        mean: 3 channel means on the 0-1 scale (a sequence or a tensor).
+        std: 3 channel standard deviations on the 0-1 scale.
+
+    Returns:
+        float32 ``(N, 3, H, W)`` (or ``(3, H, W)`` for one image) on ``image``'s device.
+    """
+    if image.dim() == 3:
+        return normalise_input(image[None], mean, std)[0]
+    x = image.permute(0, 3, 1, 2).to(torch.float32)  # (N,3,H,W)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(1, 3, 1, 1)
+    return (x - m * 255.0) / (s * 255.0)
 
 
 class FusedModel(nn.Module):
@@ -36,16 +60,15 @@ class FusedModel(nn.Module):
         self.ensemble = ensemble.eval()
         self.with_maps = with_maps
         cfg = ensemble.config
-        # Normalisation folded for 0-255 input: (x/255 - mean)/std = (x - 255*mean)/(255*std).
-        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("mean255", mean, persistent=False)
-        self.register_buffer("std255", std, persistent=False)
+        # Buffers, so they follow the module's device (normalise_input folds in the 255).
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (N,H,W,3) -> float (N,3,H,W) normalised."""
-        x = image.permute(0, 3, 1, 2).to(torch.float32)  # (N,3,H,W)
-        return (x - self.mean255) / self.std255
+        """uint8 (N,H,W,3) -> float (N,3,H,W): :func:`normalise_input` with the model's mean/std."""
+        return normalise_input(image, self.mean, self.std)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.normalise(image)
