@@ -308,6 +308,16 @@ def test_live_video_is_written_at_its_own_rate_and_nothing_is_drawn_without_a_vi
     assert s.frames_processed > 0 and "render" not in s.stage_ms
 
 
+def test_cli_runs_a_simulated_camera_with_and_without_fov_tracking(onnx_model, tmp_path):
+    for extra in ([], ["--no-fov-track"]):
+        log = tmp_path / f"sim{len(extra)}.jsonl"
+        args = ["run", str(onnx_model), "sim://200x150@40", "--headless", "--max-frames", "6"]
+        res = runner.invoke(app, [*args, "--jsonl", str(log), *extra], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        recs = [json.loads(line) for line in log.read_text().splitlines()]
+        assert recs and all(r["fov"]["found"] for r in recs)
+
+
 def test_missing_camera_is_one_line_fast():
     t0 = time.monotonic()
     src = open_source(57)

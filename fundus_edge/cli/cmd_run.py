@@ -27,7 +27,8 @@ def run(
     source: str | None = typer.Argument(
         None,
         help="Video file, image or DICOM file, folder (its images and DICOM files, subfolders "
-        "too), glob ('imgs/*.png'), /dev/videoN, csi://N, rtsp://, http://.",
+        "too), glob ('imgs/*.png'), /dev/videoN, csi://N, rtsp://, http://, sim://1920x1080@30 "
+        "(a simulated camera).",
     ),
     camera: int | None = typer.Option(None, "--camera", "-c", help="V4L2 camera index."),
     width: int | None = typer.Option(None, "--width", help="Requested capture width (cameras)."),
@@ -84,6 +85,12 @@ def run(
     ),
     no_gate: bool = typer.Option(
         False, "--no-gate", help="Infer on frames that fail the quality gate too."
+    ),
+    no_fov_track: bool = typer.Option(
+        False,
+        "--no-fov-track",
+        help="Fit the field of view in every frame of a video or camera too (default: fit it "
+        "once, then track it; stills are always fitted one by one).",
     ),
     smoothing: float | None = typer.Option(
         None,
@@ -192,6 +199,7 @@ def run(
         capture_window=capture_window,
         strict=strict,
         gate=not no_gate,
+        track_fov=not no_fov_track,
         smoothing=smoothing,
         map=map_,
         max_frames=max_frames,
