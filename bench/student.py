@@ -543,6 +543,10 @@ def _pipelined_rows(
     """The suite's ``pipelined`` scenario on the student's graph; its rows, ratios and targets
     join this scenario's, named as the student's."""
     popts = dict(opts.get("pipelined") or {})
+    if popts.get("model"):
+        raise UserError(
+            "student scenario: pipelined.model: the student's pipelined run uses the student"
+        )
     popts.setdefault("target", targets["pipelined"])
     sub = scenario_pipelined(sws, popts)
     for r in sub.rows:
@@ -551,4 +555,8 @@ def _pipelined_rows(
     res.ratios += sub.ratios
     for t in sub.targets:
         res.targets.append({**t, "scenario": res.name, "ratio": f"student, {t['ratio']}"})
-    res.notes += [f"student {n}" for n in sub.notes]
+    # Without a ``model`` option the pipelined scenario runs its workspace's graph, which here
+    # is the student's: say so rather than "the suite's model".
+    res.notes += [
+        f"student {n}".replace("the suite's model", "the student's graph") for n in sub.notes
+    ]
