@@ -209,4 +209,5 @@ def plot_faithfulness(curves: dict, macro: dict, path, road: dict | None = None)
         ax.set_ylabel("change in probability of the label")
         ax.set_title("ROAD (MoRF lower, LeRF higher is better)")
         ax.legend(fontsize=7)
+    fig.tight_layout()  # three panels: keep each y label clear of its left neighbour
     return _save(plt, fig, path)
