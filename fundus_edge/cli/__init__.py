@@ -13,6 +13,7 @@ from fundus_edge.cli.app import app, main
 from fundus_edge.cli import cmd_bench  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_clip  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_data  # noqa: F401  isort: skip
+from fundus_edge.cli import cmd_distill  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_doctor  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_explain  # noqa: F401  isort: skip
 from fundus_edge.cli import cmd_export  # noqa: F401  isort: skip

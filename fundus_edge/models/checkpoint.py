@@ -24,6 +24,7 @@ __all__ = [
     "read_checkpoint_meta",
     "read_checkpoint_tensors",
     "save_checkpoint",
+    "update_checkpoint_meta",
 ]
 
 CHECKPOINT_FORMAT = "fundus-edge-checkpoint/1"
@@ -120,6 +121,28 @@ def read_checkpoint_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Te
 
     meta = read_checkpoint_meta(path)
     return load_file(str(path), device="cpu"), meta
+
+
+def update_checkpoint_meta(path: str | os.PathLike, updates: dict) -> Path:
+    """Add or replace top-level meta keys of a checkpoint (tensors unchanged), atomically.
+
+    Args:
+        path: a file written by :func:`save_checkpoint`.
+        updates: JSON-ready keys to set (the standard keys, e.g. ``config``, may not change).
+
+    Returns:
+        The path rewritten.
+    """
+    from safetensors.torch import save
+
+    tensors, meta = read_checkpoint_tensors(path)
+    fixed = {"format", "config", "label_names", "thresholds", "preprocessing", "versions"}
+    clash = sorted(fixed & set(updates))
+    if clash:
+        raise ValueError(f"meta key {clash[0]!r} is the checkpoint's own; it cannot be updated")
+    meta.update(updates)
+    atomic_write_bytes(Path(path), save(tensors, metadata={_META_KEY: json.dumps(meta)}))
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Any, dict]:
