@@ -31,13 +31,8 @@ from fundus_edge.errors import UserError
 from fundus_edge.fileio import atomic_write_json, atomic_write_text
 from fundus_edge.log import get_logger
 from fundus_edge.options import load_yaml_mapping
-from fundus_edge.trainer import (
-    _RUN_MARKER,
-    STATE_FILE,
-    _check_run_dir,
-    resolve_device,
-    train,
-)
+from fundus_edge.trainer import STATE_FILE, resolve_device, train
+from fundus_edge.trainer.state import RUN_MARKER, check_run_dir
 
 __all__ = ["ABLATION_COLUMNS", "ablation_configs", "run_ablation"]
 
@@ -181,7 +176,7 @@ def _check_same_config(name: str, cfg: TrainConfig, run_dir: Path) -> None:
     """A resumed or reused variant must still be what the spec asks for (else its row lies)."""
     from fundus_edge.config import config_changes, load_config
 
-    changes = config_changes(load_config(run_dir / _RUN_MARKER), cfg, keep=_RESUME_FREE_KEYS)
+    changes = config_changes(load_config(run_dir / RUN_MARKER), cfg, keep=_RESUME_FREE_KEYS)
     if changes:
         key, was, now = changes[0]
         raise UserError(
@@ -212,14 +207,14 @@ def _plan(
         exists = run_dir.exists() and any(run_dir.iterdir())
         if not resume:
             # Refuses an existing run without --overwrite, and a non-run directory with it.
-            _check_run_dir(run_dir, resume=False, overwrite=overwrite)
+            check_run_dir(run_dir, resume=False, overwrite=overwrite)
             plan[name] = "fresh"
         elif not exists:
             plan[name] = "fresh"
         elif not (run_dir / STATE_FILE).is_file():
-            if not (run_dir / _RUN_MARKER).is_file():
+            if not (run_dir / RUN_MARKER).is_file():
                 raise UserError(
-                    f"{run_dir}: not a fundus-edge run directory (no {_RUN_MARKER}); refusing "
+                    f"{run_dir}: not a fundus-edge run directory (no {RUN_MARKER}); refusing "
                     f"to train ablation variant {name} into it"
                 )
             plan[name] = "restart"

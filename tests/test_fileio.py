@@ -48,7 +48,7 @@ def test_enospc_names_the_file_and_keeps_the_old_one(tmp_path):
 def test_torch_save_on_a_full_disk_is_a_disk_full_error(tmp_path, monkeypatch):
     """torch.save turns the short write into RuntimeError('unexpected pos'); the free space tells."""
     torch = pytest.importorskip("torch")
-    from fundus_edge.trainer import _save_state
+    from fundus_edge.trainer.state import save_state as _save_state
 
     calls = []
 

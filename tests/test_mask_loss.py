@@ -133,7 +133,7 @@ def test_dataset_returns_masks_on_the_model_grid(data_dir):
 
 def test_training_step_with_masks_lowers_the_mask_term():
     from fundus_edge.models import EnsembleConfig, build_ensemble
-    from fundus_edge.trainer import _step_loss, _TrainForward, training_step
+    from fundus_edge.trainer import Batch, TrainStep, training_step
 
     torch.manual_seed(0)
     ens = build_ensemble(
@@ -151,11 +151,8 @@ def test_training_step_with_masks_lowers_the_mask_term():
     def term() -> float:
         ens.train()
         with torch.no_grad():
-            _, t = _step_loss(
-                _TrainForward(ens), ens, x, y, loss_fn, "plain", "targets", ens.train,
-                masks=(masks, has), mask_weight=1.0,
-            )  # fmt: skip
-        return float(t)
+            out = TrainStep(ens, loss_fn, mask_weight=1.0)(Batch(x, y, masks=masks, has_mask=has))
+        return float(out["terms"]["mask_loss"])
 
     before = term()
     for mode in ("plain", "kernel") * 6:

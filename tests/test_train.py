@@ -563,3 +563,104 @@ def test_paper_ensemble_vgg19_resnet50_trains_a_few_steps_tiny():
     losses.append(training_step(ens, x, y, loss_fn, opt, mode="plain"))
     assert all(np.isfinite(v) for v in losses)
     assert not torch.equal(before, ens.members[0].head.classifier[-1].weight)
+
+
+def test_step_objectives_and_unlabelled_rows():
+    """Objectives add to the loss as they return it; unlabelled rows leave the supervised term."""
+    from fundus_edge.losses import LossConfig, build_loss
+    from fundus_edge.models import EnsembleConfig, build_ensemble
+    from fundus_edge.trainer import Batch, KernelAttention, NoAttention, TrainStep
+
+    torch.manual_seed(0)
+    ens = build_ensemble(
+        EnsembleConfig(members=("resnet18",), num_classes=3, member_head="gap", views="both")
+    ).eval()  # no dropout draws: the same logits on every call
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 1]])
+    loss_fn = build_loss(LossConfig(pos_weight="none"))
+
+    class Energy:
+        name = "energy"
+
+        def __call__(self, outputs, batch):
+            return 0.1 * outputs["logits"].float().pow(2).mean()
+
+    with torch.no_grad():
+        logits = ens.head_logits(x).float()
+        plain = TrainStep(ens, loss_fn, NoAttention())(Batch(x, y))
+        assert float(plain["loss"]) == pytest.approx(float(loss_fn(logits, y)), rel=1e-6)
+        assert "logits_enhanced" not in plain and plain["terms"] == {}
+        labelled = torch.tensor([True, True, False, False])
+        part = TrainStep(ens, loss_fn, NoAttention(), [Energy()])(Batch(x, y, labelled=labelled))
+        energy = 0.1 * float(logits.pow(2).mean())
+        assert float(part["terms"]["energy"]) == pytest.approx(energy, rel=1e-5)
+        want = float(loss_fn(logits[:2], y[:2])) + energy
+        assert float(part["loss"]) == pytest.approx(want, rel=1e-5)
+        none = TrainStep(ens, loss_fn, NoAttention())(Batch(x, y, labelled=labelled & False))
+        assert float(none["loss"]) == 0.0
+        two = TrainStep(ens, loss_fn, KernelAttention())(Batch(x, y))
+        assert two["logits_enhanced"].shape == two["logits"].shape == (4, 1, 3)
+    with pytest.raises(ValueError, match="unique"):
+        TrainStep(ens, loss_fn, objectives=[Energy(), Energy()])
+
+
+def test_batch_cat_marks_rows_from_elsewhere():
+    from fundus_edge.trainer import Batch
+
+    a = Batch(torch.zeros(3, 3, 8, 8), torch.ones(3, 2), index=torch.tensor([4, 0, 2]))
+    b = Batch(torch.ones(2, 3, 8, 8), torch.zeros(2, 2), labelled=torch.tensor([False, False]))
+    c = a.cat(b)
+    assert len(c) == 5 and c.index.tolist() == [4, 0, 2, -1, -1]
+    assert c.labelled.tolist() == [True, True, True, False, False]
+    assert c.masks is None and torch.equal(c.x[3:], b.x)
+    with pytest.raises(ValueError, match="extra keys"):
+        a.cat(Batch(b.x, b.y, extra={"teacher": torch.zeros(2, 2)}))
+
+
+def test_train_with_objectives_extra_rows_and_callbacks(data_dir, tmp_path):
+    """The hooks distillation and experiment tracking use, through :func:`train` itself."""
+    from fundus_edge.trainer import Batch, train
+
+    cfg = load_config(None, {
+        "data.root": str(data_dir), "out": str(tmp_path / "run"), "epochs": 2,
+        "model.members": ["resnet18"], "model.member_head": "gap", "model.weights": "none",
+        "model.image_size": 32, "data.batch_size": 7, "data.num_workers": 0, "device": "cpu",
+        "seed": 1, "enhance.warmup_epochs": 1,
+    })  # fmt: skip
+    seen = []
+
+    class Shrink:
+        name = "shrink"
+
+        def __call__(self, outputs, batch):
+            seen.append((len(batch), batch.index.tolist(), batch.labelled.tolist(),
+                         "logits_enhanced" in outputs))  # fmt: skip
+            return 0.01 * outputs["logits"].float().pow(2).mean()
+
+    class TwoMore:
+        def batch(self, epoch, step):
+            g = torch.Generator().manual_seed(epoch * 1000 + step)
+            x = torch.randn(2, 3, 32, 32, generator=g)
+            return Batch(x, torch.zeros(2, 13), labelled=torch.zeros(2, dtype=torch.bool))
+
+    class Recorder:
+        def __init__(self):
+            self.epochs, self.result = [], None
+
+        def on_epoch_end(self, epoch, record, model):
+            self.epochs.append((epoch, dict(record), type(model).__name__))
+
+        def on_train_end(self, result):
+            self.result = result
+
+    rec = Recorder()
+    res = train(cfg, show_progress=False, objectives=[Shrink()], callbacks=[rec],
+                extra_data=TwoMore())  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_shrink"] > 0 for r in lines) and "train_mask_loss" not in lines[0]
+    assert [e[0] for e in rec.epochs] == [1, 2] and rec.epochs[1][2] == "Ensemble"
+    assert rec.epochs[1][1] == lines[1] and rec.result is res and res.epochs_done == 2
+    assert {s[0] for s in seen} == {9} and len(seen) == 4  # 2 steps of 7 + 2 rows, 2 epochs
+    assert all(s[1][-2:] == [-1, -1] and min(s[1][:7]) >= 0 for s in seen)
+    assert all(s[2] == [True] * 7 + [False] * 2 for s in seen)
+    assert [s[3] for s in seen] == [False, False, True, True]  # warm-up, then enhanced
