@@ -288,3 +288,88 @@ def test_export_logger_refusals_come_before_any_work(tmp_path):
     res = export("--logger", "tensorboard", "--thresholds", str(ck), "--reason", "x")
     assert res.exit_code == 2 and "drop it to re-stamp" in res.output
     assert not out.exists()
+
+
+# -- a tiny training run with each logger ------------------------------------------------------
+
+# Small members at 48 px, one epoch: seconds on two CPU cores.
+TINY = [
+    "--members", "resnet18", "--member-head", "gap", "--weights", "none", "--image-size", "48",
+    "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "1", "--seed", "3",
+    "--set", "enhance.warmup_epochs=0",
+]  # fmt: skip
+
+
+def _train(data, out, *args):
+    from typer.testing import CliRunner
+
+    import fundus_edge.cli.cmd_train  # noqa: F401  (registers train)
+    from fundus_edge.cli.app import app
+
+    return CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY, *args])
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_train_logs_config_metrics_maps_and_checkpoint(kind, tiny_synth, tmp_path):
+    pytest.importorskip("torch", reason="torch is not installed (extra: train)")
+    pytest.importorskip(kind, reason=f"{kind} is not installed (extra: {kind})")
+    out = tmp_path / "run"
+    res = _train(tiny_synth, out, "--logger", kind, "--logger-images", "3")
+    assert res.exit_code == 0, res.output
+    rec = read_record(out)
+    assert rec["kind"] == kind
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    sha = git_commit()
+    if kind == "tensorboard":
+        logdir = Path(rec["logdir"])
+        assert logdir == (out / "tensorboard" / "run").absolute()
+        ea = _tb_events(logdir)
+        assert ea.Scalars("val_loss")[0].step == 1
+        assert ea.Scalars("val_loss")[0].value == pytest.approx(metrics["val_loss"])
+        maps = [t for t in ea.Tags()["images"] if t.startswith("maps/")]
+        assert len(maps) == 3 and ea.Images(maps[0])[0].width == 48
+        assert "resnet18" in _tb_text(ea, "config")
+        params = _tb_text(ea, "params")
+        assert "| data.fingerprint |" in params and "| data.val_images |" in params
+        assert f"| git.commit | {sha['commit'] if sha else 'none'} |" in params
+        arts = {p.name for p in (logdir / "artifacts").iterdir()}
+        assert {"best.safetensors", "metrics.csv", "training_curves.png"} <= arts
+        return
+    client = _mlflow_client(rec)
+    run = client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["model.members"] == "['resnet18']"
+    assert len(run.data.params["data.fingerprint"]) == 16
+    (m,) = client.get_metric_history(rec["run_id"], "val_loss")
+    assert m.step == 1 and m.value == pytest.approx(metrics["val_loss"])
+    files = _artifact_paths(client, rec["run_id"])
+    assert {"best.safetensors", "metrics.csv", "training_curves.png", "config.yaml"} <= set(files)
+    maps = [f for f in files if f.startswith("images/maps") and f.endswith(".png")]
+    assert len([f for f in maps if "compressed" not in f]) == 3, maps
+
+    # export --logger: the report joins the same run
+    exp = tmp_path / "export"
+    from typer.testing import CliRunner
+
+    import fundus_edge.cli.cmd_export  # noqa: F401
+    from fundus_edge.cli.app import app
+
+    args = ["export", "--model", str(out / "best.safetensors"), "--out", str(exp),
+            "--format", "onnx", "--no-verify", "--no-simplify", "--logger", "mlflow"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "export_report.json" in _artifact_paths(client, rec["run_id"])
+    assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+
+
+def test_train_with_a_missing_logger_package_is_exit_3_before_any_work(
+    monkeypatch, tiny_synth, tmp_path
+):
+    pytest.importorskip("torch", reason="torch is not installed (extra: train)")
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    out = tmp_path / "run"
+    res = _train(tiny_synth, out, "--logger", "mlflow")
+    assert res.exit_code == 3, res.output
+    assert "fundus-edge train needs 'mlflow'" in res.output
+    assert "pip install 'fundus-edge[mlflow]'" in res.output
+    assert not out.exists()

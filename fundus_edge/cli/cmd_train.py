@@ -49,6 +49,19 @@ def train(
         "--threshold-policy",
         help="Thresholds tuned per label on validation: f1 | youden | sens@0.90 | spec@0.95 [f1].",
     ),
+    logger: str = typer.Option(
+        "none",
+        "--logger",
+        help="Experiment tracking: none | tensorboard | mlflow (extras of the same names).",
+    ),
+    logger_dir: Path | None = typer.Option(
+        None,
+        "--logger-dir",
+        help="TensorBoard log root or MLflow store folder [RUN/tensorboard, RUN/mlflow].",
+    ),
+    logger_images: int = typer.Option(
+        4, "--logger-images", help="Validation images whose maps are logged each epoch."
+    ),
     ablation: Path | None = typer.Option(
         None,
         "--ablation",
@@ -70,6 +83,11 @@ def train(
         ]
     )
 
+    from fundus_edge.tracking import require_tracker
+
+    require_tracker(logger)  # exit 3 naming the extra, before any work
+    if logger_images < 0:
+        raise UserError(f"--logger-images {logger_images}: must be 0 or more")
     if enhance is not None and enhance not in _ENHANCE:
         raise UserError(f"--enhance {enhance!r}: choose one of {', '.join(_ENHANCE)}")
     pairs = {
@@ -104,6 +122,8 @@ def train(
 
         if out is None:
             raise UserError("--ablation needs --out DIR for the runs and the comparison table")
+        if logger != "none":
+            raise UserError("--logger tracks one run; train the ablation's variants without it")
         res = run_ablation(
             ablation, config, overrides, set_, Path(out), overwrite=overwrite, resume=resume
         )
@@ -115,9 +135,18 @@ def train(
     cfg = load_config(config, overrides, sets=set_)
     given = given_keys(config, overrides, set_)
 
+    from fundus_edge.tracking.callback import TrackingCallback
     from fundus_edge.trainer import train as run_train
 
-    res = run_train(cfg, resume=resume, overwrite=overwrite, given=given)
+    with TrackingCallback(logger, cfg, logger_dir, resume, logger_images) as tracking:
+        res = run_train(
+            cfg,
+            resume=resume,
+            overwrite=overwrite,
+            given=given,
+            on_start=tracking.on_start,
+            callbacks=[tracking],
+        )
     if res.rank != 0:  # under torchrun only rank 0 reports, as only it wrote the run
         return
     best = "n/a" if res.best_metric is None else f"{res.best_name} {res.best_metric:.4f}"

@@ -28,8 +28,9 @@ class TrackingCallback:
 
     Args:
         kind: ``none``, ``tensorboard`` or ``mlflow``.
-        cfg: the resolved :class:`~fundus_edge.config.TrainConfig` (after ``--resume``: the
-            run's own, as the trainer resolves it; ``cfg.out`` the run directory).
+        cfg: the command's :class:`~fundus_edge.config.TrainConfig` (``cfg.out`` or
+            ``runs/<cfg.name>`` the run directory); :meth:`on_start` replaces it by the run's
+            saved ``config.yaml``, the resolved one (after ``--resume``: the run's own).
         logger_dir: TensorBoard log root or MLflow store (default: inside the run directory).
         resume: continue the run's tracker run (``train --resume``).
         images: how many validation images' maps to log each epoch (0: none).
@@ -54,13 +55,17 @@ class TrackingCallback:
 
     # -- the trainer's hooks -----------------------------------------------------------------
 
-    def on_start(self, cfg: Any = None) -> None:
-        """Open the tracker and log what the run is: config, commit, data. Rank 0 only."""
-        if cfg is not None:
-            self.cfg = cfg
+    def on_start(self) -> None:
+        """Open the tracker and log what the run is: config, commit, data (the trainer's
+        ``on_start``: rank 0, the run directory made and its config saved)."""
         if self.kind == "none":
             return
+        from fundus_edge.config import load_config
         from fundus_edge.tracking.provenance import git_commit
+
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():  # the resolved config (after --resume: the run's own)
+            self.cfg = load_config(saved)
 
         self.tracker = open_tracker(
             self.kind, self.run_dir, self.cfg.name, self.logger_dir, resume=self.resume
@@ -118,7 +123,7 @@ class TrackingCallback:
 def _split_of(cfg: Any) -> tuple[list, list[str], str, str]:
     """Validation samples, label names, screening label and the training split's fingerprint
     (the trainer's own, as ``--resume`` checks it)."""
-    from fundus_edge.trainer import _fingerprint, _open_data
+    from fundus_edge.trainer.batches import _fingerprint, _open_data
 
     ds, train, val = _open_data(cfg)
     return list(val), list(ds.label_names), ds.screening_label or "", _fingerprint(train)
