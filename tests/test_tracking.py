@@ -351,7 +351,7 @@ def test_train_logs_config_metrics_maps_and_checkpoint(kind, tiny_synth, tmp_pat
     exp = tmp_path / "export"
     from typer.testing import CliRunner
 
-    import fundus_edge.cli.cmd_export  # noqa: F401
+    import fundus_edge.cli.cmd_export
     from fundus_edge.cli.app import app
 
     args = ["export", "--model", str(out / "best.safetensors"), "--out", str(exp),
@@ -360,6 +360,22 @@ def test_train_logs_config_metrics_maps_and_checkpoint(kind, tiny_synth, tmp_pat
     assert res.exit_code == 0, res.output
     assert "export_report.json" in _artifact_paths(client, rec["run_id"])
     assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+
+    # distill takes the same options: a student of this run, tracked with TensorBoard
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (extra: tensorboard)")
+    import fundus_edge.cli.cmd_distill  # noqa: F401
+
+    student = tmp_path / "student"
+    args = ["distill", "--teacher", str(out / "best.safetensors"), "--data", str(tiny_synth),
+            "--out", str(student), "--student", "resnet18", "--image-size", "48", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "1",
+            "--one-pass", "--logger", "tensorboard", "--logger-images", "2"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    ea = _tb_events(Path(read_record(student)["logdir"]))
+    assert ea.Scalars("val_loss")[0].step == 1
+    assert len([t for t in ea.Tags()["images"] if t.startswith("maps/")]) == 2
+    assert "best.safetensors" in {p.name for p in (student / "tensorboard").rglob("*")}
 
 
 def test_train_with_a_missing_logger_package_is_exit_3_before_any_work(

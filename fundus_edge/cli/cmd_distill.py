@@ -69,6 +69,15 @@ def distill(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    logger: str = typer.Option(
+        "none", "--logger", help="Experiment tracking: none | tensorboard | mlflow (as train)."
+    ),
+    logger_dir: Path | None = typer.Option(
+        None, "--logger-dir", help="TensorBoard log root or MLflow store folder (as train)."
+    ),
+    logger_images: int = typer.Option(
+        4, "--logger-images", help="Validation images whose maps are logged each epoch."
+    ),
 ) -> None:
     """Distil a compact student (one registry member with CAM kernels) from a trained ensemble.
 
@@ -86,6 +95,11 @@ def distill(
             ("matplotlib", "the training curves"),
         ]
     )
+    from fundus_edge.tracking import require_tracker
+
+    require_tracker(logger)  # exit 3 naming the extra, before any work
+    if logger_images < 0:
+        raise UserError(f"--logger-images {logger_images}: must be 0 or more")
     if data is not None and not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
     if teacher is not None and not teacher.is_file():
@@ -118,7 +132,18 @@ def distill(
 
     cfg, section = load_distill_config(config, overrides, set_, student_defaults)
     given = _given(config, overrides, set_)
-    res = run_distill(cfg, section, resume=resume, overwrite=overwrite, given=given)
+    from fundus_edge.tracking.callback import TrackingCallback
+
+    with TrackingCallback(logger, cfg, logger_dir, resume, logger_images) as tracking:
+        res = run_distill(
+            cfg,
+            section,
+            resume=resume,
+            overwrite=overwrite,
+            given=given,
+            on_start=tracking.on_start,
+            callbacks=[tracking],
+        )
     if res.rank != 0:
         return
     best = "n/a" if res.best_metric is None else f"{res.best_name} {res.best_metric:.4f}"

@@ -88,6 +88,8 @@ def distill(
     overwrite: bool = False,
     show_progress: bool | None = None,
     given=(),
+    on_start=None,
+    callbacks=(),
 ):
     """Distil a student from ``section.teacher`` as ``cfg`` (the student's training config) says.
 
@@ -99,6 +101,8 @@ def distill(
         overwrite: replace an existing run directory.
         show_progress: progress bars on/off (default: on a terminal).
         given: the dotted keys the user set (see :func:`fundus_edge.trainer.train`).
+        on_start: passed to :func:`fundus_edge.trainer.train` (rank 0, the run directory made).
+        callbacks: more trainer callbacks (experiment tracking), told after the teacher stamp.
 
     Returns:
         The trainer's :class:`~fundus_edge.trainer.RunResult`.
@@ -214,5 +218,6 @@ def distill(
         given=given,
         objectives=objectives,
         extra_data=source,
-        callbacks=[_StampTeacher(run_dir, record)],
+        on_start=on_start,
+        callbacks=[_StampTeacher(run_dir, record), *callbacks],
     )
