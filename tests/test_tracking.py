@@ -78,6 +78,8 @@ def test_pick_samples_covers_labels_first_and_is_deterministic():
     assert pick_samples(samples, names, 4, skip=["Disease_Risk"]) == got
     assert pick_samples(samples, names, 2) == [(1, 0), (2, 1)]  # no skip: b is taken
     assert len(pick_samples(samples, names, 50)) == len(samples)
+    # a filler image shows its finding, not the screening label positive with it
+    assert pick_samples(samples, names, 5, skip=["Disease_Risk"])[4] == (2, 1)
 
 
 def test_git_commit(tmp_path):
@@ -346,6 +348,15 @@ def test_train_logs_config_metrics_maps_and_checkpoint(kind, tiny_synth, tmp_pat
     assert {"best.safetensors", "metrics.csv", "training_curves.png", "config.yaml"} <= set(files)
     maps = [f for f in files if f.startswith("images/maps") and f.endswith(".png")]
     assert len([f for f in maps if "compressed" not in f]) == 3, maps
+
+    # --resume continues the same MLflow run
+    res = _train(tiny_synth, out, "--logger", kind, "--resume", "--epochs", "2")
+    assert res.exit_code == 0, res.output
+    assert read_record(out)["run_id"] == rec["run_id"]
+    hist = client.get_metric_history(rec["run_id"], "val_loss")
+    assert sorted(m.step for m in hist) == [1, 2]
+    run = client.get_run(rec["run_id"])
+    assert run.data.params["epochs"] == "1" and run.data.tags["resumed.epochs"] == "2"
 
     # export --logger: the report joins the same run
     exp = tmp_path / "export"

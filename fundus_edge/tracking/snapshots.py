@@ -31,7 +31,8 @@ def pick_samples(
     First one image per label, in label order, the first sample of the split positive for it
     (so the set shows as many different findings as it can; ``skip``: labels not chosen in
     this pass, e.g. the screening label, positive with any finding); then the remaining
-    samples in split order, each with its first positive label (else label 0).
+    samples in split order, each with its first positive label not in ``skip`` (else its first
+    positive label, else label 0).
     """
     skip_set = set(skip)
     chosen: list[tuple[int, int]] = []
@@ -52,7 +53,8 @@ def pick_samples(
         if i in used:
             continue
         pos = [c for c in range(min(len(s.labels), len(label_names))) if s.labels[c] > 0.5]
-        chosen.append((i, pos[0] if pos else 0))
+        findings = [c for c in pos if label_names[c] not in skip_set]
+        chosen.append((i, (findings or pos or [0])[0]))
         used.add(i)
     return chosen
 
