@@ -5,6 +5,13 @@ unknown keys and wrongly typed values are refused with one line naming the file 
 Overrides are dotted ``key=value`` pairs (``optim.lr=1e-3``, ``model.members=[resnet18]``),
 their values parsed as YAML. The resolved config is saved beside every run as ``config.yaml``,
 so a run can be repeated from its own directory.
+
+:func:`resolve` is the one layered loader: a dataclass's defaults, then any number of layers
+(a recipe, a teacher's defaults, ``--set`` pairs, named options), each a nested or dotted
+mapping checked on its own so that an error names the layer it came from. :func:`load_config`
+is it for :class:`TrainConfig`. The sections that mirror other modules' configs have one
+conversion each: :meth:`TrainConfig.ensemble_config`, :meth:`TrainConfig.preprocess_config`,
+:meth:`TrainConfig.augment_config`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -35,10 +42,15 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_changes",
+    "flatten",
     "given_keys",
     "load_config",
+    "parse_sets",
+    "resolve",
     "save_config",
 ]
+
+T = TypeVar("T")
 
 #: ``kernel``: the forward-only CAM kernels of the model (fast, exact Grad-CAM for pooled heads).
 #: The others use the ``grad-cam`` package (a backward pass per class; slow, for comparison).
@@ -168,7 +180,63 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
 
     def to_dict(self) -> dict:
+        """The nested mapping ``config.yaml`` holds."""
         return asdict(self)
+
+    def ensemble_config(self, label_names: list[str] | tuple[str, ...]):
+        """The :class:`~fundus_edge.models.EnsembleConfig` this run trains, for these labels.
+
+        ``enhance.op: none`` builds the original view only (the exported model runs one pass).
+        """
+        from fundus_edge.models import EnhanceConfig, EnsembleConfig
+
+        m, e = self.model, self.enhance
+        return EnsembleConfig(
+            members=tuple(m.members),
+            num_classes=len(label_names),
+            label_names=tuple(label_names),
+            head=m.head,
+            member_head=m.member_head,
+            weights=m.weights,
+            imagenet_dir=m.imagenet_dir,
+            dropout=m.dropout,
+            image_size=m.image_size,
+            mean=tuple(m.mean),
+            std=tuple(m.std),
+            views="original" if e.op == "none" else "both",
+            enhance=EnhanceConfig(
+                op="weight" if e.op == "none" else e.op,
+                lam=e.lam,
+                theta=e.theta,
+                pad=e.pad,
+                attention=e.attention,
+            ),
+        )
+
+    def preprocess_config(self):
+        """The :class:`~fundus_edge.preprocess.PreprocessConfig` of ``data.preprocess``, its
+        size ``model.image_size``.
+
+        Raises:
+            UserError: ``data.preprocess.size`` given and not ``model.image_size``, or a bad
+                preprocessing option.
+        """
+        from fundus_edge.preprocess import PreprocessConfig
+
+        pre = dict(self.data.preprocess)
+        if "size" in pre and pre["size"] != self.model.image_size:
+            raise UserError(
+                f"size {pre['size']} differs from model.image_size {self.model.image_size}; "
+                "set only model.image_size"
+            )
+        return PreprocessConfig.from_dict({**pre, "size": self.model.image_size})
+
+    def augment_config(self):
+        """The :class:`~fundus_edge.torchdata.AugmentConfig` of ``data``'s augmentation keys."""
+        from fundus_edge.torchdata import AugmentConfig
+
+        d = self.data
+        return AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
@@ -220,11 +288,8 @@ class TrainConfig:
             if len(vec) != 3 or (positive and min(vec) <= 0):
                 each = ", each > 0" if positive else ""
                 raise UserError(f"{source}: {key}: expected 3 values (R, G, B){each}, got {vec}")
-        pre = {**self.data.preprocess, "size": self.model.image_size}
         try:
-            from fundus_edge.preprocess import PreprocessConfig
-
-            PreprocessConfig.from_dict(pre)
+            self.preprocess_config()
         except UserError as exc:  # name the recipe and section, not just the option
             raise UserError(f"{source}: data.preprocess: {exc}") from None
         from fundus_edge.operating import parse_policy
@@ -302,6 +367,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if tp is str:
         return isinstance(value, str), value
@@ -360,6 +430,26 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def parse_sets(sets: Iterable[str], option: str = "--set") -> dict[str, Any]:
+    """``["optim.lr=1e-3", ...]`` -> ``{"optim.lr": 0.001}`` (values parsed as YAML).
+
+    Raises:
+        UserError: an item without ``=``.
+    """
+    pairs: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise UserError(f"{option} {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return pairs
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys; ``data.preprocess`` stays one key (a mapping)."""
+    return {key: _dotted(d, key[len(prefix) :]) for key in _leaves(d, prefix)}
+
+
 def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
     """Set dotted keys in a nested mapping.
 
@@ -371,13 +461,7 @@ def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
         UserError: a ``key=value`` string without ``=``.
     """
     if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-        overrides = pairs
+        overrides = parse_sets(overrides)
     out = _merge(d, {})
     for key, value in overrides.items():
         parts = key.split(".")
@@ -388,6 +472,35 @@ def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
             node = node[p]
         node[parts[-1]] = value
     return out
+
+
+def resolve(cls: type[T], layers: Iterable[tuple[str, dict[str, Any]]], source: str = "") -> T:
+    """A config dataclass from its defaults and ``layers``, later layers winning.
+
+    Args:
+        cls: the dataclass (:class:`TrainConfig`, or any with typed fields and defaults; a
+            ``validate(source)`` method is called on the result).
+        layers: ``(name, mapping)`` pairs; a mapping holds nested sections or dotted keys
+            (``{"optim": {"lr": 1e-3}}`` or ``{"optim.lr": 1e-3}``). Each layer's keys and
+            types are checked alone, so an unknown key names its own layer.
+        source: what the final checks name (default: the layers' names joined by ``+``).
+
+    Raises:
+        UserError: an unknown key, a wrong type or an invalid value.
+    """
+    d = asdict(cls())
+    names = []
+    for name, layer in layers:
+        nested = apply_overrides({}, {k: v for k, v in layer.items() if "." in k})
+        nested = _merge(nested, {k: v for k, v in layer.items() if "." not in k})
+        _build(cls, nested, name, "")  # names this layer's own bad keys
+        d = _merge(d, nested)
+        names.append(name)
+    source = source or " + ".join(names) or "config"
+    cfg = _build(cls, d, source, "")
+    if hasattr(cfg, "validate"):
+        cfg.validate(source)
+    return cfg
 
 
 def load_config(
@@ -405,23 +518,18 @@ def load_config(
     Raises:
         UserError: missing or malformed recipe, unknown key, wrong type, invalid choice.
     """
-    d = TrainConfig().to_dict()
-    source = "config"
+    layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
-        path = Path(path)
-        source = str(path)
-        recipe = load_yaml_mapping(path, "--config")
-        _build(TrainConfig, recipe, source, "")  # names the recipe's own bad keys
-        d = _merge(d, recipe)
+        layers.append((str(path), load_yaml_mapping(Path(path), "--config")))
     if sets:
-        d = apply_overrides(d, sets)
+        layers.append(("--set", parse_sets(sets)))
     if overrides:
-        d = apply_overrides(d, overrides)
+        over = parse_sets(overrides) if isinstance(overrides, list) else overrides
+        layers.append(("command-line options", over))
+    source = str(path) if path is not None else "config"
     if sets or overrides:
         source = f"{source} + command-line overrides"
-    cfg = TrainConfig.from_dict(d, source)
-    cfg.validate(source)
-    return cfg
+    return resolve(TrainConfig, layers, source)
 
 
 def given_keys(

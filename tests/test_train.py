@@ -664,3 +664,46 @@ def test_train_with_objectives_extra_rows_and_callbacks(data_dir, tmp_path):
     assert all(s[1][-2:] == [-1, -1] and min(s[1][:7]) >= 0 for s in seen)
     assert all(s[2] == [True] * 7 + [False] * 2 for s in seen)
     assert [s[3] for s in seen] == [False, False, True, True]  # warm-up, then enhanced
+
+
+def test_resolve_layers_name_their_own_errors_and_later_ones_win(tmp_path):
+    from fundus_edge.config import TrainConfig, flatten, parse_sets, resolve
+
+    teacher = {"model.members": ["resnet18"], "model.image_size": 64}
+    recipe = {
+        "model": {"image_size": 96},
+        "optim": {"lr": 0.01},
+        "data": {"preprocess": {"contrast": "clahe"}},
+    }
+    sets = parse_sets(["optim.lr=1e-4", "data.preprocess.margin=0.1"])
+    cfg = resolve(TrainConfig, [("teacher", teacher), ("r.yaml", recipe), ("--set", sets)])
+    assert cfg.model.members == ["resnet18"] and cfg.model.image_size == 96
+    assert cfg.optim.lr == 1e-4 and cfg.data.preprocess == {"contrast": "clahe", "margin": 0.1}
+    flat = flatten(cfg.to_dict())
+    assert flat["optim.loss.name"] == "bce" and flat["data.preprocess"] == cfg.data.preprocess
+    assert resolve(TrainConfig, [("again", flat)]) == cfg
+    with pytest.raises(UserError, match=r"^teacher: unknown key model\.memberz"):
+        resolve(TrainConfig, [("teacher", {"model.memberz": ["x"]}), ("r.yaml", recipe)])
+    with pytest.raises(UserError, match=r"^--set: epochs: expected int"):
+        resolve(TrainConfig, [("r.yaml", recipe), ("--set", {"epochs": "many"})])
+    with pytest.raises(UserError, match=r"^r\.yaml \+ x: enhance\.op: 'blur' is not one of"):
+        resolve(TrainConfig, [("r.yaml", {"enhance.op": "blur"}), ("x", {})])
+    with pytest.raises(UserError, match=r"--set 'optim\.lr': expected KEY=VALUE"):
+        parse_sets(["optim.lr"])
+
+
+def test_one_conversion_per_mirrored_config():
+    from fundus_edge.preprocess import PreprocessConfig
+    from fundus_edge.torchdata import AugmentConfig
+
+    cfg = load_config(None, {"model.image_size": 96, "enhance.op": "none", "data.rotate": 5.0})
+    ens = cfg.ensemble_config(["a", "b"])
+    assert ens.views == "original" and ens.num_classes == 2 and ens.label_names == ("a", "b")
+    assert ens.members == tuple(cfg.model.members) and ens.image_size == 96
+    assert cfg.preprocess_config() == PreprocessConfig(size=96)
+    assert cfg.augment_config() == AugmentConfig(rotate=5.0)
+    cfg.data.preprocess = {"size": 64}
+    with pytest.raises(UserError, match=r"size 64 differs from model\.image_size 96"):
+        cfg.preprocess_config()
+    with pytest.raises(UserError, match=r"^config: data\.preprocess: size 64 differs"):
+        cfg.validate()

@@ -158,24 +158,14 @@ class TrainData:
         """Index the data, build and fill both datasets; refuse what cannot train.
 
         Raises:
-            UserError: no or missing data folder, preprocessing size conflicts,
-                ``mask_weight > 0`` without any mask.
+            UserError: no or missing data folder, ``mask_weight > 0`` without any mask.
             DataError: a split is empty, or no training image can be read.
         """
-        from fundus_edge.preprocess import PreprocessConfig
-        from fundus_edge.torchdata import AugmentConfig, FundusTorchDataset
+        from fundus_edge.torchdata import FundusTorchDataset
 
         ds, train_samples, val_samples = _open_data(cfg)
         label_names = list(ds.label_names)
-        pre_d = dict(cfg.data.preprocess)
-        if "size" in pre_d and pre_d["size"] != cfg.model.image_size:
-            raise UserError(
-                f"data.preprocess.size {pre_d['size']} differs from model.image_size "
-                f"{cfg.model.image_size}; set only model.image_size"
-            )
-        pre = PreprocessConfig.from_dict({**pre_d, "size": cfg.model.image_size})
-        d = cfg.data
-        aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
+        pre, aug, d = cfg.preprocess_config(), cfg.augment_config(), cfg.data
         mask_weight = cfg.optim.loss.mask_weight
         mean, std = cfg.model.mean, cfg.model.std
         train_ds = FundusTorchDataset(

@@ -61,31 +61,9 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> nn.Module:
     Raises:
         UserError: unknown members, missing ImageNet files, a checkpoint that does not fit.
     """
-    from fundus_edge.models import EnhanceConfig, EnsembleConfig, build_ensemble
+    from fundus_edge.models import build_ensemble
 
-    e = cfg.enhance
-    ecfg = EnsembleConfig(
-        members=tuple(cfg.model.members),
-        num_classes=len(label_names),
-        label_names=tuple(label_names),
-        head=cfg.model.head,
-        member_head=cfg.model.member_head,
-        weights=cfg.model.weights,
-        imagenet_dir=cfg.model.imagenet_dir,
-        dropout=cfg.model.dropout,
-        image_size=cfg.model.image_size,
-        mean=tuple(cfg.model.mean),
-        std=tuple(cfg.model.std),
-        views="original" if e.op == "none" else "both",
-        enhance=EnhanceConfig(
-            op="weight" if e.op == "none" else e.op,
-            lam=e.lam,
-            theta=e.theta,
-            pad=e.pad,
-            attention=e.attention,
-        ),
-    )
-    ensemble = build_ensemble(ecfg)
+    ensemble = build_ensemble(cfg.ensemble_config(label_names))
     if cfg.optim.bn_momentum is not None:
         for m in ensemble.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
