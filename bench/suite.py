@@ -396,10 +396,12 @@ class _UserPipeline:
 
 
 def _to_input(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """The eager members' input: :func:`fundus_edge.models.fused.normalise_input`."""
     import torch
 
-    x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0  # (N,3,H,W)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    from fundus_edge.models.fused import normalise_input
+
+    return normalise_input(torch.from_numpy(np.ascontiguousarray(image)), mean, std)
 
 
 def scenario_fused_vs_user(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
