@@ -57,8 +57,17 @@ demo: $(STAMP)
 		--save-video $(DEMO)/clip-annotated.mp4 --jsonl $(DEMO)/clip.jsonl --summary-json $(DEMO)/clip-summary.json
 	$(FE) run $(DEMO)/export/model.onnx $(DEMO)/retina.png --headless --save-dir $(DEMO)/overlay \
 		--jsonl $(DEMO)/retina.jsonl
+	# A compact student distilled from the ensemble (one MobileNetV3, one pass): the same
+	# contract (probabilities, per-label maps, attention), so eval, export and run take it as is.
+	$(FE) distill --config training/distill-demo.yaml --teacher $(DEMO)/run/best.safetensors \
+		--data $(DEMO)/data --out $(DEMO)/student --overwrite
+	$(FE) eval --model $(DEMO)/student/best.safetensors --data $(DEMO)/data --split test \
+		--json $(DEMO)/student-eval/test.json --out $(DEMO)/student-eval
+	$(FE) export --model $(DEMO)/student/best.safetensors --out $(DEMO)/student-export --format onnx
+	$(FE) run $(DEMO)/student-export/model.onnx $(DEMO)/retina.png --headless \
+		--save-dir $(DEMO)/student-overlay --jsonl $(DEMO)/student-retina.jsonl
 	$(BIN)/python bench/run_suite.py --quick --out $(DEMO)/bench
-	@echo "demo: outputs in $(DEMO)/ (eval/test.json, export/export_report.json, clip-annotated.mp4, bench/report.md)"
+	@echo "demo: outputs in $(DEMO)/ (eval/test.json, export/export_report.json, clip-annotated.mp4, student-eval/test.json, bench/report.md)"
 
 clean-demo:
 	rm -rf $(DEMO)
