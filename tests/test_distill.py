@@ -501,3 +501,20 @@ def test_refusals_are_one_line_before_any_work(tiny_synth, teacher_path, student
         ]
     )
     assert res.exit_code == 2 and "pooled per-member heads" in res.output
+
+
+def test_update_checkpoint_meta_adds_keys_and_keeps_the_contract(tmp_path):
+    from safetensors.torch import load_file
+
+    from fundus_edge.models.checkpoint import read_checkpoint_meta, update_checkpoint_meta
+
+    path = _tiny_teacher(tmp_path / "t.safetensors", ["A", "B"], members=("resnet18",))
+    before = load_file(str(path))
+    update_checkpoint_meta(path, {"distill": {"teacher": {"sha256": "x"}}})
+    meta = read_checkpoint_meta(path)
+    assert meta["distill"]["teacher"]["sha256"] == "x" and meta["label_names"] == ["A", "B"]
+    after = load_file(str(path))
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="'config' is the checkpoint's own"):
+        update_checkpoint_meta(path, {"config": {}})
