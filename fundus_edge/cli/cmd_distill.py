@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fundus_edge.cli import train_options as opts
 from fundus_edge.cli.app import app
 
 
@@ -20,15 +21,15 @@ def distill(
         help="Student backbone(s), comma-separated registry names, e.g. mobilenet_v3_large.",
     ),
     data: Path | None = typer.Option(None, "--data", "-d", help="Labelled dataset folder."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/NAME)."),
+    out: Path | None = opts.OUT,
     config: Path | None = typer.Option(
         None,
         "--config",
         "-c",
         help="YAML recipe (training/distill-*.yaml); options below override it.",
     ),
-    name: str | None = typer.Option(None, "--name", help="Run name (default from the recipe)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Total epochs."),
+    name: str | None = opts.NAME,
+    epochs: int | None = opts.EPOCHS,
     unlabelled: Path | None = typer.Option(
         None,
         "--unlabelled",
@@ -53,31 +54,23 @@ def distill(
     image_size: int | None = typer.Option(
         None, "--image-size", help="Student input side [default: the teacher's]."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Training batch size."),
+    batch_size: int | None = opts.BATCH_SIZE,
     lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    stop_after: int | None = typer.Option(
-        None, "--stop-after", help="Stop (resumably) after this many epochs."
-    ),
+    seed: int | None = opts.SEED,
+    device: str | None = opts.DEVICE,
+    workers: int | None = opts.WORKERS,
+    stop_after: int | None = opts.STOP_AFTER,
     set_: list[str] = typer.Option(
         [],
         "--set",
         help="Any config key, distill section included: --set distill.map_weight=2 "
         "--set optim.lr=1e-3.",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    logger: str = typer.Option(
-        "none", "--logger", help="Experiment tracking: none | tensorboard | mlflow (as train)."
-    ),
-    logger_dir: Path | None = typer.Option(
-        None, "--logger-dir", help="TensorBoard log root or MLflow store folder (as train)."
-    ),
-    logger_images: int = typer.Option(
-        4, "--logger-images", help="Validation images whose maps are logged each epoch."
-    ),
+    resume: bool = opts.RESUME,
+    overwrite: bool = opts.OVERWRITE,
+    logger: str = opts.LOGGER,
+    logger_dir: Path | None = opts.LOGGER_DIR,
+    logger_images: int = opts.LOGGER_IMAGES,
 ) -> None:
     """Distil a compact student (one registry member with CAM kernels) from a trained ensemble.
 
@@ -85,21 +78,10 @@ def distill(
     its attention, plus the ground truth; export, run, eval and bench take it as they take the
     ensemble. Its checkpoint names its teacher (file, SHA-256).
     """
-    from fundus_edge.errors import UserError, require_all
+    from fundus_edge.errors import UserError
 
-    require_all(
-        [
-            ("torch", "training"),
-            ("torchvision", "training"),
-            ("safetensors", "training checkpoints"),
-            ("matplotlib", "the training curves"),
-        ]
-    )
-    from fundus_edge.tracking import require_tracker
-
-    require_tracker(logger)  # exit 3 naming the extra, before any work
-    if logger_images < 0:
-        raise UserError(f"--logger-images {logger_images}: must be 0 or more")
+    # The workstation's extra and the tracker's, checked before any work (exit 3 naming it).
+    opts.check_training_install(logger, logger_images)
     if data is not None and not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
     if teacher is not None and not teacher.is_file():
@@ -112,19 +94,21 @@ def distill(
         "distill.temperature": temperature,
         "distill.init": init,
         "data.root": str(data) if data is not None else None,
-        "out": str(out) if out is not None else None,
-        "name": name,
-        "epochs": epochs,
         "model.members": [m.strip() for m in student.split(",") if m.strip()] if student else None,
         "model.weights": weights,
         "model.image_size": image_size,
         "enhance.op": None if passes is None else ("none" if passes else "weight"),
-        "data.batch_size": batch_size,
-        "data.num_workers": workers,
-        "optim.lr": lr,
-        "seed": seed,
-        "device": device,
-        "stop_after": stop_after,
+        **opts.run_options(
+            out=out,
+            name=name,
+            epochs=epochs,
+            batch_size=batch_size,
+            workers=workers,
+            lr=lr,
+            seed=seed,
+            device=device,
+            stop_after=stop_after,
+        ),
     }
     overrides = {k: v for k, v in pairs.items() if v is not None}
     from fundus_edge.distill import distill as run_distill

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fundus_edge.cli import train_options as opts
 from fundus_edge.cli.app import app
 
 _ENHANCE = ("weight", "crop", "drop", "none")
@@ -17,9 +18,9 @@ def train(
         None, "--config", "-c", help="YAML recipe (training/*.yaml); options below override it."
     ),
     data: Path | None = typer.Option(None, "--data", "-d", help="Dataset folder."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/NAME)."),
-    name: str | None = typer.Option(None, "--name", help="Run name (default from the recipe)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Total epochs."),
+    out: Path | None = opts.OUT,
+    name: str | None = opts.NAME,
+    epochs: int | None = opts.EPOCHS,
     members: str | None = typer.Option(
         None, "--members", help="Comma-separated backbones, e.g. vgg19,resnet50."
     ),
@@ -31,37 +32,25 @@ def train(
         None, "--cam-method", help="kernel (fast) or a grad-cam method: gradcam, gradcam++, ..."
     ),
     image_size: int | None = typer.Option(None, "--image-size", help="Model input side."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Training batch size."),
+    batch_size: int | None = opts.BATCH_SIZE,
     lr: float | None = typer.Option(None, "--lr", help="Head learning rate."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    stop_after: int | None = typer.Option(
-        None, "--stop-after", help="Stop (resumably) after this many epochs."
-    ),
+    seed: int | None = opts.SEED,
+    device: str | None = opts.DEVICE,
+    workers: int | None = opts.WORKERS,
+    stop_after: int | None = opts.STOP_AFTER,
     set_: list[str] = typer.Option(
         [], "--set", help="Any config key: --set optim.lr=1e-3 --set data.sampler=label_aware."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    resume: bool = opts.RESUME,
+    overwrite: bool = opts.OVERWRITE,
     threshold_policy: str | None = typer.Option(
         None,
         "--threshold-policy",
         help="Thresholds tuned per label on validation: f1 | youden | sens@0.90 | spec@0.95 [f1].",
     ),
-    logger: str = typer.Option(
-        "none",
-        "--logger",
-        help="Experiment tracking: none | tensorboard | mlflow (extras of the same names).",
-    ),
-    logger_dir: Path | None = typer.Option(
-        None,
-        "--logger-dir",
-        help="TensorBoard log root or MLflow store folder [RUN/tensorboard, RUN/mlflow].",
-    ),
-    logger_images: int = typer.Option(
-        4, "--logger-images", help="Validation images whose maps are logged each epoch."
-    ),
+    logger: str = opts.LOGGER,
+    logger_dir: Path | None = opts.LOGGER_DIR,
+    logger_images: int = opts.LOGGER_IMAGES,
     ablation: Path | None = typer.Option(
         None,
         "--ablation",
@@ -71,30 +60,14 @@ def train(
 ) -> None:
     """Train the ensemble (CAM-guided enhancement, weighted losses, resumable runs)."""
     from fundus_edge.config import given_keys, load_config
-    from fundus_edge.errors import UserError, require_all
+    from fundus_edge.errors import UserError
 
-    # The workstation's extra, checked before any work (exit 3 naming it).
-    require_all(
-        [
-            ("torch", "training"),
-            ("torchvision", "training"),
-            ("safetensors", "training checkpoints"),
-            ("matplotlib", "the training curves"),
-        ]
-    )
-
-    from fundus_edge.tracking import require_tracker
-
-    require_tracker(logger)  # exit 3 naming the extra, before any work
-    if logger_images < 0:
-        raise UserError(f"--logger-images {logger_images}: must be 0 or more")
+    # The workstation's extra and the tracker's, checked before any work (exit 3 naming it).
+    opts.check_training_install(logger, logger_images)
     if enhance is not None and enhance not in _ENHANCE:
         raise UserError(f"--enhance {enhance!r}: choose one of {', '.join(_ENHANCE)}")
     pairs = {
         "data.root": str(data) if data is not None else None,
-        "out": str(out) if out is not None else None,
-        "name": name,
-        "epochs": epochs,
         "model.members": [m.strip() for m in members.split(",") if m.strip()] if members else None,
         "model.weights": weights,
         "model.head": head,
@@ -102,12 +75,17 @@ def train(
         "model.image_size": image_size,
         "enhance.op": enhance,
         "enhance.cam_method": cam_method,
-        "data.batch_size": batch_size,
-        "data.num_workers": workers,
-        "optim.lr": lr,
-        "seed": seed,
-        "device": device,
-        "stop_after": stop_after,
+        **opts.run_options(
+            out=out,
+            name=name,
+            epochs=epochs,
+            batch_size=batch_size,
+            workers=workers,
+            lr=lr,
+            seed=seed,
+            device=device,
+            stop_after=stop_after,
+        ),
         "threshold_policy": threshold_policy,
     }
     overrides = {k: v for k, v in pairs.items() if v is not None}
