@@ -352,7 +352,7 @@ def test_records_reach_listeners_at_the_stream_rate_ending_on_the_newest():
         loop.run_until_complete(asyncio.sleep(0.3))  # the scheduled flush runs
         got = []
         while not listener.queue.empty():
-            name, data = listener.queue.get_nowait()
+            _name, data = listener.queue.get_nowait()
             got.append(json.loads(data)["frame"])
         assert got == [0, 29] and hub.records_sent == 2 and hub.last_record == {"frame": 29}
     finally:

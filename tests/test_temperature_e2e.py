@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from test_backends import make_metadata, make_onnx_model  # noqa: E402
+from test_backends import make_metadata, make_onnx_model
 
-from fundus_edge.artifact import read_metadata  # noqa: E402
-from fundus_edge.data import open_dataset  # noqa: E402
-from fundus_edge.operating import apply_temperature  # noqa: E402
-from fundus_edge.runtime import Predictor, RunConfig, run  # noqa: E402
+from fundus_edge.artifact import read_metadata
+from fundus_edge.data import open_dataset
+from fundus_edge.operating import apply_temperature
+from fundus_edge.runtime import Predictor, RunConfig, run
 
 
 @pytest.fixture
