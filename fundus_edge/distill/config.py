@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fundus_edge.config import flatten, parse_sets
 from fundus_edge.errors import UserError
 
 __all__ = ["INITS", "DistillSection", "load_distill_config", "student_defaults"]
@@ -108,30 +109,6 @@ def student_defaults(teacher: str | Path) -> dict[str, Any]:
     }
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    # data.preprocess is one option (a mapping of preprocessing options), as in config.py.
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "data.preprocess":
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def _parse_sets(sets: list[str]) -> dict[str, Any]:
-    import yaml
-
-    pairs: dict[str, Any] = {}
-    for item in sets:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.temperature=3")
-        k, v = item.split("=", 1)
-        pairs[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-    return pairs
-
-
 def load_distill_config(
     path: str | Path | None,
     overrides: dict[str, Any],
@@ -167,7 +144,7 @@ def load_distill_config(
         raise UserError(f"{source}: distill: expected a mapping")
     TrainConfig.from_dict(recipe, source)  # names the recipe's own bad keys
     _known_keys(distill_d, source)
-    later = {**_parse_sets(sets or []), **overrides}
+    later = {**parse_sets(sets or []), **overrides}
     if sets or overrides:
         source = f"{source} + command-line overrides"
     dist_d = {**distill_d}
@@ -182,7 +159,7 @@ def load_distill_config(
     layers: dict[str, Any] = {}
     if teacher_defaults is not None and section.teacher:
         layers.update(teacher_defaults(section.teacher))
-    layers.update(_flatten(recipe))
+    layers.update(flatten(recipe))
     layers.update(train_later)
     cfg = TrainConfig.from_dict(apply_overrides(TrainConfig().to_dict(), layers), source)
     cfg.validate(source)
