@@ -34,6 +34,7 @@ from fundus_edge.options import load_yaml_mapping
 
 __all__ = [
     "CAM_METHODS",
+    "MEMORY_FORMATS",
     "SELECT_METRICS",
     "DataSection",
     "EnhanceSection",
@@ -55,6 +56,7 @@ T = TypeVar("T")
 #: ``kernel``: the forward-only CAM kernels of the model (fast, exact Grad-CAM for pooled heads).
 #: The others use the ``grad-cam`` package (a backward pass per class; slow, for comparison).
 CAM_METHODS = ("kernel", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 #: What ``select`` may name: a validation metric of each epoch's record (``metrics.jsonl``);
 #: ``auto`` is the RIADD score, else macro AUROC. A ``*_loss`` is minimised, the rest maximised.
@@ -152,6 +154,10 @@ class OptimSection:
     freeze_epochs: int = 0  # backbone frozen (heads only) for this many epochs
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     amp: str = "auto"  # "auto" (fp16 on CUDA) | "fp16" | "bf16" | "none"
+    # Weight and activation layout: "auto" is channels_last on CPU (oneDNN's convolutions run
+    # ~1.4x faster a training step there, measured on a 2-core EPYC) and the default elsewhere;
+    # "channels_last" | "contiguous" force one. Same maths, different rounding order.
+    memory_format: str = "auto"
     ema: float = 0.0  # EMA decay (e.g. 0.999); 0 disables
     # BatchNorm running-statistics momentum; None keeps each backbone's own. MobileNetV3 and
     # EfficientNet use 0.01, made for long ImageNet runs: over a short run from random init
@@ -256,6 +262,7 @@ class TrainConfig:
             ("optim.optimizer", self.optim.optimizer, ("adamw", "sgd")),
             ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
             ("optim.amp", self.optim.amp, ("auto", "fp16", "bf16", "none")),
+            ("optim.memory_format", self.optim.memory_format, MEMORY_FORMATS),
         ]
         for key, value, allowed in checks:
             if value not in allowed:

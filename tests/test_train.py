@@ -707,3 +707,19 @@ def test_one_conversion_per_mirrored_config():
         cfg.preprocess_config()
     with pytest.raises(UserError, match=r"^config: data\.preprocess: size 64 differs"):
         cfg.validate()
+
+
+def test_memory_format_auto_is_channels_last_on_cpu_only_and_choices_are_checked():
+    import torch
+
+    from fundus_edge.config import TrainConfig
+    from fundus_edge.errors import UserError
+    from fundus_edge.trainer.parts import use_channels_last
+
+    assert use_channels_last("auto", torch.device("cpu"))
+    assert not use_channels_last("auto", torch.device("cuda"))
+    assert use_channels_last("channels_last", torch.device("cuda"))
+    assert not use_channels_last("contiguous", torch.device("cpu"))
+    cfg = TrainConfig.from_dict({"optim": {"memory_format": "nhwc"}})
+    with pytest.raises(UserError, match=r"optim\.memory_format"):
+        cfg.validate()
