@@ -1,7 +1,7 @@
 """``run --serve``: the live view's API and its security, against the real server (uvicorn
 on a free port) while a run goes on: token on every endpoint beyond loopback, path traversal,
-oversized requests, the viewer limit, TLS, the map selector and captures; the hub's
-non-blocking fan-out."""
+oversized requests, the viewer limit, TLS, the map selector and captures; the feed that never
+blocks the run, the hub's fan-out, and the server's own low-priority process."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import cv2
@@ -305,55 +306,131 @@ def test_bad_serve_options_are_one_line(video, tmp_path):
         run(cfg, predictor=Predictor(FakeBackend(make_metadata())), handle_signals=False)
 
 
-def test_hub_never_blocks_and_cuts_a_stalled_viewer(monkeypatch):
-    from fundus_edge.serve import hub as hubmod
+def test_feed_never_blocks_on_a_stalled_server_and_keeps_the_newest():
+    from fundus_edge.serve.feed import STREAM_MAX_SIDE, Feed
 
-    hub = hubmod.Hub(max_viewers=3)
-    loop = asyncio.new_event_loop()
-    hub.loop = loop
+    feed = Feed(max_viewers=3)
+    ours, theirs = socket.socketpair()  # the server end never reads: the sender thread blocks
+    feed.connect(Connection(ours.detach()))
     try:
-        slow = hub.attach("stream")
-        listener = hub.attach("events")
+        feed.stream_viewers, feed.event_viewers = 1, 1
         frame = np.zeros((2000, 3000, 3), np.uint8)
         t0 = time.perf_counter()
         for i in range(50):
-            hub._last_sent = hub._last_record_sent = 0.0  # no rate limit here
-            hub.publish_frame(frame, i, time.time())
-            hub.publish_record({"frame": i})
-        assert time.perf_counter() - t0 < 5  # returned each time; nobody read anything
-        loop.run_until_complete(asyncio.sleep(0))  # deliver what was handed over
-        assert slow.queue.qsize() == hubmod.QUEUE and slow.dropped == 50 - hubmod.QUEUE
-        data, index, _ = slow.queue.get_nowait()
-        assert index == 48 and cv2.imdecode(np.frombuffer(data, np.uint8), 1).shape[1] == 1280
-        # A viewer that took nothing for STALL_S is cut off (closed, woken with None).
-        slow.last_take -= hubmod.STALL_S + 1
-        hub._deliver([slow], (b"x", 99, 0.0))
-        hub._deliver([slow], (b"x", 100, 0.0))
-        assert slow.closed and hub.viewers_cut == 1
-        assert listener.queue.qsize() == hubmod.QUEUE
-        assert hub.attach("stream") is not None and hub.attach("stream") is not None
-        # 3 streams at most (the cut one stays attached until its handler detaches it);
-        # event listeners count apart.
-        assert hub.attach("stream") is None and hub.attach("events") is not None
+            feed._last_frame = 0.0  # no rate limit here
+            feed.publish_frame(frame, i, time.time())
+            feed.publish_record({"frame": i})
+        assert time.perf_counter() - t0 < 5  # returned each time; the pipe took nearly nothing
+        # The socket's buffer took a few; the sender then blocked and the rest were replaced.
+        assert feed.frames_encoded == 50 and feed.frames_dropped >= 25
+        assert feed.frames_sent + feed.frames_dropped + 1 == 50
+        assert feed.viewer_drops == feed.frames_dropped
+        data, index, _ = feed._frame
+        assert index == 49 and cv2.imdecode(np.frombuffer(data, np.uint8), 1).shape[1] == (
+            STREAM_MAX_SIDE
+        )
+        assert feed._record == {"frame": 49}
+        feed.stream_viewers = 0
+        assert not feed.frame_due()  # nobody watches: nothing rendered for the stream
     finally:
-        loop.close()
+        theirs.close()
+        feed.close()
 
 
-def test_records_reach_listeners_at_the_stream_rate_ending_on_the_newest():
+def test_records_go_at_the_stream_rate_ending_on_the_newest():
+    from fundus_edge.serve.feed import Feed
+
+    feed = Feed(max_viewers=3, fps=10.0)
+    ours, theirs = socket.socketpair()
+    server = Connection(theirs.detach())
+    feed.event_viewers = 1
+    feed.connect(Connection(ours.detach()))
+    try:
+        for i in range(30):  # a fast model: 30 records well within 0.1 s
+            feed.publish_record({"frame": i})
+        time.sleep(0.4)
+        got = []
+        while server.poll(0):
+            msg = server.recv()
+            if msg[0] == "record":
+                got.append(msg[1]["frame"])
+        assert got[-1] == 29 and len(got) <= 2 and feed.records_sent == len(got)
+    finally:
+        feed.close()
+        server.close()
+
+
+def test_hub_fans_one_object_out_and_cuts_a_stalled_viewer():
     from fundus_edge.serve import hub as hubmod
 
-    hub = hubmod.Hub(max_viewers=3, fps=10.0)
+    told: list[tuple] = []
+    hub = hubmod.Hub(max_viewers=3, map_choices=["auto", "DR"], tell=told.append)
     loop = asyncio.new_event_loop()
-    hub.loop = loop
+    asyncio.set_event_loop(loop)
     try:
+        slow = hub.attach("stream")
+        fast = hub.attach("stream")
         listener = hub.attach("events")
-        for i in range(30):  # a fast model: 30 records well within 0.1 s
-            hub.publish_record({"frame": i})
-        loop.run_until_complete(asyncio.sleep(0.3))  # the scheduled flush runs
-        got = []
-        while not listener.queue.empty():
-            _name, data = listener.queue.get_nowait()
-            got.append(json.loads(data)["frame"])
-        assert got == [0, 29] and hub.records_sent == 2 and hub.last_record == {"frame": 29}
+        assert told[-1] == ("viewers", 2, 1, 0, 0)  # the run learns who watches
+        for i in range(10):
+            hub.on_message(("frame", b"jpeg", i, 1.5))
+            fast.queue.get_nowait()
+            hub.on_message(("record", {"frame": i}))
+        assert hub.last_part.startswith(b"--frame\r\n") and b"X-Frame-Index: 9" in hub.last_part
+        assert hub.last_part.endswith(b"jpeg\r\n")
+        assert slow.queue.qsize() == hubmod.QUEUE and slow.dropped == 10 - hubmod.QUEUE
+        assert slow.queue.get_nowait() is not hub.last_part
+        assert slow.queue.get_nowait() is hub.last_part  # built once, the same for everyone
+        assert listener.queue.qsize() == hubmod.QUEUE
+        assert hub.last_record == b'event: record\ndata: {"frame": 9}\n\n'
+        hub.on_message(("record", {"frame": float("nan")}))  # nothing the page could parse
+        assert hub.last_record.endswith(b'{"frame": 9}\n\n')
+        # A viewer that took nothing for STALL_S is cut off (closed, woken with None).
+        for _ in range(hubmod.QUEUE):
+            hub.deliver("stream", b"x")
+        slow.last_take -= hubmod.STALL_S + 1
+        hub.deliver("stream", b"y")
+        assert slow.closed and hub.viewers_cut == 1
+        assert hub.attach("stream") is not None
+        assert hub.attach("stream") is None  # 3 streams at most (the cut one until detached)
+        hub.detach(slow)
+        assert hub.attach("stream") is not None and hub.attach("events") is not None
+        # Captures and maps go to the run; an unknown map is refused here.
+        assert hub.request_capture() == 1 and told[-1] == ("capture", 1)
+        assert hub.set_map("DR") == "DR" and told[-1] == ("map", "DR")
+        with pytest.raises(ValueError, match="unknown map"):
+            hub.set_map("nonsense")
+        hub.on_message(("status", {"frames": 7, "map": "auto"}))
+        status = hub.status_now()
+        assert status["frames"] == 7 and status["map"] == "DR" and status["viewers"] == 5
     finally:
+        asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_the_server_is_a_process_of_its_own_at_a_lower_priority(video, tmp_path):
+    import os
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/"
+    with LiveRun(video, tmp_path, f"127.0.0.1:{port}") as live:
+        live.wait_up(base)
+        workers = []
+        for stat in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                cmd = stat.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"fundus_edge.serve.worker" in cmd:
+                fields = (stat.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == os.getpid():  # its parent: this process (the run)
+                    workers.append(int(fields[16]))  # nice
+        assert workers == [os.getpriority(os.PRIO_PROCESS, 0) + 10] or workers == [19], workers
+        assert httpx.get(base + "status").json()["frames"] > 0
+    assert live.error is None
+    time.sleep(0.5)
+    assert not any(
+        b"fundus_edge.serve.worker" in p.read_bytes()
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if p.exists() and p.parent.name != "self"
+    ), "the server process outlived the run"

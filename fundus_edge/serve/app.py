@@ -1,5 +1,7 @@
 """The web app of ``run --serve``: the page, the MJPEG stream, server-sent events, status,
-captures and the map selector (Starlette, the ``serve`` extra).
+captures and the map selector (a plain ASGI app, in the server process under uvicorn, the
+``serve`` extra; everything it knows of the run comes from the
+:class:`~fundus_edge.serve.hub.Hub`).
 
 Endpoints (every one needs the token when one is set; see :func:`make_app`):
 
@@ -31,13 +33,12 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from fundus_edge.log import get_logger
-from fundus_edge.serve.hub import STALL_S, Hub
+from fundus_edge.serve.hub import BOUNDARY, STALL_S, Hub, event_bytes
 
 __all__ = ["MAX_BODY", "PAGE", "make_app"]
 
@@ -45,7 +46,6 @@ log = get_logger("serve")
 
 MAX_BODY = 4096  # bytes: a request body larger than this is refused (413)
 PAGE = Path(__file__).with_name("page.html")
-_BOUNDARY = "frame"
 _COOKIE = "fe_token"
 
 
@@ -112,22 +112,14 @@ async def _read_body(receive) -> bytes | None:
             return data
 
 
-def make_app(
-    hub: Hub,
-    *,
-    status: Callable[[], dict[str, Any]],
-    capture_dir: Path,
-    token: str | None = None,
-    set_map: Callable[[str], str] | None = None,
-):
+def make_app(hub: Hub, *, capture_dir: Path, token: str | None = None):
     """The ASGI app of ``run --serve`` (a plain ASGI callable: streams need timed sends).
 
     Args:
-        hub: where frames, records and captures come from.
-        status: the run's status now (called per request and once a second for events).
+        hub: where frames, records, status and captures come from, and where capture
+            requests and map choices go.
         capture_dir: the folder captures are written to; nothing outside it is ever served.
         token: required on every endpoint when given.
-        set_map: validates and applies a map choice (raises ValueError for an unknown one).
     """
     capture_dir = Path(os.path.abspath(capture_dir))
 
@@ -197,11 +189,11 @@ def make_app(
         if route == ("GET", "/healthz"):
             return await _json(send, 200, {"ok": True}, cookie)
         if route == ("GET", "/status"):
-            return await _json(send, 200, status(), cookie)
+            return await _json(send, 200, await hub.fresh_status(), cookie)
         if route == ("GET", "/stream.mjpg"):
             return await _stream(scope, receive, send, hub, cookie)
         if route == ("GET", "/events"):
-            return await _events(scope, receive, send, hub, status, cookie)
+            return await _events(scope, receive, send, hub, cookie)
         if route == ("GET", "/captures"):
             return await _json(send, 200, list(hub.captures), cookie)
         if method == "GET" and path.startswith("/captures/"):
@@ -214,7 +206,7 @@ def make_app(
             log.info("serve: capture %d requested from %s", n, _client(scope))
             return await _json(send, 202, {"id": n, "status": "pending"})
         if route == ("POST", "/map"):
-            return await _map(receive, send, set_map, scope)
+            return await _map(receive, send, hub, scope)
         if path in (
             "/",
             "/healthz",
@@ -253,15 +245,15 @@ async def _capture_file(send, hub: Hub, folder: Path, name: str, scope) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _map(receive, send, set_map, scope) -> None:
+async def _map(receive, send, hub: Hub, scope) -> None:
     body = await _read_body(receive)
     if body is None:
         return await _plain(send, 413, f"request body over {MAX_BODY} bytes")
     try:
         choice = json.loads(body or b"{}").get("map")
-        if not isinstance(choice, str) or set_map is None:
+        if not isinstance(choice, str):
             raise ValueError('give {"map": NAME}')
-        applied = set_map(choice)
+        applied = hub.set_map(choice)
     except (ValueError, AttributeError) as exc:
         log.info("serve: 400 /map from %s (%s)", _client(scope), exc)
         return await _plain(send, 400, f"map: {exc}")
@@ -301,6 +293,8 @@ async def _streaming(scope, receive, send, hub: Hub, kind: str, headers: list, p
         log.warning("serve: viewer %s cut off (took nothing for %g s)", _client(scope), STALL_S)
     except OSError:
         pass
+    except asyncio.CancelledError:
+        pass  # the server stops while this viewer's send is stuck: nothing more to say
     finally:
         watcher.cancel()
         hub.detach(viewer)
@@ -310,36 +304,31 @@ async def _next(viewer, gone: asyncio.Event, timeout: float | None):
     """The viewer's next item; None when it left or was cut; "tick" after ``timeout``."""
     get = asyncio.ensure_future(viewer.queue.get())
     waiter = asyncio.ensure_future(gone.wait())
-    done, _ = await asyncio.wait(
-        {get, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-    )
-    waiter.cancel()
+    try:
+        done, _ = await asyncio.wait(
+            {get, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        waiter.cancel()
+        if not get.done():
+            get.cancel()
     if get in done:
         return get.result()
-    get.cancel()
     return None if gone.is_set() else "tick"
 
 
 async def _stream(scope, receive, send, hub: Hub, cookie: list) -> None:
-    def part(item) -> bytes:
-        data, index, ts = item
-        head = (
-            f"--{_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n"
-            f"X-Frame-Index: {index}\r\nX-Timestamp: {ts:.6f}\r\n\r\n"
-        ).encode()
-        return head + data + b"\r\n"
-
     async def produce(viewer, gone):
-        if hub.last_jpeg is not None:
-            yield part(hub.last_jpeg)  # the newest frame at once, not at the next one
+        if hub.last_part is not None:
+            yield hub.last_part  # the newest frame at once, not at the next one
         while not viewer.closed:
             item = await _next(viewer, gone, None)
             if item is None or viewer.closed:
                 return
-            yield part(item)
+            yield item  # the part every stream viewer gets (built once)
 
     headers = [
-        (b"content-type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}".encode()),
+        (b"content-type", f"multipart/x-mixed-replace; boundary={BOUNDARY}".encode()),
         (b"cache-control", b"no-store"),
         (b"x-accel-buffering", b"no"),
         *cookie,
@@ -347,28 +336,24 @@ async def _stream(scope, receive, send, hub: Hub, cookie: list) -> None:
     await _streaming(scope, receive, send, hub, "stream", headers, produce)
 
 
-async def _events(scope, receive, send, hub: Hub, status, cookie: list) -> None:
-    def event(name: str, data: str) -> bytes:
-        return f"event: {name}\ndata: {data}\n\n".encode()
-
+async def _events(scope, receive, send, hub: Hub, cookie: list) -> None:
     async def produce(viewer, gone):
-        yield event("status", json.dumps(status(), allow_nan=False))
-        yield event("captures", json.dumps(list(hub.captures), allow_nan=False))
-        last = hub.last_record
-        if last is not None:
-            yield event("record", json.dumps(last, allow_nan=False))
-        sent = json.dumps(last, allow_nan=False) if last is not None else None
+        yield event_bytes("status", hub.status_now())
+        yield event_bytes("captures", hub.captures)
+        sent = hub.last_record
+        if sent is not None:
+            yield sent
         last_status = time.monotonic()
         while not viewer.closed:
             item = await _next(viewer, gone, 1.0)
             if item is None or viewer.closed:
                 return
-            if item != "tick" and not (item[0] == "record" and item[1] == sent):
-                yield event(*item)  # (the record sent on connecting may be queued too)
+            if item != "tick" and item is not sent:
+                yield item  # (the record sent on connecting may be queued too)
             sent = None
             if time.monotonic() - last_status >= 1.0:
                 last_status = time.monotonic()
-                yield event("status", json.dumps(status(), allow_nan=False))
+                yield event_bytes("status", hub.status_now())
 
     headers = [
         (b"content-type", b"text/event-stream"),

@@ -1,41 +1,47 @@
-"""The hub between the run's threads and the web server's event loop.
+"""The hub of the server process: what it knows of the run, and the fan-out to the viewers.
 
-The pipeline's threads call :meth:`Hub.publish_frame` (draw thread) and
-:meth:`Hub.publish_record` (log thread); both return at once, whatever the viewers do. Each
-viewer owns a small bounded queue on the server's event loop: a new item pushed into a full
-queue replaces the oldest, so a slow viewer sees fewer frames and never holds anything up; a
-viewer whose queue stayed full for :data:`STALL_S` seconds (it stopped reading) is cut off.
-The annotated frame is JPEG-encoded once per published frame, only while someone watches,
-downscaled to :data:`STREAM_MAX_SIDE` and at most ``fps`` frames a second (``--serve-fps``,
-default :data:`STREAM_FPS`): :meth:`Hub.frame_due` tells the draw thread whether the next frame
-will be sent at all, so frames nobody will see are not even rendered. Records (the JSONL's,
-one per processed frame) go to the event listeners at the same rate at most, newest first: a
-record that arrives sooner than ``1/fps`` after the last one sent waits, and a newer one
-replaces it, so the listeners always end on the run's latest record while a fast model's 30+
-records a second cost the run one serialisation and one wake-up of the server per tenth of a
-second, not one per frame per viewer (the JSONL and CSV sinks keep every record).
+It lives on the server process's event loop (see :mod:`~fundus_edge.serve.worker`); the run
+feeds it through a pipe (:mod:`~fundus_edge.serve.feed`). Each message becomes bytes once,
+whatever the number of viewers: a JPEG frame becomes one prebuilt multipart part (boundary,
+headers, JPEG), a record or an event one server-sent event, and every viewer gets that same
+object, written in one send.
+
+Each viewer owns a small bounded queue: a new item pushed into a full queue replaces the
+oldest, so a slow viewer sees fewer frames and never holds anything up; a viewer whose queue
+stayed full for :data:`STALL_S` seconds (it stopped reading) is cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
-import numpy as np
+__all__ = ["BOUNDARY", "QUEUE", "STALL_S", "Hub", "Viewer", "event_bytes", "part_bytes"]
 
-__all__ = ["STALL_S", "STREAM_FPS", "STREAM_MAX_SIDE", "Hub", "Viewer"]
-
-STREAM_MAX_SIDE = 1280  # px, the long side of streamed frames
-STREAM_FPS = 10.0  # streamed frames a second, by default (an operator's preview)
 STALL_S = 10.0  # a viewer that took nothing for this long is cut off
 QUEUE = 2  # items per viewer
+BOUNDARY = "frame"  # of the multipart stream
+STATUS_WAIT_S = 0.5  # GET /status waits this long at most for the run's fresh status
+
+
+def part_bytes(data: bytes, index: int, timestamp: float) -> bytes:
+    """One part of the MJPEG stream: boundary, headers (frame index, capture time), JPEG."""
+    head = (
+        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n"
+        f"X-Frame-Index: {index}\r\nX-Timestamp: {timestamp:.6f}\r\n\r\n"
+    ).encode()
+    return b"".join((head, data, b"\r\n"))
+
+
+def event_bytes(name: str, data: Any) -> bytes:
+    """One server-sent event; ``data`` as JSON (NaN refused: the page's JSON.parse would be)."""
+    return f"event: {name}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()
 
 
 @dataclass
@@ -51,41 +57,42 @@ class Viewer:
 
 
 class Hub:
-    """Thread-safe fan-out of frames, records and status to web viewers (see module doc).
+    """The server process's view of the run and its viewers (see module doc). Every method
+    runs on the event loop, except :meth:`attach`/:meth:`detach`'s bookkeeping, which a lock
+    guards.
 
     Args:
         max_viewers: viewers at most: streams, and event listeners, each (more get HTTP 503).
-        jpeg_quality: of the streamed frames.
+        map_choices: what ``POST /map`` accepts.
+        initial_map: the ``--map`` the run starts with.
+        tell: sends a message to the run (a capture request, a map choice, the viewer counts,
+            a request for a fresh status); never blocks for long (the run reads it at once).
     """
 
     def __init__(
-        self, max_viewers: int = 8, jpeg_quality: int = 80, fps: float = STREAM_FPS
+        self,
+        max_viewers: int = 8,
+        map_choices: list[str] | None = None,
+        initial_map: str | None = None,
+        tell: Callable[[tuple], None] | None = None,
     ) -> None:
         self.max_viewers = max_viewers
-        self.fps = fps
-        self.jpeg_quality = jpeg_quality
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.map_choices = list(map_choices or [])
+        self.map = initial_map
+        self._tell = tell or (lambda msg: None)
         self._lock = threading.Lock()
         self._viewers: list[Viewer] = []
-        self.started = time.time()
         self.status: dict[str, Any] = {}
-        self.last_record: dict[str, Any] | None = None
-        self.last_jpeg: tuple[bytes, int, float] | None = None  # data, frame index, timestamp
-        self.frames_encoded = 0
+        self.last_part: bytes | None = None  # the newest stream part
+        self.last_record: bytes | None = None  # the newest record event
+        self.captures: list[dict[str, Any]] = []
+        self._next_capture = 1
         self.viewer_drops = 0
         self.viewers_cut = 0
-        self._last_sent = 0.0
-        self._last_record_sent = 0.0
-        self._pending_record: dict[str, Any] | None = None
-        self._record_flush = False  # a flush of the pending record is scheduled
-        self.records_sent = 0
-        self.captures: list[dict[str, Any]] = []
-        self.capture_requests: collections.deque[int] = collections.deque()
-        self._next_capture = 1
-        self.map: str | None = None  # set by POST /map; the draw thread reads it
-        self.map_choices: list[str] = []
+        self.parts_sent = 0
+        self._status_waiters: list[asyncio.Future] = []
 
-    # -- viewers (event loop) ---------------------------------------------------------------------
+    # -- viewers ----------------------------------------------------------------------------------
 
     def attach(self, kind: str) -> Viewer | None:
         """A new viewer, or None when :attr:`max_viewers` of its kind are connected (a browser
@@ -95,13 +102,15 @@ class Hub:
                 return None
             viewer = Viewer(kind, asyncio.Queue(maxsize=QUEUE))
             self._viewers.append(viewer)
-            return viewer
+        self._tell_viewers()
+        return viewer
 
     def detach(self, viewer: Viewer) -> None:
         with self._lock:
             if viewer in self._viewers:
                 self._viewers.remove(viewer)
             viewer.closed = True
+        self._tell_viewers()
 
     @property
     def viewers(self) -> int:
@@ -112,94 +121,26 @@ class Hub:
         with self._lock:
             return [v for v in self._viewers if v.kind == kind]
 
-    # -- publishing (pipeline threads) -----------------------------------------------------------
+    def close_all(self) -> None:
+        """The run stops: every viewer's handler is woken and ends its response."""
+        for v in self._watching("stream") + self._watching("events"):
+            v.closed = True
+            with contextlib.suppress(asyncio.QueueEmpty):
+                v.queue.get_nowait()
+            v.queue.put_nowait(None)
 
-    def frame_due(self) -> bool:
-        """Whether a frame published now would be streamed (a viewer, and the rate allows)."""
-        return bool(self._watching("stream")) and (
-            time.monotonic() - self._last_sent >= 1.0 / self.fps
-        )
-
-    def publish_frame(self, rendered: np.ndarray, index: int, timestamp: float) -> None:
-        """The draw thread's newest annotated frame (RGB). Encodes only while someone
-        watches; never blocks."""
-        viewers = self._watching("stream")
-        now = time.monotonic()
-        if not viewers or now - self._last_sent < 1.0 / self.fps or self.loop is None:
-            return
-        self._last_sent = now
-        h, w = rendered.shape[:2]
-        scale = min(1.0, STREAM_MAX_SIDE / max(h, w))
-        img = rendered
-        if scale < 1.0:
-            img = cv2.resize(
-                rendered, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA
-            )
-        ok, buf = cv2.imencode(
-            ".jpg",
-            cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-            [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality],
-        )
-        if not ok:
-            return
-        item = (buf.tobytes(), int(index), float(timestamp))
-        self.last_jpeg = item
-        self.frames_encoded += 1
-        self._push(viewers, item)
-
-    def publish_record(self, record: dict[str, Any]) -> None:
-        """The log thread's record of each processed frame; never blocks. Sent at most
-        ``fps`` times a second, the newest (see module doc)."""
-        self.last_record = record
-        loop = self.loop
-        if loop is None or not self._watching("events"):
-            return
-        now = time.monotonic()
+    def _tell_viewers(self) -> None:
+        """The run streams frames and records only while someone watches: it learns who does."""
         with self._lock:
-            self._pending_record = record
-            if self._record_flush:
-                return  # the scheduled flush sends the newest
-            wait = self._last_record_sent + 1.0 / self.fps - now
-            if wait > 0:
-                self._record_flush = True
-            else:
-                self._last_record_sent = now
-                self._pending_record = None
-        if wait > 0:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping
-                loop.call_soon_threadsafe(loop.call_later, wait, self._flush_record)
-            return
-        self.records_sent += 1
-        self._push(self._watching("events"), ("record", json.dumps(record, allow_nan=False)))
+            streams = sum(v.kind == "stream" for v in self._viewers)
+            events = len(self._viewers) - streams
+        self._tell(("viewers", streams, events, self.viewer_drops, self.viewers_cut))
 
-    def _flush_record(self) -> None:
-        """On the event loop: send the newest record that waited for its turn."""
-        with self._lock:
-            record, self._pending_record = self._pending_record, None
-            self._record_flush = False
-            self._last_record_sent = time.monotonic()
-        if record is not None:
-            self.records_sent += 1
-            self._deliver(self._watching("events"), ("record", json.dumps(record, allow_nan=False)))
-
-    def publish_event(self, name: str, data: Any) -> None:
-        """Another server-sent event (``status``, ``captures``) to every event listener."""
-        viewers = self._watching("events")
-        if viewers and self.loop is not None:
-            self._push(viewers, (name, json.dumps(data, allow_nan=False)))
-
-    def _push(self, viewers: list[Viewer], item: Any) -> None:
-        loop = self.loop
-        if loop is None:
-            return
-        # RuntimeError: the loop closed (the server is stopping).
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._deliver, viewers, item)
-
-    def _deliver(self, viewers: list[Viewer], item: Any) -> None:
-        """On the event loop: newest item in, oldest out when a queue is full."""
+    def deliver(self, kind: str, item: bytes) -> None:
+        """Newest item in, oldest out when a queue is full; a viewer that took nothing for
+        :data:`STALL_S` is closed and woken with None."""
         now = time.monotonic()
-        for v in viewers:
+        for v in self._watching(kind):
             if v.closed:
                 continue
             q = v.queue
@@ -215,17 +156,64 @@ class Hub:
                     continue
             q.put_nowait(item)
 
-    # -- captures ---------------------------------------------------------------------------------
+    # -- what the run sends -----------------------------------------------------------------------
+
+    def on_message(self, msg: tuple) -> None:
+        """One message of the run (see :mod:`~fundus_edge.serve.feed` for the list)."""
+        kind = msg[0]
+        if kind == "frame":
+            _, data, index, timestamp = msg
+            self.last_part = part_bytes(data, index, timestamp)
+            self.parts_sent += 1
+            self.deliver("stream", self.last_part)
+        elif kind == "record":
+            try:
+                self.last_record = event_bytes("record", msg[1])
+            except ValueError:  # NaN: nothing the page could parse
+                return
+            self.deliver("events", self.last_record)
+        elif kind == "status":
+            self.status = msg[1]
+            waiters, self._status_waiters = self._status_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        elif kind == "captures":
+            self.captures = list(msg[1])
+            self.deliver("events", event_bytes("captures", self.captures))
+
+    # -- what the viewers ask ---------------------------------------------------------------------
+
+    def status_now(self) -> dict[str, Any]:
+        """The run's last status, with what only this process knows first-hand."""
+        status = dict(self.status)
+        status["viewers"] = self.viewers
+        status["max_viewers"] = self.max_viewers
+        if self.map is not None:
+            status["map"] = self.map
+        status["maps"] = list(self.map_choices)
+        status["captures"] = len(self.captures)
+        return status
+
+    async def fresh_status(self) -> dict[str, Any]:
+        """The run's status as of now: asks for it and waits up to :data:`STATUS_WAIT_S`
+        (the last one otherwise; the run sends one every second anyway)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._status_waiters.append(fut)
+        self._tell(("status?",))
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(fut, STATUS_WAIT_S)
+        return self.status_now()
 
     def request_capture(self) -> int:
-        with self._lock:
-            n = self._next_capture
-            self._next_capture += 1
-            self.capture_requests.append(n)
-            return n
+        n = self._next_capture
+        self._next_capture += 1
+        self._tell(("capture", n))
+        return n
 
-    def add_capture(self, entry: dict[str, Any]) -> None:
-        with self._lock:
-            self.captures.append(entry)
-            listing = list(self.captures)
-        self.publish_event("captures", listing)
+    def set_map(self, choice: str) -> str:
+        if choice not in self.map_choices:
+            raise ValueError(f"unknown map {choice!r} (one of {', '.join(self.map_choices)})")
+        self.map = choice
+        self._tell(("map", choice))
+        return choice

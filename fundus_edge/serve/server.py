@@ -1,19 +1,23 @@
-"""Start and stop the web server of ``run --serve`` in a thread of the run (uvicorn).
+"""Start and stop the web server process of ``run --serve``.
 
-The socket is bound here first, so a taken port or a bad address is one line before the
-model loads; uvicorn then serves on that socket with its own event loop in a daemon thread.
+The socket is bound here first, and the certificate checked, so a taken port, a bad address
+or an unusable certificate is one line before the model loads; the server process
+(:mod:`~fundus_edge.serve.worker`, uvicorn) then serves on that socket.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
+import os
 import secrets
 import socket
-import threading
+import ssl
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -82,75 +86,111 @@ def _bind(addr: ServeAddress) -> socket.socket:
     return sock
 
 
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    """``--cert``/``--key`` usable: one line now, before the model loads."""
+    if (cert is None) != (key is None):
+        raise UserError("--cert and --key go together (PEM certificate and its private key)")
+    for path, option in ((cert, "--cert"), (key, "--key")):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{option} {path}: no such file")
+    if cert is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as exc:
+            raise UserError(f"--cert/--key: cannot use them ({exc})") from None
+
+
 class Server:
-    """uvicorn serving ``app`` on ``addr`` in a daemon thread.
+    """The web server process (:mod:`~fundus_edge.serve.worker`) on ``addr``.
+
+    The socket is bound and the certificate checked at construction (one line before the
+    model loads); :meth:`start` starts the process, hands it the socket and its settings,
+    waits until it listens and connects ``feed`` to it.
 
     Args:
-        app: the ASGI app.
         addr: where to listen (port 0: a free one; :attr:`port` tells which).
-        hub: gets the server's event loop (its publishers hand items over to it).
+        feed: the run's side (:class:`~fundus_edge.serve.feed.Feed`).
+        capture_dir: what ``/captures/NAME`` serves from.
+        token: required on every endpoint when given.
         cert, key: PEM files for HTTPS.
     """
 
     def __init__(
         self,
-        app: Any,
         addr: ServeAddress,
-        hub: Any,
+        feed: Any,
+        *,
+        capture_dir: Path,
+        token: str | None = None,
         cert: Path | None = None,
         key: Path | None = None,
     ) -> None:
-        uvicorn = require("uvicorn", extra="serve", purpose="serving the live view (--serve)")
-        if (cert is None) != (key is None):
-            raise UserError("--cert and --key go together (PEM certificate and its private key)")
-        for path, option in ((cert, "--cert"), (key, "--key")):
-            if path is not None and not Path(path).is_file():
-                raise UserError(f"{option} {path}: no such file")
+        require("uvicorn", extra="serve", purpose="serving the live view (--serve)")
+        _check_tls(cert, key)
         self.sock = _bind(addr)
         self.host = addr.host
         self.port = self.sock.getsockname()[1]
         self.scheme = "https" if cert else "http"
-        self.hub = hub
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ssl_certfile=str(cert) if cert else None,
-            ssl_keyfile=str(key) if key else None,
-            timeout_graceful_shutdown=1,
-            h11_max_incomplete_event_size=16 * 1024,
-        )
-        try:
-            config.load()  # the certificate is read here: a bad one is one line, now
-        except Exception as exc:
-            self.sock.close()
-            raise UserError(f"--cert/--key: cannot use them ({exc})") from None
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # the run owns SIGINT/SIGTERM
-        self._thread = threading.Thread(target=self._serve, name="fe-serve", daemon=True)
-        self._error: BaseException | None = None
+        self.feed = feed
+        self.capture_dir = Path(capture_dir)
+        self.token = token
+        self.cert, self.key = cert, key
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
 
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self.hub.loop = loop
+    def _settings(self) -> dict[str, Any]:
+        logger = get_logger()
+        return {
+            "max_viewers": self.feed.max_viewers,
+            "map_choices": list(self.feed.map_choices),
+            "map": self.feed.map,
+            "capture_dir": str(self.capture_dir),
+            "token": self.token,
+            "cert": str(self.cert) if self.cert else None,
+            "key": str(self.key) if self.key else None,
+            "log_level": logger.getEffectiveLevel(),
+            "rich_log": any(getattr(h, "_fundus_edge", False) for h in logger.handlers),
+        }
+
+    def start(self, timeout: float = 30.0) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # fundus_edge's parent, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            loop.run_until_complete(self._server.serve(sockets=[self.sock]))
-        except BaseException as exc:
-            self._error = exc
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "fundus_edge.serve.worker",
+                 str(self.sock.fileno()), str(theirs.fileno())],
+                pass_fds=(self.sock.fileno(), theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )  # fmt: skip
         finally:
-            self.hub.loop = None
-            loop.close()
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._settings())
         deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                why = self._error or "did not start"
+        why = "did not start"
+        early: list[tuple] = []  # a viewer may connect before "started" arrives
+        while True:
+            if self._conn.poll(0.05):
+                try:
+                    msg = self._conn.recv()
+                except (EOFError, OSError):
+                    msg = ("error", "the web server failed (it exited)")
+                if msg[0] == "started":
+                    break
+                if msg[0] != "error":
+                    early.append(msg)
+                    continue
+                self.stop()
+                raise UserError(f"--serve {self.host}:{self.port}: {msg[1]}")
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise UserError(f"--serve {self.host}:{self.port}: the web server failed ({why})")
-            time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            self.sock.close()  # the server process listens on its copy
+        self.feed.connect(self._conn, early)
 
     @property
     def url(self) -> str:
@@ -158,7 +198,20 @@ class Server:
         return f"{self.scheme}://{host}:{self.port}/"
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5.0)
+        """Tell the server to stop, wait for it (a few seconds at most), then end it."""
+        proc = self._proc
+        if self.feed.connected:
+            self.feed.close()  # its sender says stop, last
+        elif self._conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(("stop",))
+        if proc is not None:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+        if self._conn is not None:
+            self._conn.close()
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -1,4 +1,4 @@
-"""``run --serve``: the session (hub + server) and the two sinks that feed it.
+"""``run --serve``: the session (feed + server process) and the two sinks that feed it.
 
 :class:`ServeSink` is a lossy visual sink: the draw thread hands it each annotated frame, and
 it asks for frames only while a stream viewer is connected (no viewer, no rendering for it).
@@ -21,7 +21,7 @@ from fundus_edge.errors import UserError
 from fundus_edge.fileio import ensure_writable_dir
 from fundus_edge.log import get_logger
 from fundus_edge.runtime.sinks import CaptureSink, Output, Sink
-from fundus_edge.serve.hub import Hub
+from fundus_edge.serve.feed import Feed
 
 __all__ = ["TOKEN_ENV", "ServeLogSink", "ServeSession", "ServeSink"]
 
@@ -37,7 +37,7 @@ class ServeSink(Sink):
     lossy = True
     is_file = False
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Feed) -> None:
         self.hub = hub
 
     @property
@@ -59,7 +59,7 @@ class ServeSink(Sink):
 class ServeLogSink(Sink):
     """Records to the event listeners; the page's captures."""
 
-    def __init__(self, hub: Hub, folder: Path, window: int) -> None:
+    def __init__(self, hub: Feed, folder: Path, window: int) -> None:
         self.hub = hub
         self.folder = Path(folder)
         self.window = window
@@ -123,7 +123,7 @@ class ServeLogSink(Sink):
 
 
 class ServeSession:
-    """Everything ``--serve`` adds to a run: the hub, the server, the two sinks.
+    """Everything ``--serve`` adds to a run: the feed, the server process, the two sinks.
 
     Args:
         address: ``[HOST:]PORT``.
@@ -150,7 +150,6 @@ class ServeSession:
         capture_window: int = 10,
         fps: float = 10.0,
     ) -> None:
-        from fundus_edge.serve.app import make_app
         from fundus_edge.serve.server import Server, is_loopback, new_token, parse_address
 
         addr = parse_address(address)
@@ -166,29 +165,26 @@ class ServeSession:
             raise UserError("--token: use at least 8 characters")
         self.token = token
         self.capture_dir = ensure_writable_dir(capture_dir, "--capture-dir")
-        self.hub = Hub(max_viewers=max_viewers, fps=fps)
+        self.hub = Feed(max_viewers=max_viewers, fps=fps)
         self.hub.map_choices = ["auto", "attention", "none", *labels]
-        self.status_fn: Any = dict
         self.capture_window = capture_window
-        app = make_app(
-            self.hub,
-            status=lambda: self.status_fn(),
-            capture_dir=self.capture_dir,
-            token=token,
-            set_map=self.set_map,
+        self.server = Server(
+            addr, self.hub, capture_dir=self.capture_dir, token=token, cert=cert, key=key
         )
-        self.server = Server(app, addr, self.hub, cert=cert, key=key)
+
+    @property
+    def status_fn(self) -> Any:
+        return self.hub.status_fn
+
+    @status_fn.setter
+    def status_fn(self, fn: Any) -> None:
+        """The run's status (sent to the server every second and on each ``GET /status``)."""
+        self.hub.status_fn = fn
 
     def set_labels(self, labels: list[str], initial: str) -> None:
         """The model's labels (known once it loaded) and the --map it starts with."""
         self.hub.map_choices = ["auto", "attention", "none", *labels]
         self.hub.map = initial
-
-    def set_map(self, choice: str) -> str:
-        if choice not in self.hub.map_choices:
-            raise ValueError(f"unknown map {choice!r} (one of {', '.join(self.hub.map_choices)})")
-        self.hub.map = choice
-        return choice
 
     def sinks(self) -> list[Sink]:
         return [ServeSink(self.hub), ServeLogSink(self.hub, self.capture_dir, self.capture_window)]
