@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -524,20 +522,13 @@ def main(argv: list[str] | None = None) -> int:
             baseline["formats"]["png"], baseline["formats"]["dicom"], baseline["ratios"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             ap.error(f"--baseline {args.baseline}: not a result.json of this script ({exc})")
-    if args.out is not None:
-        out = args.out
-    else:
-        from fundus_edge.perf.bench import device_slug
-        from fundus_edge.perf.device import device_record
+    out = args.out if args.out is not None else machine.default_out("dicom-throughput")
 
-        out = REPO / "bench" / "results" / device_slug(device_record()) / "dicom-throughput"
-
-    from fundus_edge.fileio import atomic_write_json, atomic_write_text
+    from fundus_edge.fileio import atomic_write_json
 
     size = QUICK_SIZE if args.quick else FULL_SIZE
     rec = measure(model, args.n, args.repeats, size, args.noise, args.work)
-    shown_argv = sys.argv[1:] if argv is None else argv
-    rec["command"] = " ".join(["python bench/dicom_throughput.py", *map(shlex.quote, shown_argv)])
+    rec["command"] = machine.command("dicom_throughput.py", argv)
     out.mkdir(parents=True, exist_ok=True)
     if baseline is not None:
         if args.baseline.resolve() != (out / "baseline.json").resolve():
@@ -554,11 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": baseline["ratios"],
             "pass": baseline.get("pass"),
         }
-    atomic_write_json(out / "result.json", rec)
-    text = report(rec)
-    atomic_write_text(out / "README.md", text)
-    print(text)
-    print(f"wrote {out / 'result.json'} and {out / 'README.md'}")
+    machine.write_result(out, rec, report)
     return 0
 
 

@@ -30,7 +30,7 @@ end to end: a stream part's ``X-Timestamp`` (capture time) to the receipt of its
 and a ``record`` event's ``timestamp`` to its receipt (the first part and record of each
 connection, the newest at connect time, are left out). The memory run (``--memory-minutes``)
 keeps one run serving while a viewer (stream + events) connects and disconnects every second,
-and samples the run's VmRSS every 5 s; growth = median of the last tenth of the run / median
+and samples the run's VmRSS (with its web server process's) every 5 s; growth = median of the last tenth of the run / median
 of the second tenth (a minute each over 10 minutes, after a minute's warm-up).
 
 ``result.json`` and ``README.md`` go to ``--out`` (default ``bench/results/<device>/serve``).
@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import statistics
@@ -139,24 +138,44 @@ def fundus_edge_cmd() -> list[str]:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the run and its web server process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for kids in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo.extend(int(k) for k in kids.read_text().split())
+    return out
+
+
 def rss_mb(pid: int) -> float | None:
-    """VmRSS of ``pid`` in MB (None once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) / 1024 if m else None
+    """VmRSS of ``pid`` and its descendants in MB (None once ``pid`` is gone)."""
+    total = None
+    for p in tree(pid):
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
+        if m:
+            total = (total or 0.0) + int(m.group(1)) / 1024
+    return total
 
 
-def cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` so far, every thread."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+def cpu_s(pid: int, children: bool = True) -> float | None:
+    """User + system CPU seconds so far of ``pid`` (every thread) and, with ``children``, of
+    its descendants (the server process of ``--serve``); None once ``pid`` is gone."""
+    total = None
+    for p in tree(pid) if children else [pid]:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 class RunProcess:
@@ -491,7 +510,7 @@ def run_scenario(
             stalled = StalledViewer(rp.port)
         t_first = rp.wait_first_record()
         t_warm, t_end = t_first + warm, t_first + seconds
-        cpu0 = cpu1 = None
+        cpu0 = cpu1 = own0 = own1 = None
         bench_cpu0 = bench_cpu1 = 0.0
         next_poll = time.time()
         t_cut_log: float | None = None
@@ -499,6 +518,7 @@ def run_scenario(
             rp._alive()
             if cpu0 is None and now >= t_warm:
                 cpu0, bench_cpu0 = cpu_s(rp.pid), time.process_time()
+                own0 = cpu_s(rp.pid, children=False)
             if serve and now >= next_poll:
                 st = rp.status()
                 if st is not None:
@@ -511,6 +531,7 @@ def run_scenario(
                     t_cut_log = time.time()
             time.sleep(min(0.1, max(0.0, t_end - time.time())))
         cpu1, bench_cpu1 = cpu_s(rp.pid), time.process_time()
+        own1 = cpu_s(rp.pid, children=False)
         t_stop = time.time()
         rss = rss_mb(rp.pid)
         stop.set()
@@ -549,6 +570,10 @@ def run_scenario(
         else None,
         "bench_cpu_percent": round(100 * (bench_cpu1 - bench_cpu0) / (t_stop - t_warm), 1)
         if cpu0 is not None
+        else None,
+        # The web server's own process (run --serve), a part of run_cpu_percent.
+        "server_cpu_percent": round(100 * ((cpu1 - own1) - (cpu0 - own0)) / (t_stop - t_warm), 1)
+        if None not in (cpu0, cpu1, own0, own1)
         else None,
         "rss_mb_at_stop": round(rss, 1) if rss else None,
         "interval_ms": gaps,
@@ -836,12 +861,12 @@ def memory_run(
 
 def probe_costs(model: Path, video: Path, quality: int = 80, repeats: int = 20) -> dict[str, Any]:
     """What the draw thread does per watched frame, timed here alone (ms, median): render the
-    overlay, then the hub's resize (only above 1280 px), RGB->BGR and JPEG encoding."""
+    overlay, then the feed's resize (only above 1280 px), RGB->BGR and JPEG encoding."""
     import cv2
 
     from fundus_edge.runtime import Predictor
     from fundus_edge.runtime.render import render
-    from fundus_edge.serve.hub import STREAM_MAX_SIDE
+    from fundus_edge.serve.feed import STREAM_MAX_SIDE
 
     cap = cv2.VideoCapture(str(video))
     ok, bgr = cap.read()
@@ -952,8 +977,8 @@ def measure(
                 log(
                     f"repeat {r + 1}/{repeats} {LABEL[s]:>26}: {row['fps']} FPS steady "
                     f"({row['frames_in_window']} frames in {row['window_s']} s; summary "
-                    f"{row['summary_fps']}), run CPU {row['run_cpu_percent']} %, "
-                    f"bench CPU {row['bench_cpu_percent']} %"
+                    f"{row['summary_fps']}), run CPU {row['run_cpu_percent']} % (server "
+                    f"process {row['server_cpu_percent']} %), bench CPU {row['bench_cpu_percent']} %"
                 )
         probe = probe_costs(model, video, repeats=5 if quick else 20)
         log(f"probe: {probe}")
@@ -983,6 +1008,9 @@ def measure(
             ),
             "run_cpu_ms_per_frame": _median(
                 [x["run_cpu_ms_per_frame"] for x in rs if x["run_cpu_ms_per_frame"]], 1
+            ),
+            "server_cpu_percent": _median(
+                [x["server_cpu_percent"] for x in rs if x.get("server_cpu_percent") is not None], 1
             ),
             "bench_cpu_percent": _median(
                 [x["bench_cpu_percent"] for x in rs if x["bench_cpu_percent"] is not None], 1
@@ -1182,7 +1210,7 @@ def _cost_text(rec: dict[str, Any]) -> str:
     extra = view["run_cpu_ms_per_frame"] - none["run_cpu_ms_per_frame"]
     alone = pr["render_ms"] + pr["resize_ms"] + pr["rgb2bgr_ms"] + pr["jpeg_encode_ms"]
     return (
-        f"The run process used {none['run_cpu_percent']} % CPU with no viewer and "
+        f"The run (its web server process included) used {none['run_cpu_percent']} % CPU with no viewer and "
         f"{view['run_cpu_percent']} % with 4 (of {rec['device']['cores'] * 100} %): "
         f"{none['run_cpu_ms_per_frame']} ms of CPU per frame without viewers, "
         f"{view['run_cpu_ms_per_frame']} ms with 4 (+{extra:.1f} ms). Where the cores are "
@@ -1283,7 +1311,8 @@ def report(rec: dict[str, Any]) -> str:
         f"{ra['per_repeat']['none_over_plain']} |",
         f"| 4 viewers / plain run | {ra['fps_viewers4_over_plain']} | |",
         "",
-        "Run CPU: the run process's user + system CPU over the window (100 % = one core); "
+        "Run CPU: the run process's user + system CPU over the window, its web server process's "
+        "included (100 % = one core); "
         "bench CPU: this script's (the viewers' threads), on the same cores.",
         "",
         "## 4 viewers within one run, coming and going",
@@ -1458,15 +1487,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--model {model}: no such file")
     if args.video is not None and not args.video.is_file():
         ap.error(f"--video {args.video}: no such file")
-    if args.out is not None:
-        out = args.out
-    else:
-        from fundus_edge.perf.bench import device_slug
-        from fundus_edge.perf.device import device_record
-
-        out = REPO / "bench" / "results" / device_slug(device_record()) / "serve"
-
-    from fundus_edge.fileio import atomic_write_json, atomic_write_text
+    out = args.out if args.out is not None else machine.default_out("serve")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -1480,14 +1501,8 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         log=log,
     )
-    shown_argv = sys.argv[1:] if argv is None else argv
-    rec["command"] = " ".join(["python bench/serve_bench.py", *map(shlex.quote, shown_argv)])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "result.json", rec)
-    text = report(rec)
-    atomic_write_text(out / "README.md", text)
-    print(text)
-    print(f"wrote {out / 'result.json'} and {out / 'README.md'}")
+    rec["command"] = machine.command("serve_bench.py", argv)
+    machine.write_result(out, rec, report)
     return 0
 
 
