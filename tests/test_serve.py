@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -424,10 +425,15 @@ def test_the_server_is_a_process_of_its_own_at_a_lower_priority(video, tmp_path)
             if b"fundus_edge.serve.worker" in cmd:
                 fields = (stat.parent / "stat").read_text().rsplit(")", 1)[1].split()
                 if int(fields[1]) == os.getpid():  # its parent: this process (the run)
-                    workers.append(int(fields[16]))  # nice
-        assert workers == [os.getpriority(os.PRIO_PROCESS, 0) + 10] or workers == [19], workers
+                    workers.append((int(stat.parent.name), int(fields[16])))  # pid, nice
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [n for _, n in workers] in ([nice + 10], [19]), (workers, nice)
         assert httpx.get(base + "status").json()["frames"] > 0
-    assert live.error is None
+        # The server process dies: the run goes on without it.
+        os.kill(workers[0][0], signal.SIGKILL)
+        time.sleep(1.0)
+        assert live.thread.is_alive(), live.error
+    assert live.error is None and live.summary.frames_processed > 0, (live.error, live.summary)
     time.sleep(0.5)
     assert not any(
         b"fundus_edge.serve.worker" in p.read_bytes()

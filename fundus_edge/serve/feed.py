@@ -5,7 +5,7 @@ Python never takes the run's GIL: inference never waits for the network. :class:
 the run holds of it. The pipeline's threads call :meth:`Feed.publish_frame` (draw thread) and
 :meth:`Feed.publish_record` (log thread); both return at once, whatever the viewers do: they
 only put the newest item in a one-item mailbox (a newer one replaces it: dropped when the
-server is behind). One sender thread writes the mailbox to the server process's pipe; its
+server is behind). One sender thread writes the mailbox to the server process's socket; its
 writes release the GIL while the kernel copies, and nothing else waits on them.
 
 The annotated frame is JPEG-encoded here, once per streamed frame, only while someone
@@ -13,17 +13,18 @@ watches, downscaled to :data:`STREAM_MAX_SIDE` and at most ``fps`` frames a seco
 (``--serve-fps``, default :data:`STREAM_FPS`): :meth:`Feed.frame_due` tells the draw thread
 whether the next frame will be sent at all, so frames nobody will see are not even rendered.
 Records (the JSONL's, one per processed frame) go at the same rate at most, the newest (once a
-second while nobody listens, so a new listener starts on a recent one): a fast model's 30+
-records a second cost the run one hand-over per tenth of a second, not one per frame per viewer
-(the JSONL and CSV sinks keep every record). The run's status goes over every second, and
-whenever ``GET /status`` asks for it.
+second while nobody listens, so that a new listener starts on a recent one; the run's last
+one when it stops): a fast model's 30+ records a second cost the run one hand-over per tenth
+of a second, not one per frame per viewer (the JSONL and CSV sinks keep every record). The
+run's status goes over every second, and whenever ``GET /status`` asks for it.
 
-Messages, run to server (pickled tuples on one socket pair): ``("frame", jpeg, index, timestamp)``,
-``("record", record)``, ``("status", status)``, ``("captures", listing)``, ``("stop",)``.
-Server to run: ``("started", port)`` or ``("error", text)`` first, then ``("viewers", streams,
-listeners, drops, cut)``, ``("capture", n)``, ``("map", choice)``, ``("status?",)``. The receiver
-thread applies them: a capture request lands in :attr:`Feed.capture_requests`, which the log
-sink serves, a map choice in :attr:`Feed.map`, which the draw thread reads.
+Messages, run to server (pickled tuples on one socket pair): ``("frame", jpeg, index,
+timestamp)``, ``("record", record)``, ``("status", status)``, ``("captures", listing)``,
+``("stop",)``. Server to run: ``("started", port)`` or ``("error", text)`` first, then
+``("viewers", streams, listeners, drops, cut)``, ``("capture", n)``, ``("map", choice)``,
+``("status?",)``. The receiver thread applies them: a capture request lands in
+:attr:`Feed.capture_requests`, which the log sink serves, a map choice in :attr:`Feed.map`,
+which the draw thread reads.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Feed:
         self.frames_sent = 0
         self.records_sent = 0
         self._last_frame = 0.0
+        self._last_record = 0.0  # when the sender last sent one
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._frame: tuple[bytes, int, float] | None = None
@@ -139,7 +141,7 @@ class Feed:
         takes the newest when its turn comes)."""
         self._record = record
         if self.event_viewers > 0:
-            self._wake.set()
+            self._wake.set()  # the sender sends it now, or times the newest for its turn
 
     def add_capture(self, entry: dict[str, Any]) -> None:
         """A capture the log sink saved: listed on the page."""
@@ -184,7 +186,6 @@ class Feed:
             return False
 
     def _send_loop(self) -> None:
-        last_record = 0.0
         next_status = 0.0
         sent_record: dict[str, Any] | None = None
         while True:
@@ -192,10 +193,13 @@ class Feed:
             timeout = max(0.0, next_status - now)
             if self._record is not sent_record:
                 every = 1.0 / self.fps if self.event_viewers > 0 else IDLE_RECORD_EVERY_S
-                timeout = min(timeout, max(0.0, last_record + every - now))
+                timeout = min(timeout, max(0.0, self._last_record + every - now))
             self._wake.wait(timeout)
             self._wake.clear()
-            if self._closing:
+            if self._closing:  # the run's last record and status, then stop
+                if self._record is not sent_record:
+                    self._send(("record", self._record))
+                self._send(("status", self._status()))
                 self._send(("stop",))
                 return
             with self._lock:
@@ -211,8 +215,8 @@ class Feed:
             now = time.monotonic()
             record = self._record
             every = 1.0 / self.fps if self.event_viewers > 0 else IDLE_RECORD_EVERY_S
-            if record is not sent_record and now - last_record >= every:
-                sent_record, last_record = record, now
+            if record is not sent_record and now - self._last_record >= every:
+                sent_record, self._last_record = record, now
                 ok = ok and self._send(("record", record))
                 self.records_sent += 1
             if now >= next_status:
@@ -233,6 +237,9 @@ class Feed:
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
+                if not self._closing:
+                    log.warning("serve: the web server process ended; the run goes on without it")
+                self.stream_viewers = self.event_viewers = 0  # nothing more to render for it
                 return
             self._apply(msg)
 
