@@ -28,6 +28,7 @@ STALL_S = 10.0  # a viewer that took nothing for this long is cut off
 QUEUE = 2  # items per viewer
 BOUNDARY = "frame"  # of the multipart stream
 STATUS_WAIT_S = 0.5  # GET /status waits this long at most for the run's fresh status
+DROPS_EVERY_S = 1.0  # viewers' drops reported to the run this often at most
 
 
 def part_bytes(data: bytes, index: int, timestamp: float) -> bytes:
@@ -88,6 +89,7 @@ class Hub:
         self.captures: list[dict[str, Any]] = []
         self._next_capture = 1
         self.viewer_drops = 0
+        self._drops_told = 0.0
         self.viewers_cut = 0
         self.parts_sent = 0
         self._status_waiters: list[asyncio.Future] = []
@@ -140,6 +142,7 @@ class Hub:
         """Newest item in, oldest out when a queue is full; a viewer that took nothing for
         :data:`STALL_S` is closed and woken with None."""
         now = time.monotonic()
+        dropped = self.viewer_drops
         for v in self._watching(kind):
             if v.closed:
                 continue
@@ -155,6 +158,9 @@ class Hub:
                     q.put_nowait(None)
                     continue
             q.put_nowait(item)
+        if self.viewer_drops != dropped and now - self._drops_told >= DROPS_EVERY_S:
+            self._drops_told = now
+            self._tell_viewers()  # the run's status counts them
 
     # -- what the run sends -----------------------------------------------------------------------
 

@@ -168,7 +168,8 @@ class Server:
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(self._settings())
+        with contextlib.suppress(OSError):  # it died at once: said below
+            self._conn.send(self._settings())
         deadline = time.monotonic() + timeout
         why = "did not start"
         early: list[tuple] = []  # a viewer may connect before "started" arrives
