@@ -1,17 +1,20 @@
 """The server process of ``run --serve``: uvicorn, the app and the hub, at a low CPU priority.
 
 Started by :class:`~fundus_edge.serve.server.Server` as ``python -m fundus_edge.serve.worker
-SOCKET_FD PIPE_FD``: it inherits the listening socket (bound by the run, so a taken port was
+SOCKET_FD CONN_FD``: it inherits the listening socket (bound by the run, so a taken port was
 one line before the model loaded) and one end of a socket pair to the run (a
 :class:`multiprocessing.connection.Connection`: pickled tuples, see
 :mod:`~fundus_edge.serve.feed`). Its first message is its settings; it answers ``("started",
-port)`` once uvicorn listens, or ``("error", text)``.
+port)`` once uvicorn listens, or ``("error", text)``. A plain subprocess rather than
+:mod:`multiprocessing`'s spawn, which would import the run's main module (the CLI, and what it
+imports) again in here.
 
-It lowers its own priority (``nice`` + :data:`NICE`): on a machine the model saturates, the
-model loop wins the cores and the viewers get what is left ("inference never waits for the
-network"). A thread reads the run's messages and hands them to the event loop; the pipe
-closing (the run ended, or died) stops the server. Imports only what serving needs (no
-OpenCV, no NumPy, no model runtime): the process starts in a fraction of a second.
+It lowers its own priority (``nice`` + :data:`NICE`): when the run's threads and the server
+both want a core, the scheduler gives the run about nine times the server's share (nice 0
+against +10), so a busy server takes little from the model loop and its viewers get fewer
+frames instead ("inference never waits for the network"). A thread reads the run's messages
+and hands them to the event loop; the connection closing (the run ended, or died) stops the
+server. It imports only what serving needs (no OpenCV, no NumPy, no model runtime).
 """
 
 from __future__ import annotations
