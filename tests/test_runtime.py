@@ -211,7 +211,7 @@ def test_simulated_camera_keeps_its_rate_and_a_slow_reader_gets_the_newest_frame
         assert frames[0].image.shape == (240, 320, 3) and frames[0].image.dtype == np.uint8
         assert [f.index for f in frames] == list(range(11))
         assert 0.15 <= took < 2.0  # frame 10 is captured 0.2 s after frame 0
-        assert not np.shares_memory(frames[0].image, frames[4].image)  # a buffer per frame
+        assert not frames[0].image.flags.writeable  # the camera's buffer, handed over read-only
         assert frames[0].image[120, 160, 0] > 60 and frames[0].image[5, 5].max() < 30  # a fundus
         time.sleep(0.3)  # ~15 frames captured meanwhile; the reader gets only the newest
         late = src.read()
@@ -230,6 +230,67 @@ def test_simulated_camera_specs():
     for bad in ("sim://big", "sim://32x32@5", "sim://640x480@0", "sim://640x480@"):
         with pytest.raises(UserError, match="sim://"):
             open_source(bad)
+
+
+def test_simulated_camera_reopens_without_drawing_its_pictures_again():
+    src = open_source("sim://160x120@50")
+    src.open()
+    pictures = list(src._frames)
+    first = src.read()
+    src.open()  # run() opens a source it is given: only the clock restarts
+    assert all(a is b for a, b in zip(src._frames, pictures, strict=True))
+    again = src.read()
+    assert again is not None and np.array_equal(again.image, first.image)
+    src.close()
+    src.open()  # after close, a fresh draw of the same pictures (same seed)
+    assert np.array_equal(src.read().image, first.image)
+    src.close()
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_bgr_and_rgba_frames_convert_exactly_and_stay_contiguous(channels):
+    from fundus_edge.preprocess import as_rgb_uint8
+
+    img = np.random.default_rng(channels).integers(0, 256, (37, 53, channels), dtype=np.uint8)
+    for view in (img, img[::2, 1::3], img[::-1]):  # contiguous, strided, negative stride
+        for bgr in (False, True):
+            want = view[:, :, :3][:, :, ::-1] if bgr else view[:, :, :3]
+            got = as_rgb_uint8(view, bgr=bgr)
+            assert got.flags.c_contiguous and np.array_equal(got, want)
+    rgb = np.ascontiguousarray(img[:, :, :3])
+    assert as_rgb_uint8(rgb) is rgb  # RGB in: itself, no copy
+
+
+def test_preprocess_leaves_a_read_only_frame_as_it_came(retina):
+    from fundus_edge.preprocess import PreprocessConfig, preprocess
+
+    # The field's square is the whole image at the model's size: the crop is the image
+    # itself, then masked (in place, on a copy).
+    frame = retina[2:317, 2:317].copy()
+    frame.flags.writeable = False
+    pre = preprocess(frame, PreprocessConfig(size=315))
+    assert (pre.geometry.x0, pre.geometry.y0, pre.geometry.side) == (0, 0, 315)
+    assert not np.shares_memory(pre.image, frame)
+    assert np.count_nonzero(pre.image.max(axis=-1) == 0) > np.count_nonzero(frame.max(axis=-1) == 0)
+
+
+def test_inference_threads_option(onnx_model, retina):
+    with Predictor(onnx_model) as default, Predictor(onnx_model, threads=1) as one:
+        a, b = default.predict(retina), one.predict(retina)
+    assert np.allclose(a.probabilities, b.probabilities, atol=1e-6)
+    with pytest.raises(UserError, match="--threads must be >= 1"):
+        Predictor(onnx_model, threads=0)
+    with Predictor(onnx_model) as p, pytest.raises(UserError, match="loaded backend"):
+        Predictor(p.backend, threads=1)
+    with pytest.raises(UserError, match="--threads must be >= 1"):
+        run(RunConfig(model=onnx_model, source="sim://", threads=0), handle_signals=False)
+    s = run(
+        RunConfig(
+            model=onnx_model, source="sim://160x120@50", headless=True, threads=1, max_frames=3
+        ),
+        handle_signals=False,
+    )
+    assert s.frames_processed >= 1
 
 
 def test_run_tracks_a_videos_field_of_view_and_fits_each_still(onnx_model, tmp_path, retina):

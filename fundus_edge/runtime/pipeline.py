@@ -16,6 +16,17 @@ tracked (:class:`~fundus_edge.preprocess.FovTracker`; stills are fitted one by o
 frame is rendered only when a visual sink will show it: no visual sink, no rendering; a
 live view without viewers, none; a video of a live source at its own frame rate.
 
+What a frame costs outside the model matters once the model is fast (the one-member student
+at 128 px: ~3.5 ms on one core of the 2-core EPYC VM): OpenCV's BGR frames become RGB by
+OpenCV's channel shuffle (0.3 ms at 1920x1080, against 9 ms for a reversed NumPy view made
+contiguous), the field's square is area-reduced straight from the frame with only the blocks
+past its edge padded (:func:`~fundus_edge.preprocess.crop_square`), and ``sim://`` hands over
+its buffers without a copy. What is left at 1920x1080 is ~4-5 ms of preparing (crop and
+resize ~1.2 ms, quality gate ~3 ms on its 192-px copy) and, for a video file, ~4 ms of
+decoding; with :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the
+pipeline has the other (ONNX Runtime's default takes every core for itself, which a small
+model does not use: see :class:`~fundus_edge.runtime.predictor.Predictor`'s ``threads``).
+
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
 sinks drop frames only behind a live source. SIGINT/SIGTERM stop capture, let the
@@ -77,6 +88,8 @@ class RunConfig:
     provider: str | None = None
     device: str | None = None
     cuda_graph: bool = False
+    # The inference runtime's intra-op threads when run() loads the model (None: its default).
+    threads: int | None = None
     headless: bool = False
     save_video: Path | None = None
     save_dir: Path | None = None
@@ -521,6 +534,8 @@ def _check_options(cfg: RunConfig) -> None:
     """Numbers out of range: one line naming the option, before anything opens."""
     if not cfg.watch_settle > 0:
         raise UserError(f"--watch-settle must be > 0 seconds, got {cfg.watch_settle:g}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads must be >= 1 (inference threads), got {cfg.threads}")
     if cfg.max_frames is not None and cfg.max_frames < 1:
         raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
     # `not x > 0` rather than `x <= 0`: NaN is out of range too.
@@ -730,6 +745,7 @@ def run(
                 device=cfg.device,
                 cuda_graph=cfg.cuda_graph,
                 gate=cfg.gate,
+                threads=cfg.threads,
             )
         if cfg.map not in ("auto", "attention", "none") and cfg.map not in predictor.label_names:
             raise UserError(
