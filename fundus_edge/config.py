@@ -1,44 +1,51 @@
 """Typed training configuration: dataclass defaults <- YAML recipe <- command-line overrides.
 
-A recipe (``training/*.yaml``) is a nested mapping whose sections mirror the dataclasses below;
-unknown keys and wrongly typed values are refused with one line naming the file and the key.
-Overrides are dotted ``key=value`` pairs (``optim.lr=1e-3``, ``model.members=[resnet18]``),
-their values parsed as YAML. The resolved config is saved beside every run as ``config.yaml``,
-so a run can be repeated from its own directory.
+A recipe (``training/*.yaml``) is a nested mapping of :class:`TrainConfig`'s sections; unknown
+keys and wrongly typed values are refused with one line naming the file and the key. Overrides
+are dotted ``key=value`` pairs (``optim.lr=1e-3``, ``model.members=[resnet18]``), their values
+parsed as YAML. The resolved config is saved beside every run as ``config.yaml``, so a run can
+be repeated from its own directory.
 
-:func:`resolve` is the one layered loader: a dataclass's defaults, then any number of layers
-(a recipe, a teacher's defaults, ``--set`` pairs, named options), each a nested or dotted
-mapping checked on its own so that an error names the layer it came from. :func:`load_config`
-is it for :class:`TrainConfig`. The sections that mirror other modules' configs have one
-conversion each: :meth:`TrainConfig.ensemble_config`, :meth:`TrainConfig.preprocess_config`,
-:meth:`TrainConfig.augment_config`.
+One config tree: the sections hold the other modules' own dataclasses, with their defaults,
+not mirrors of them. ``model`` *is* the :class:`~fundus_edge.models.EnsembleConfig` (less the
+keys a run derives: ``num_classes`` and ``label_names`` from the data, ``views`` and ``enhance``
+from the ``enhance`` section, see :meth:`TrainConfig.ensemble_config`); ``data.preprocess`` is
+the :class:`~fundus_edge.preprocess.PreprocessConfig` (its ``size`` follows
+``model.image_size``); ``data.augment`` is the :class:`~fundus_edge.torchdata.AugmentConfig`.
+
+:func:`fundus_edge.layered.resolve` is the one layered loader (re-exported here);
+:func:`load_config` is it for :class:`TrainConfig`. Config files written before the sections
+held those dataclasses (augmentation keys ``data.hflip`` ... directly in ``data``) still load:
+:meth:`TrainConfig.upgrade_layer` moves them (``OLD_KEYS``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import types
-import typing
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from fundus_edge.errors import UserError
+from fundus_edge.layered import apply_overrides, dotted, flatten, leaves, parse_sets, plain, resolve
 from fundus_edge.losses import LossConfig
+from fundus_edge.models.ensemble import EnsembleConfig
 from fundus_edge.options import load_yaml_mapping
+from fundus_edge.preprocess import PreprocessConfig
+from fundus_edge.torchdata import AugmentConfig
 
 __all__ = [
     "CAM_METHODS",
+    "DERIVED_KEYS",
     "MEMORY_FORMATS",
+    "OLD_KEYS",
     "SELECT_METRICS",
     "DataSection",
     "EnhanceSection",
-    "ModelSection",
     "OptimSection",
     "TrainConfig",
     "apply_overrides",
@@ -51,7 +58,6 @@ __all__ = [
     "save_config",
 ]
 
-T = TypeVar("T")
 
 #: ``kernel``: the forward-only CAM kernels of the model (fast, exact Grad-CAM for pooled heads).
 #: The others use the ``grad-cam`` package (a backward pass per class; slow, for comparison).
@@ -73,19 +79,16 @@ SELECT_METRICS = (
 )
 
 
-@dataclass
-class ModelSection:
-    """The ensemble (mirrors :class:`fundus_edge.models.EnsembleConfig`)."""
-
-    members: list[str] = field(default_factory=lambda: ["vgg19", "resnet50"])
-    head: str = "average"  # "average" per-member heads | "fusion" one head on pooled features
-    member_head: str = "native"  # "native" torchvision head | "gap" pooled linear head
-    weights: str = "imagenet"  # "imagenet" | "none" | path to a checkpoint
-    imagenet_dir: str | None = None  # folder of torchvision weight files (default: hub cache)
-    dropout: float = 0.2
-    image_size: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+#: Keys of the ``model`` section (an EnsembleConfig) that a run derives, and from what.
+DERIVED_KEYS = {
+    "model.num_classes": "the dataset's labels",
+    "model.label_names": "the dataset's labels",
+    "model.views": "enhance.op (none: the original view only)",
+    "model.enhance": "the enhance section",
+    "data.preprocess.size": "model.image_size",
+}
+#: The layout before the sections held their modules' dataclasses: old key -> new key.
+OLD_KEYS = {f"data.{k}": f"data.augment.{k}" for k in AugmentConfig.__dataclass_fields__}
 
 
 @dataclass
@@ -125,16 +128,12 @@ class DataSection:
 
     root: str = ""
     format: str = "auto"
-    preprocess: dict = field(default_factory=dict)  # PreprocessConfig fields; size = image_size
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # size: image_size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 16
     eval_batch_size: int = 32
     num_workers: int = 2
     sampler: str = "shuffle"  # "shuffle" | "label_aware" (rare labels drawn more often)
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate: float = 15.0  # degrees, uniform in [-rotate, rotate]
-    brightness: float = 0.1  # multiplicative jitter amplitude
-    contrast: float = 0.1
     cache: bool = True  # keep preprocessed (uint8, image_size) images in memory
     limit: int | None = None  # use at most this many samples per split (smoke runs)
 
@@ -180,35 +179,34 @@ class TrainConfig:
     # thresholds tuned per label on validation: f1 | youden | sens@X | spec@X (operating.py)
     threshold_policy: str = "f1"
     deterministic: bool = True
-    model: ModelSection = field(default_factory=ModelSection)
+    model: EnsembleConfig = field(default_factory=EnsembleConfig)
     enhance: EnhanceSection = field(default_factory=EnhanceSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
 
     def to_dict(self) -> dict:
-        """The nested mapping ``config.yaml`` holds."""
-        return asdict(self)
+        """The nested mapping ``config.yaml`` holds (without :data:`DERIVED_KEYS`)."""
+        d = plain(self)
+        for key in DERIVED_KEYS:
+            section, _, name = key.rpartition(".")
+            dotted(d, section).pop(name, None)
+        return d
 
-    def ensemble_config(self, label_names: list[str] | tuple[str, ...]):
-        """The :class:`~fundus_edge.models.EnsembleConfig` this run trains, for these labels.
+    def ensemble_config(self, label_names: list[str] | tuple[str, ...]) -> EnsembleConfig:
+        """The :class:`~fundus_edge.models.EnsembleConfig` this run trains, for these labels:
+        ``model`` with the keys a run derives filled in.
 
         ``enhance.op: none`` builds the original view only (the exported model runs one pass).
         """
-        from fundus_edge.models import EnhanceConfig, EnsembleConfig
+        import dataclasses
 
-        m, e = self.model, self.enhance
-        return EnsembleConfig(
-            members=tuple(m.members),
+        from fundus_edge.models import EnhanceConfig
+
+        e = self.enhance
+        return dataclasses.replace(
+            self.model,
             num_classes=len(label_names),
             label_names=tuple(label_names),
-            head=m.head,
-            member_head=m.member_head,
-            weights=m.weights,
-            imagenet_dir=m.imagenet_dir,
-            dropout=m.dropout,
-            image_size=m.image_size,
-            mean=tuple(m.mean),
-            std=tuple(m.std),
             views="original" if e.op == "none" else "both",
             enhance=EnhanceConfig(
                 op="weight" if e.op == "none" else e.op,
@@ -219,41 +217,46 @@ class TrainConfig:
             ),
         )
 
-    def preprocess_config(self):
-        """The :class:`~fundus_edge.preprocess.PreprocessConfig` of ``data.preprocess``, its
-        size ``model.image_size``.
-
-        Raises:
-            UserError: ``data.preprocess.size`` given and not ``model.image_size``, or a bad
-                preprocessing option.
-        """
-        from fundus_edge.preprocess import PreprocessConfig
-
-        pre = dict(self.data.preprocess)
-        if "size" in pre and pre["size"] != self.model.image_size:
-            raise UserError(
-                f"size {pre['size']} differs from model.image_size {self.model.image_size}; "
-                "set only model.image_size"
-            )
-        return PreprocessConfig.from_dict({**pre, "size": self.model.image_size})
-
-    def augment_config(self):
-        """The :class:`~fundus_edge.torchdata.AugmentConfig` of ``data``'s augmentation keys."""
-        from fundus_edge.torchdata import AugmentConfig
-
-        d = self.data
-        return AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
-
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
-        """Build from a nested mapping; unknown keys or bad types raise :class:`UserError`."""
-        return _build(cls, d, source, "")
+        """Build from a nested mapping (a ``config.yaml``, old layout included); unknown keys
+        or bad types raise :class:`UserError`; :meth:`validate` checks the values."""
+        return resolve(cls, [(source, d)], source, validate=False)
+
+    @classmethod
+    def upgrade_layer(cls, tree: dict, source: str) -> dict:
+        """One layer in today's layout: :data:`OLD_KEYS` moved, derived keys refused.
+
+        Raises:
+            UserError: a layer sets a key of :data:`DERIVED_KEYS` (other than
+                ``data.preprocess.size``, which may repeat ``model.image_size``), or both an old
+                key and its new one.
+        """
+        for key, what in DERIVED_KEYS.items():
+            if key != "data.preprocess.size" and dotted(tree, key) is not None:
+                raise UserError(f"{source}: {key}: set by {what}, not by a key of its own")
+        flat = flatten(tree)
+        moved = {old: flat.pop(old) for old in OLD_KEYS if old in flat}
+        if not moved:
+            return tree
+        for old in moved:
+            if OLD_KEYS[old] in flat:
+                raise UserError(f"{source}: {old} and {OLD_KEYS[old]} both given; keep the second")
+        return apply_overrides({}, {**flat, **{OLD_KEYS[k]: v for k, v in moved.items()}})
+
+    @classmethod
+    def complete(cls, d: dict, given: set[str]) -> dict:
+        """``data.preprocess.size`` follows ``model.image_size`` unless a layer set it
+        (:meth:`validate` then checks they agree)."""
+        if "data.preprocess.size" in given:
+            return d
+        size = dotted(d, "model.image_size")
+        size = EnsembleConfig.image_size if size is None else size
+        return apply_overrides(d, {"data.preprocess.size": size})
 
     def validate(self, source: str = "config") -> None:
         """Check choices that the types alone do not (one line naming the key)."""
         checks = [
-            ("model.head", self.model.head, ("average", "fusion")),
-            ("model.member_head", self.model.member_head, ("native", "gap")),
             ("enhance.op", self.enhance.op, ("weight", "crop", "drop", "none")),
             ("enhance.train_weights", self.enhance.train_weights, ("targets", "probs")),
             ("enhance.attention", self.enhance.attention, ("prob_weighted", "top_class")),
@@ -269,8 +272,6 @@ class TrainConfig:
                 raise UserError(
                     f"{source}: {key}: {value!r} is not one of {', '.join(map(str, allowed))}"
                 )
-        if not self.model.members:
-            raise UserError(f"{source}: model.members: at least one member is needed")
         for key, value in (
             ("epochs", self.epochs),
             ("data.batch_size", self.data.batch_size),
@@ -288,17 +289,11 @@ class TrainConfig:
             raise UserError(
                 f"{source}: device: {self.device!r}: expected auto, cpu, cuda or cuda:N"
             )
-        for key, vec, positive in (
-            ("model.mean", self.model.mean, False),
-            ("model.std", self.model.std, True),
-        ):
-            if len(vec) != 3 or (positive and min(vec) <= 0):
-                each = ", each > 0" if positive else ""
-                raise UserError(f"{source}: {key}: expected 3 values (R, G, B){each}, got {vec}")
-        try:
-            self.preprocess_config()
-        except UserError as exc:  # name the recipe and section, not just the option
-            raise UserError(f"{source}: data.preprocess: {exc}") from None
+        if self.data.preprocess.size != self.model.image_size:
+            raise UserError(
+                f"{source}: data.preprocess.size {self.data.preprocess.size} differs from "
+                f"model.image_size {self.model.image_size}; set only model.image_size"
+            )
         from fundus_edge.operating import parse_policy
 
         parse_policy(self.threshold_policy, f"{source}: threshold_policy")
@@ -328,17 +323,16 @@ class TrainConfig:
             ("optim.loss.mask_weight", loss.mask_weight, "[0, inf)"),
             ("data.eval_batch_size", d.eval_batch_size, "[1, inf)"),
             ("data.num_workers", d.num_workers, "[0, inf)"),
-            ("data.hflip", d.hflip, "[0, 1]"),
-            ("data.vflip", d.vflip, "[0, 1]"),
-            ("data.rotate", d.rotate, "[0, 180]"),
-            ("data.brightness", d.brightness, "[0, 1)"),
-            ("data.contrast", d.contrast, "[0, 1)"),
+            ("data.augment.hflip", d.augment.hflip, "[0, 1]"),
+            ("data.augment.vflip", d.augment.vflip, "[0, 1]"),
+            ("data.augment.rotate", d.augment.rotate, "[0, 180]"),
+            ("data.augment.brightness", d.augment.brightness, "[0, 1)"),
+            ("data.augment.contrast", d.augment.contrast, "[0, 1)"),
             ("data.limit", d.limit, "[1, inf)"),
             ("enhance.lam", e.lam, "[0, 1]"),
             ("enhance.theta", e.theta, "[0, 1]"),
             ("enhance.pad", e.pad, "[0, inf)"),
             ("enhance.warmup_epochs", e.warmup_epochs, "[0, inf)"),
-            ("model.dropout", self.model.dropout, "[0, 1)"),
         ]
         for key, value, interval in ranges:
             if value is not None and not _in_interval(value, interval):
@@ -352,162 +346,6 @@ def _in_interval(value: float, interval: str) -> bool:
     above = value >= lo if interval[0] == "[" else value > lo
     below = value <= hi if interval[-1] == "]" else value < hi
     return math.isfinite(value) and above and below
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits the annotation ``tp``; returns a possibly converted value."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list or tp is list:
-        if isinstance(value, str):  # "a,b" from a command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = typing.get_args(tp)
-        if not args:
-            return True, list(value)
-        out = []
-        for item in value:
-            ok, v = _type_ok(item, args[0])
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
-
-
-def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise UserError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key not in names:
-            raise UserError(
-                f"{source}: unknown key {prefix}{key!s} (known: {', '.join(sorted(names))})"
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, source, f"{prefix}{key}.")
-            continue
-        ok, conv = _type_ok(value, tp)
-        if not ok:
-            want = getattr(tp, "__name__", str(tp))
-            raise UserError(f"{source}: {prefix}{key}: expected {want}, got {value!r}")
-        kwargs[key] = conv
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "preprocess":
-            out[k] = _merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
-        else:
-            out[k] = v
-    return out
-
-
-def parse_sets(sets: Iterable[str], option: str = "--set") -> dict[str, Any]:
-    """``["optim.lr=1e-3", ...]`` -> ``{"optim.lr": 0.001}`` (values parsed as YAML).
-
-    Raises:
-        UserError: an item without ``=``.
-    """
-    pairs: dict[str, Any] = {}
-    for item in sets:
-        if "=" not in item:
-            raise UserError(f"{option} {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
-        k, v = item.split("=", 1)
-        pairs[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-    return pairs
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys; ``data.preprocess`` stays one key (a mapping)."""
-    return {key: _dotted(d, key[len(prefix) :]) for key in _leaves(d, prefix)}
-
-
-def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
-    """Set dotted keys in a nested mapping.
-
-    Args:
-        d: the nested mapping (not modified).
-        overrides: ``{"optim.lr": 1e-3}`` or ``["optim.lr=1e-3", ...]`` (values parsed as YAML).
-
-    Raises:
-        UserError: a ``key=value`` string without ``=``.
-    """
-    if isinstance(overrides, list):
-        overrides = parse_sets(overrides)
-    out = _merge(d, {})
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = value
-    return out
-
-
-def resolve(cls: type[T], layers: Iterable[tuple[str, dict[str, Any]]], source: str = "") -> T:
-    """A config dataclass from its defaults and ``layers``, later layers winning.
-
-    Args:
-        cls: the dataclass (:class:`TrainConfig`, or any with typed fields and defaults; a
-            ``validate(source)`` method is called on the result).
-        layers: ``(name, mapping)`` pairs; a mapping holds nested sections or dotted keys
-            (``{"optim": {"lr": 1e-3}}`` or ``{"optim.lr": 1e-3}``). Each layer's keys and
-            types are checked alone, so an unknown key names its own layer.
-        source: what the final checks name (default: the layers' names joined by ``+``).
-
-    Raises:
-        UserError: an unknown key, a wrong type or an invalid value.
-    """
-    d = asdict(cls())
-    names = []
-    for name, layer in layers:
-        nested = apply_overrides({}, {k: v for k, v in layer.items() if "." in k})
-        nested = _merge(nested, {k: v for k, v in layer.items() if "." not in k})
-        _build(cls, nested, name, "")  # names this layer's own bad keys
-        d = _merge(d, nested)
-        names.append(name)
-    source = source or " + ".join(names) or "config"
-    cfg = _build(cls, d, source, "")
-    if hasattr(cfg, "validate"):
-        cfg.validate(source)
-    return cfg
 
 
 def load_config(
@@ -544,15 +382,13 @@ def given_keys(
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
 ) -> set[str]:
-    """The dotted keys a recipe, named options and ``--set`` pairs set (what the user chose).
-
-    ``data.preprocess`` counts as one key (a mapping of options).
-    """
+    """The dotted keys a recipe, named options and ``--set`` pairs set (what the user chose),
+    in today's layout (:data:`OLD_KEYS` moved)."""
     keys = set(overrides or {})
     keys |= {item.split("=", 1)[0].strip() for item in sets or [] if "=" in item}
     if path is not None:
-        keys |= set(_leaves(load_yaml_mapping(Path(path), "--config")))
-    return keys
+        keys |= set(leaves(load_yaml_mapping(Path(path), "--config")))
+    return {OLD_KEYS.get(k, k) for k in keys}
 
 
 def config_changes(
@@ -565,41 +401,22 @@ def config_changes(
 
     Args:
         old, new: the two configs.
-        keys: the keys to compare (default: every key of either, preprocess options included).
+        keys: the keys to compare (default: every key of either); a section's key compares
+            the whole section.
         keep: keys that may differ, by full key or by top-level section (``out``).
     """
     a, b = old.to_dict(), new.to_dict()
     if keys is None:
-        keys = set(_leaves(a, whole=())) | set(_leaves(b, whole=()))
+        keys = set(leaves(a)) | set(leaves(b))
     keep = set(keep)
     changes = []
     for key in sorted(set(keys)):
         if key in keep or key.split(".")[0] in keep:
             continue
-        va, vb = _dotted(a, key), _dotted(b, key)
+        va, vb = dotted(a, key), dotted(b, key)
         if va != vb:
             changes.append((key, va, vb))
     return changes
-
-
-def _dotted(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _leaves(d: dict, prefix: str = "", whole: tuple[str, ...] = ("data.preprocess",)) -> list[str]:
-    """Dotted keys of a nested mapping; the mappings named in ``whole`` count as one key."""
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in whole:
-            out += _leaves(v, f"{key}.", whole)
-        else:
-            out.append(key)
-    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

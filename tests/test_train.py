@@ -219,7 +219,7 @@ def test_failed_start_with_overwrite_keeps_the_old_run(
     res = _invoke([*args, "--weights", "imagenet"])
     assert res.exit_code == 2 and "ImageNet weights for resnet18 not found" in res.output
     res = _invoke([*args, "--set", "model.head=bogus"])
-    assert res.exit_code == 2 and "model.head" in res.output
+    assert res.exit_code == 2 and "model: unknown head 'bogus'" in res.output
     res = _invoke([*args, "--set", "select=val_f2"])  # was only noticed after epoch 1
     assert res.exit_code == 2 and "select: 'val_f2' is not one of auto, val_loss" in res.output
     assert {p.name: _sha(p) for p in old.iterdir() if p.is_file()} == before
@@ -298,8 +298,8 @@ def test_resume_with_a_lower_lr_rescales_the_schedule(reference_run, data_dir, t
         "optim.momentum=-1",
         "optim.loss.clip=5",
         "data.num_workers=-1",
-        "data.hflip=2",
-        "data.rotate=-400",
+        "data.augment.hflip=2",
+        "data.augment.rotate=-400",
         "data.limit=0",
         "enhance.warmup_epochs=-1",
     ],
@@ -314,9 +314,10 @@ def test_out_of_range_values_are_refused_by_name(pair):
     ("pair", "message"),
     [
         ("device=gpu", "device: 'gpu': expected auto, cpu, cuda or cuda:N"),
-        ("model.mean=[0.5, 0.5]", "model.mean: expected 3 values"),
-        ("model.std=[0.2, 0, 0.2]", "model.std: expected 3 values (R, G, B), each > 0"),
-        ("data.preprocess={bogus: 1}", "data.preprocess: unknown preprocess option 'bogus'"),
+        ("model.mean=[0.5, 0.5]", "model: 'mean' and 'std' need 3 values each"),
+        ("model.std=[0.2, 0, 0.2]", "model: 'mean' and 'std' need 3 values each, std > 0"),
+        ("data.preprocess={bogus: 1}", "unknown key data.preprocess.bogus"),
+        ("data.preprocess={margin: 2}", "data.preprocess: preprocess option 'margin' must be"),
     ],
 )
 def test_recipe_errors_name_the_recipe_and_key(tmp_path, pair, message):
@@ -359,7 +360,7 @@ def test_config_layers_and_errors(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochs: 3\nmodel:\n  members: [resnet18]\noptim:\n  lr: 0.01\n")
     cfg = load_config(recipe, {"optim.lr": 1e-4}, sets=["data.sampler=label_aware"])
-    assert cfg.epochs == 3 and cfg.model.members == ["resnet18"]
+    assert cfg.epochs == 3 and cfg.model.members == ("resnet18",)
     assert cfg.optim.lr == 1e-4 and cfg.data.sampler == "label_aware"
     assert cfg.optim.loss.name == "bce"  # default kept
     recipe.write_text("optim:\n  lr_typo: 1\n")
@@ -677,10 +678,11 @@ def test_resolve_layers_name_their_own_errors_and_later_ones_win(tmp_path):
     }
     sets = parse_sets(["optim.lr=1e-4", "data.preprocess.margin=0.1"])
     cfg = resolve(TrainConfig, [("teacher", teacher), ("r.yaml", recipe), ("--set", sets)])
-    assert cfg.model.members == ["resnet18"] and cfg.model.image_size == 96
-    assert cfg.optim.lr == 1e-4 and cfg.data.preprocess == {"contrast": "clahe", "margin": 0.1}
+    assert cfg.model.members == ("resnet18",) and cfg.model.image_size == 96
+    assert cfg.optim.lr == 1e-4
+    assert (cfg.data.preprocess.contrast, cfg.data.preprocess.margin) == ("clahe", 0.1)
     flat = flatten(cfg.to_dict())
-    assert flat["optim.loss.name"] == "bce" and flat["data.preprocess"] == cfg.data.preprocess
+    assert flat["optim.loss.name"] == "bce" and flat["data.preprocess.contrast"] == "clahe"
     assert resolve(TrainConfig, [("again", flat)]) == cfg
     with pytest.raises(UserError, match=r"^teacher: unknown key model\.memberz"):
         resolve(TrainConfig, [("teacher", {"model.memberz": ["x"]}), ("r.yaml", recipe)])
@@ -690,23 +692,99 @@ def test_resolve_layers_name_their_own_errors_and_later_ones_win(tmp_path):
         resolve(TrainConfig, [("r.yaml", {"enhance.op": "blur"}), ("x", {})])
     with pytest.raises(UserError, match=r"--set 'optim\.lr': expected KEY=VALUE"):
         parse_sets(["optim.lr"])
+    # the held dataclasses' own checks name the layers and the section
+    with pytest.raises(UserError, match=r"^r\.yaml: data\.preprocess: .*'contrast' must be one of"):
+        resolve(TrainConfig, [("r.yaml", {"data.preprocess.contrast": "blur"})])
+    with pytest.raises(UserError, match=r"^r\.yaml: model: unknown head 'x'"):
+        resolve(TrainConfig, [("r.yaml", {"model.head": "x"})])
 
 
-def test_one_conversion_per_mirrored_config():
+def test_the_config_holds_the_model_preprocess_and_augment_dataclasses():
+    from fundus_edge.models import EnsembleConfig
     from fundus_edge.preprocess import PreprocessConfig
     from fundus_edge.torchdata import AugmentConfig
 
     cfg = load_config(None, {"model.image_size": 96, "enhance.op": "none", "data.rotate": 5.0})
+    assert isinstance(cfg.model, EnsembleConfig)
+    assert cfg.data.preprocess == PreprocessConfig(size=96)  # size follows model.image_size
+    assert cfg.data.augment == AugmentConfig(rotate=5.0)  # the old key, moved
     ens = cfg.ensemble_config(["a", "b"])
     assert ens.views == "original" and ens.num_classes == 2 and ens.label_names == ("a", "b")
-    assert ens.members == tuple(cfg.model.members) and ens.image_size == 96
-    assert cfg.preprocess_config() == PreprocessConfig(size=96)
-    assert cfg.augment_config() == AugmentConfig(rotate=5.0)
-    cfg.data.preprocess = {"size": 64}
-    with pytest.raises(UserError, match=r"size 64 differs from model\.image_size 96"):
-        cfg.preprocess_config()
-    with pytest.raises(UserError, match=r"^config: data\.preprocess: size 64 differs"):
-        cfg.validate()
+    assert ens.members == cfg.model.members and ens.image_size == 96
+    # one set of defaults: the dataclasses' own
+    assert load_config().model == EnsembleConfig() and load_config().data.augment == AugmentConfig()
+    saved = cfg.to_dict()
+    assert "num_classes" not in saved["model"] and "size" not in saved["data"]["preprocess"]
+    assert "rotate" not in saved["data"] and saved["data"]["augment"]["rotate"] == 5.0
+    with pytest.raises(UserError, match=r"^--set: model\.views: set by enhance\.op"):
+        load_config(None, sets=["model.views=original"])
+    with pytest.raises(UserError, match=r"data\.rotate and data\.augment\.rotate both given"):
+        load_config(None, {"data.rotate": 5.0, "data.augment.rotate": 4.0})
+    with pytest.raises(UserError, match=r"data\.preprocess\.size 64 differs from model\.image_"):
+        load_config(None, {"model.image_size": 96, "data.preprocess.size": 64})
+    assert load_config(None, {"model.image_size": 64, "data.preprocess.size": 64}) == load_config(
+        None, {"model.image_size": 64}
+    )
+
+
+#: A run's config.yaml as written before the config held the dataclasses (2026-12-01).
+OLD_CONFIG_YAML = """\
+name: old
+out: runs/old
+seed: 0
+device: cpu
+epochs: 2
+stop_after: null
+select: auto
+threshold_policy: f1
+deterministic: true
+model:
+  members: [resnet18]
+  head: average
+  member_head: gap
+  weights: none
+  imagenet_dir: null
+  dropout: 0.2
+  image_size: 64
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+enhance: {op: weight, lam: 0.5, theta: 0.5, pad: 0.1, warmup_epochs: 1, train_weights: targets,
+  attention: prob_weighted, cam_method: kernel}
+data:
+  root: /data/x
+  format: auto
+  preprocess: {contrast: clahe}
+  batch_size: 16
+  eval_batch_size: 32
+  num_workers: 2
+  sampler: shuffle
+  hflip: 0.5
+  vflip: 0.25
+  rotate: 10.0
+  brightness: 0.1
+  contrast: 0.2
+  cache: true
+  limit: null
+optim: {optimizer: adamw, lr: 0.0003, backbone_lr_mult: 0.1, weight_decay: 0.0001, momentum: 0.9,
+  warmup_epochs: 1.0, min_lr_ratio: 0.01, schedule: cosine, freeze_epochs: 0, grad_clip: 1.0,
+  amp: auto, ema: 0.0, bn_momentum: null}
+"""
+
+
+def test_an_old_run_config_still_loads_and_resaves_in_todays_layout(tmp_path):
+    from fundus_edge.config import config_changes, given_keys, save_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text(OLD_CONFIG_YAML)
+    cfg = load_config(old)
+    a = cfg.data.augment
+    assert (a.hflip, a.vflip, a.rotate, a.brightness, a.contrast) == (0.5, 0.25, 10.0, 0.1, 0.2)
+    assert cfg.data.preprocess.contrast == "clahe" and cfg.data.preprocess.size == 64
+    assert cfg.model.members == ("resnet18",) and cfg.model.dropout == 0.2
+    assert "data.augment.vflip" in given_keys(old) and "data.vflip" not in given_keys(old)
+    save_config(cfg, tmp_path / "new.yaml")
+    again = load_config(tmp_path / "new.yaml")
+    assert again == cfg and config_changes(cfg, again) == []
 
 
 def test_memory_format_auto_is_channels_last_on_cpu_only_and_choices_are_checked():

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fundus_edge.config import flatten, parse_sets
+from fundus_edge.config import parse_sets
 from fundus_edge.errors import UserError
 
 __all__ = ["INITS", "DistillSection", "load_distill_config", "student_defaults"]
@@ -131,7 +131,7 @@ def load_distill_config(
     Raises:
         UserError: a missing or malformed recipe, an unknown key, a bad value.
     """
-    from fundus_edge.config import TrainConfig, apply_overrides
+    from fundus_edge.config import TrainConfig, resolve
     from fundus_edge.options import load_yaml_mapping
 
     recipe: dict[str, Any] = {}
@@ -142,27 +142,27 @@ def load_distill_config(
     distill_d = recipe.pop("distill", None) or {}
     if not isinstance(distill_d, dict):
         raise UserError(f"{source}: distill: expected a mapping")
-    TrainConfig.from_dict(recipe, source)  # names the recipe's own bad keys
     _known_keys(distill_d, source)
-    later = {**parse_sets(sets or []), **overrides}
+    dist_d = {**distill_d}
+    named: list[tuple[str, dict[str, Any]]] = []  # the training keys of --set, then options
+    for name, pairs in (("--set", parse_sets(sets or [])), ("command-line options", overrides)):
+        train_keys = {}
+        for k, v in pairs.items():
+            if k.startswith("distill."):
+                dist_d[k.split(".", 1)[1]] = v
+            else:
+                train_keys[k] = v
+        if train_keys:
+            named.append((name, train_keys))
     if sets or overrides:
         source = f"{source} + command-line overrides"
-    dist_d = {**distill_d}
-    train_later = {}
-    for k, v in later.items():
-        if k.startswith("distill."):
-            dist_d[k.split(".", 1)[1]] = v
-        else:
-            train_later[k] = v
     _known_keys(dist_d, source)
     section = _distill_section(dist_d, source)
-    layers: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
     if teacher_defaults is not None and section.teacher:
-        layers.update(teacher_defaults(section.teacher))
-    layers.update(flatten(recipe))
-    layers.update(train_later)
-    cfg = TrainConfig.from_dict(apply_overrides(TrainConfig().to_dict(), layers), source)
-    cfg.validate(source)
+        layers.append((f"the teacher {section.teacher}", teacher_defaults(section.teacher)))
+    layers.append((str(path) if path is not None else "config", recipe))
+    cfg = resolve(TrainConfig, [*layers, *named], source)
     return cfg, section
 
 

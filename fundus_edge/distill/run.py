@@ -116,8 +116,7 @@ def distill(
     from fundus_edge.distill.objectives import build_objectives
     from fundus_edge.distill.targets import compute_targets
     from fundus_edge.distill.teacher import load_teacher
-    from fundus_edge.preprocess import PreprocessConfig
-    from fundus_edge.torchdata import AugmentConfig, FundusTorchDataset
+    from fundus_edge.torchdata import FundusTorchDataset
     from fundus_edge.trainer import resolve_device, train
     from fundus_edge.trainer.state import check_run_dir
 
@@ -171,7 +170,7 @@ def distill(
         teacher,
         train_samples + extra,
         grid,
-        cfg.data.preprocess,
+        cfg.data.preprocess.to_dict(),
         section.targets_batch_size,
         str(device),
         show_progress,
@@ -194,11 +193,11 @@ def distill(
     attention_mode = cfg.enhance.attention
     del teacher  # its targets are cached; free its memory before the student trains
     d = cfg.data
-    aug = AugmentConfig(d.hflip, d.vflip, d.rotate, d.brightness, d.contrast)
+    aug = d.augment
     size = int(cfg.model.image_size)
     unlabelled_ds, per_step = None, 0
     if extra:
-        pre = PreprocessConfig.from_dict({**d.preprocess, "size": size})
+        pre = d.preprocess
         labels = list(ds.label_names) if cfg.optim.loss.mask_weight > 0 else None
         unlabelled_ds = FundusTorchDataset(
             extra, pre, cfg.model.mean, cfg.model.std, aug, cfg.seed + 1, d.cache, labels

@@ -123,17 +123,16 @@ class TrackingCallback:
 def _split_of(cfg: Any) -> tuple[list, list[str], str, str]:
     """Validation samples, label names, screening label and the training split's fingerprint
     (the trainer's own, as ``--resume`` checks it)."""
-    from fundus_edge.trainer.batches import _fingerprint, _open_data
+    from fundus_edge.trainer.batches import fingerprint, open_data
 
-    ds, train, val = _open_data(cfg)
-    return list(val), list(ds.label_names), ds.screening_label or "", _fingerprint(train)
+    ds, train, val = open_data(cfg)
+    return list(val), list(ds.label_names), ds.screening_label or "", fingerprint(train)
 
 
 def _snapshots(cfg: Any, samples: list, label_names: list[str], screening: str, count: int):
-    from fundus_edge.preprocess import PreprocessConfig
     from fundus_edge.tracking.snapshots import MapSnapshots
 
-    pre = PreprocessConfig.from_dict({**dict(cfg.data.preprocess), "size": cfg.model.image_size})
+    pre = cfg.data.preprocess
     skip = [screening] if screening else []
     return MapSnapshots.pick(
         samples, label_names, pre, cfg.model.mean, cfg.model.std, count=count, skip=skip

@@ -21,7 +21,7 @@ from fundus_edge.errors import DataError, UserError
 from fundus_edge.log import get_logger
 from fundus_edge.trainer.dist import Dist
 
-__all__ = ["Batch", "ExtraData", "TrainData"]
+__all__ = ["Batch", "ExtraData", "TrainData", "fingerprint", "open_data"]
 
 log = get_logger("train")
 
@@ -163,9 +163,10 @@ class TrainData:
         """
         from fundus_edge.torchdata import FundusTorchDataset
 
-        ds, train_samples, val_samples = _open_data(cfg)
+        ds, train_samples, val_samples = open_data(cfg)
         label_names = list(ds.label_names)
-        pre, aug, d = cfg.preprocess_config(), cfg.augment_config(), cfg.data
+        d = cfg.data
+        pre, aug = d.preprocess, d.augment
         mask_weight = cfg.optim.loss.mask_weight
         mean, std = cfg.model.mean, cfg.model.std
         train_ds = FundusTorchDataset(
@@ -201,7 +202,7 @@ class TrainData:
             pre,
             train_ds.labels(),
             skips,
-            _fingerprint(train_samples),
+            fingerprint(train_samples),
         )
 
     def _order(self, epoch: int) -> list[int]:
@@ -293,7 +294,19 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
-def _open_data(cfg: TrainConfig):
+def open_data(cfg: TrainConfig):
+    """The run's dataset and its training and validation samples (``data.limit`` applied).
+
+    The trainer and the tracking callback (its fixed images, its data fingerprint) open the
+    data through this one function, so both see the same samples.
+
+    Returns:
+        ``(dataset, train samples, validation samples)``.
+
+    Raises:
+        UserError: no ``data.root``, or a folder that does not exist.
+        DataError: an empty training or validation split.
+    """
     from fundus_edge.data import open_dataset
 
     root = Path(cfg.data.root) if cfg.data.root else None
@@ -313,7 +326,7 @@ def _open_data(cfg: TrainConfig):
     return ds, train, val
 
 
-def _fingerprint(samples) -> str:
+def fingerprint(samples) -> str:
     """A short hash of the training split's ids and labels (``--resume`` refuses other data)."""
     import hashlib
 
