@@ -88,29 +88,28 @@ def distill(
         raise UserError(f"--teacher {teacher}: checkpoint not found")
     if unlabelled is not None and not unlabelled.is_dir():
         raise UserError(f"--unlabelled {unlabelled}: no such folder")
-    pairs = {
-        "distill.teacher": str(teacher) if teacher is not None else None,
-        "distill.unlabelled": str(unlabelled) if unlabelled is not None else None,
-        "distill.temperature": temperature,
-        "distill.init": init,
-        "data.root": str(data) if data is not None else None,
-        "model.members": [m.strip() for m in student.split(",") if m.strip()] if student else None,
-        "model.weights": weights,
-        "model.image_size": image_size,
-        "enhance.op": None if passes is None else ("none" if passes else "weight"),
-        **opts.run_options(
-            out=out,
-            name=name,
-            epochs=epochs,
-            batch_size=batch_size,
-            workers=workers,
-            lr=lr,
-            seed=seed,
-            device=device,
-            stop_after=stop_after,
-        ),
-    }
-    overrides = {k: v for k, v in pairs.items() if v is not None}
+    overrides = opts.config_overrides(
+        {
+            "distill.teacher": str(teacher) if teacher is not None else None,
+            "distill.unlabelled": str(unlabelled) if unlabelled is not None else None,
+            "distill.temperature": temperature,
+            "distill.init": init,
+            "enhance.op": None if passes is None else ("none" if passes else "weight"),
+        },
+        data=data,
+        members=student,
+        weights=weights,
+        image_size=image_size,
+        out=out,
+        name=name,
+        epochs=epochs,
+        batch_size=batch_size,
+        workers=workers,
+        lr=lr,
+        seed=seed,
+        device=device,
+        stop_after=stop_after,
+    )
     from fundus_edge.distill import distill as run_distill
     from fundus_edge.distill import load_distill_config, student_defaults
 

@@ -66,29 +66,28 @@ def train(
     opts.check_training_install(logger, logger_images)
     if enhance is not None and enhance not in _ENHANCE:
         raise UserError(f"--enhance {enhance!r}: choose one of {', '.join(_ENHANCE)}")
-    pairs = {
-        "data.root": str(data) if data is not None else None,
-        "model.members": [m.strip() for m in members.split(",") if m.strip()] if members else None,
-        "model.weights": weights,
-        "model.head": head,
-        "model.member_head": member_head,
-        "model.image_size": image_size,
-        "enhance.op": enhance,
-        "enhance.cam_method": cam_method,
-        **opts.run_options(
-            out=out,
-            name=name,
-            epochs=epochs,
-            batch_size=batch_size,
-            workers=workers,
-            lr=lr,
-            seed=seed,
-            device=device,
-            stop_after=stop_after,
-        ),
-        "threshold_policy": threshold_policy,
-    }
-    overrides = {k: v for k, v in pairs.items() if v is not None}
+    overrides = opts.config_overrides(
+        {
+            "model.head": head,
+            "model.member_head": member_head,
+            "enhance.op": enhance,
+            "enhance.cam_method": cam_method,
+            "threshold_policy": threshold_policy,
+        },
+        data=data,
+        members=members,
+        weights=weights,
+        image_size=image_size,
+        out=out,
+        name=name,
+        epochs=epochs,
+        batch_size=batch_size,
+        workers=workers,
+        lr=lr,
+        seed=seed,
+        device=device,
+        stop_after=stop_after,
+    )
     if threshold_policy is not None:
         from fundus_edge.operating import parse_policy
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["check_training_install", "run_options"]
+__all__ = ["check_training_install", "config_overrides", "run_options"]
 
 OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/NAME).")
 NAME = typer.Option(None, "--name", help="Run name (default from the recipe).")
@@ -77,3 +77,27 @@ def run_options(
         "device": device,
         "stop_after": stop_after,
     }
+
+
+def config_overrides(
+    specific: dict,
+    *,
+    data: Path | None,
+    members: str | None,
+    weights: str | None,
+    image_size: int | None,
+    **run: object,
+) -> dict:
+    """The dotted config keys a ``train`` or ``distill`` command line sets: the data folder,
+    the members (``a,b``), the initial weights, the input size, the :func:`run_options`
+    (``run``: ``out``, ``name``, ``epochs`` ...) and the command's own ``specific`` keys.
+    Options not given (``None``) are left out, so the recipe's values stand."""
+    pairs = {
+        "data.root": str(data) if data is not None else None,
+        "model.members": [m.strip() for m in members.split(",") if m.strip()] if members else None,
+        "model.weights": weights,
+        "model.image_size": image_size,
+        **run_options(**run),  # type: ignore[arg-type]
+        **specific,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
