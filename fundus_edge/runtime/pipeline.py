@@ -21,11 +21,16 @@ at 128 px: ~3.5 ms on one core of the 2-core EPYC VM): OpenCV's BGR frames becom
 OpenCV's channel shuffle (0.3 ms at 1920x1080, against 9 ms for a reversed NumPy view made
 contiguous), the field's square is area-reduced straight from the frame with only the blocks
 past its edge padded (:func:`~fundus_edge.preprocess.crop_square`), and ``sim://`` hands over
-its buffers without a copy. What is left at 1920x1080 is ~4-5 ms of preparing (crop and
-resize ~1.2 ms, quality gate ~3 ms on its 192-px copy) and, for a video file, ~4 ms of
-decoding; with :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the
-pipeline has the other (ONNX Runtime's default takes every core for itself, which a small
-model does not use: see :class:`~fundus_edge.runtime.predictor.Predictor`'s ``threads``).
+its buffers without a copy. What is left at 1920x1080 is the prepare thread's ~4-5 ms of
+CPU a frame (preprocess ~1.4 ms, quality gate ~2.6 ms on its 192-px copy, at best), a little
+more than the student's inference, and for a video file ~3-4 ms more in the capture thread
+and FFmpeg's (mp4v decode). With :attr:`RunConfig.threads` = 1 the model keeps one core and
+the rest of the pipeline has the other (ONNX Runtime's default takes every core for itself,
+which a small model does not use: see :class:`~fundus_edge.runtime.predictor.Predictor`'s
+``threads``). On two cores a live camera's ``run`` then needs about 2.2 times the model's CPU
+per frame and a video file about 3 times (measured per thread, 2026-12-01), so ``run`` FPS /
+model-only FPS (one core) cannot pass about 2 / 2.2 = 0.9 and 2 / 3 = 0.67 there, however
+well the stages overlap.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
