@@ -122,7 +122,7 @@ def export(
     a failed or interrupted export leaves OUT as it was.
     """
     from fundus_edge.convert.chain import export_model, source_kind
-    from fundus_edge.convert.export_config import ExportConfig, load_profile
+    from fundus_edge.convert.export_config import resolve_export
     from fundus_edge.convert.steps import tensorrt_available
     from fundus_edge.errors import UserError
     from fundus_edge.tracking import RECORD_FILE, checkpoint_run, log_files
@@ -135,8 +135,7 @@ def export(
     if fp16 and int8:
         raise UserError("--fp16 and --int8 exclude each other; pick one precision")
     tracked = checkpoint_run(model, logger)  # before any work: package, run, record
-    values: dict = load_profile(profile) if profile else {}
-    given = {
+    given: dict = {
         "out": str(out) if out else None,
         "format": fmt,
         "calib": str(calib) if calib else None,
@@ -159,19 +158,17 @@ def export(
             given["batch"] = tuple(int(b) for b in batch.split(","))
         except ValueError:
             raise UserError(f"--batch {batch!r}: expected three integers like 1,1,4") from None
-    given = {k: v for k, v in given.items() if v is not None}
-    values.update(given)
-    # Messages about a value name the profile only when the profile set it.
-    values["profile_keys"] = tuple(k for k in values.get("profile_keys", ()) if k not in given)
-    values["model"] = str(model)
+    implied = {
+        "out": str(Path("exports") / model.stem),
+        "format": "engine" if tensorrt_available() else "onnx",
+    }
     if source_kind(model) == "onnx":
-        values.setdefault("name", model.stem)
-    values.setdefault("out", str(Path("exports") / model.stem))
-    values.setdefault("format", "engine" if tensorrt_available() else "onnx")
-    report = export_model(ExportConfig(**values))
-    _summary(report, Path(values["out"]))
+        implied["name"] = model.stem
+    cfg = resolve_export(model, profile, given, implied)
+    report = export_model(cfg)
+    _summary(report, Path(cfg.out))
     if tracked is not None:
-        log_files(tracked, [Path(values["out"]) / "export_report.json"], model.parent / RECORD_FILE)
+        log_files(tracked, [Path(cfg.out) / "export_report.json"], model.parent / RECORD_FILE)
         typer.echo(f"export report logged to the {logger} run of {model.parent}")
 
 

@@ -9,7 +9,7 @@ package on the device; ``--profile`` also takes a path to a profile of one's own
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,15 @@ from fundus_edge.convert.quantize import CALIB_METHODS
 from fundus_edge.errors import UserError
 from fundus_edge.options import load_yaml_mapping
 
-__all__ = ["FORMATS", "PRECISIONS", "PROFILE_DIR", "ExportConfig", "load_profile", "profile_names"]
+__all__ = [
+    "FORMATS",
+    "PRECISIONS",
+    "PROFILE_DIR",
+    "ExportConfig",
+    "load_profile",
+    "profile_names",
+    "resolve_export",
+]
 
 FORMATS = ("onnx", "engine", "triton", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -179,8 +187,24 @@ class ExportConfig:
         return d
 
 
+#: Fields that record where the options came from; a profile cannot set them.
+_RECORD_KEYS = ("profile", "profile_keys")
+
+
 def load_profile(path: str | Path) -> dict[str, Any]:
-    """Read an export profile (YAML mapping of :class:`ExportConfig` fields)."""
+    """Read an export profile: a YAML mapping of :class:`ExportConfig` fields (and an optional
+    ``description``), each key and type checked with the file named in the message.
+
+    Args:
+        path: a profile file, or the bare name of a shipped one (``x86-cpu-int8``).
+
+    Returns:
+        The profile's options, plus ``profile`` (the file) and ``profile_keys`` (its keys).
+
+    Raises:
+        UserError: no such file or shipped profile, invalid YAML, an unknown key, a wrong type.
+    """
+    from fundus_edge.layered import check_layer
 
     path = Path(path)
     if not path.is_file():
@@ -194,13 +218,51 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         path = cand
     data = load_yaml_mapping(path, "--profile")
     data.pop("description", None)
-    known = {f.name for f in fields(ExportConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown export option(s): {', '.join(unknown)}")
-    data["profile"] = str(path)
-    data["profile_keys"] = tuple(k for k in data if k != "profile")
-    return data
+    for key in _RECORD_KEYS:
+        if key in data:
+            raise UserError(f"{path}: {key}: set by export itself, not by a profile")
+    data = check_layer(ExportConfig, data, str(path))
+    return {**data, "profile": str(path), "profile_keys": tuple(data)}
+
+
+def resolve_export(
+    model: str | Path,
+    profile: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> ExportConfig:
+    """The export's options from the one layered loader (:func:`fundus_edge.layered.resolve`):
+    :class:`ExportConfig`'s defaults <- ``defaults`` <- the profile <- ``options``.
+
+    Args:
+        model: the checkpoint or ONNX file to export.
+        profile: ``--profile``: a file or a shipped profile's name.
+        options: the command-line options given (None values are left out).
+        defaults: what this model implies (its name, its output folder, the format the
+            machine can build), under the profile.
+
+    Returns:
+        The checked config; its messages about a value name the profile when the profile
+        set it (``profile_keys``), else the command-line option.
+
+    Raises:
+        UserError: a bad profile or option, naming the file or option and the key.
+    """
+    from fundus_edge.layered import resolve
+
+    prof = load_profile(profile) if profile else {}
+    record = {k: prof.pop(k) for k in _RECORD_KEYS if k in prof}
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    given["model"] = str(model)
+    if record:  # messages name the profile only for the keys it set and the command did not
+        record["profile_keys"] = tuple(k for k in record["profile_keys"] if k not in given)
+    layers = [
+        (f"export defaults for {model}", defaults or {}),
+        (record.get("profile", "--profile"), prof),
+        ("command-line options", given),
+        ("--profile", record),
+    ]
+    return resolve(ExportConfig, layers, "export options")
 
 
 def profile_names() -> list[str]:
