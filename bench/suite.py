@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import tempfile
 import time
@@ -56,6 +57,7 @@ from fundus_edge.convert.steps import (
     StepContext,
 )
 from fundus_edge.errors import UserError
+from fundus_edge.layered import plain
 from fundus_edge.log import get_logger
 from fundus_edge.options import load_yaml_mapping
 from fundus_edge.perf.bench import device_slug, parity_record, write_outputs
@@ -80,6 +82,106 @@ __all__ = [
 log = get_logger("bench.suite")
 
 SUITE_DIR = Path(__file__).resolve().parent  # bench/
+
+
+# ---------------------------------------------------------------------------- scenario options
+# Each scenario of this module reads its options as a dataclass, resolved from the suite
+# file by the one layered loader (fundus_edge.layered.resolve): an unknown key or a wrong type
+# is one line naming the file, the scenario and the key. Scenarios that live in their own
+# file (pipelined, student) check their options there and get the mapping.
+
+
+@dataclass
+class _Timed:
+    """Options every timed scenario takes: ``rounds`` of ``iters`` timed calls per variant,
+    after ``warmup`` untimed ones."""
+
+    rounds: int = 1
+    iters: int = 1
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "iters"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class FusedVsUserOptions(_Timed):
+    """``fused_vs_user``: the fused graph against the user pipeline of ``top_k`` classes."""
+
+    rounds: int = 4
+    top_k: int = 3
+    target: str = ">= 3"
+
+
+@dataclass
+class CamOverheadOptions(_Timed):
+    """``cam_overhead``: the fused graph with and without its maps."""
+
+    rounds: int = 10
+    iters: int = 3
+    warmup: int = 2
+    target: str = "<= 1.05"
+
+
+@dataclass
+class PrecisionOptions(_Timed):
+    """``precision``: FP32 against INT8 (``calib_images`` calibrated by ``calib_method``)."""
+
+    rounds: int = 6
+    iters: int = 3
+    warmup: int = 2
+    calib_images: int = 8
+    calib_method: str = "minmax"
+    target: str = ">= 3"
+
+
+@dataclass
+class CpuRuntimesOptions(_Timed):
+    """``cpu_runtimes``: ONNX Runtime and OpenVINO x FP32 / BF16 / INT8."""
+
+    rounds: int = 6
+    iters: int = 3
+    warmup: int = 2
+    calib_images: int = 8
+    calib_method: str = "minmax"
+    target_int8: str = ">= 6"
+    target_bf16: str = ">= 4"
+
+
+@dataclass
+class TrainingOptions(_Timed):
+    """``training``: the CAM step against a plain two-view step and grad-cam maps."""
+
+    rounds: int = 3
+    batch: int = 4
+    labels_per_image: int = 2
+    target_plain: str = "<= 1.15"
+    target_gradcam: str = ">= 1.5"
+
+
+def scenario_options(name: str, opts: Any, source: str) -> Any:
+    """A scenario's options: its dataclass resolved from ``opts`` (defaults <- the suite file),
+    or the mapping itself for a scenario that checks its own (pipelined, student).
+
+    Raises:
+        UserError: not a mapping, an unknown key, a wrong type or a bad value, naming
+            ``source``, the scenario and the key.
+    """
+    from fundus_edge.layered import resolve
+
+    where = f"{source}: scenarios.{name}"
+    if dataclasses.is_dataclass(opts):
+        return opts
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise UserError(f"{where}: needs a mapping of options")
+    cls = SCENARIO_OPTIONS.get(name)
+    return opts if cls is None else resolve(cls, [(where, opts)], where)
 
 
 @dataclass
@@ -117,14 +219,15 @@ class SuiteConfig:
                 f"suite {self.name!r}: unknown scenario {unknown[0]!r} "
                 f"(known: {', '.join(SCENARIOS)})"
             )
+        self.scenarios = {
+            name: scenario_options(name, opts, f"suite {self.name!r}")
+            for name, opts in self.scenarios.items()
+        }
         for name, opts in self.scenarios.items():
-            if not isinstance(opts, dict):
-                raise UserError(
-                    f"suite {self.name!r}: scenario {name!r} needs a mapping of options"
-                )
-            for key in ("rounds", "iters"):
-                if int(opts.get(key, 1)) < 1:
-                    raise UserError(f"suite {self.name!r}: {name}.{key} must be >= 1")
+            if isinstance(opts, dict):  # checked by its own module; the shared keys here
+                for key in ("rounds", "iters"):
+                    if int(opts.get(key, 1)) < 1:
+                        raise UserError(f"suite {self.name!r}: {name}.{key} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,21 +239,25 @@ class SuiteConfig:
             "image_size": self.image_size,
             "threads": self.threads,
             "seed": self.seed,
-            "scenarios": self.scenarios,
+            "scenarios": {k: plain(v) for k, v in self.scenarios.items()},
         }
 
 
 def load_suite(path: str | os.PathLike) -> SuiteConfig:
-    """Read a suite YAML (keys of :class:`SuiteConfig`; ``model:`` holds the model keys)."""
+    """Read a suite YAML (keys of :class:`SuiteConfig`; ``model:`` holds the model keys) through
+    the one layered loader: :class:`SuiteConfig`'s defaults <- the file, each scenario's
+    options likewise (:func:`scenario_options`); errors name the file and the key."""
+    from fundus_edge.layered import resolve
 
     p = Path(path)
     data = load_yaml_mapping(p, "--suite")
-    model = data.pop("model", {}) or {}
-    known = set(SuiteConfig.__dataclass_fields__)
-    unknown = sorted((set(data) | set(model)) - known)
-    if unknown:
-        raise UserError(f"{p}: unknown suite key(s): {', '.join(unknown)}")
-    return SuiteConfig(**model, **data)
+    model = data.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise UserError(f"{p}: model: expected a mapping of model keys")
+    both = sorted(set(model) & set(data))
+    if both:
+        raise UserError(f"{p}: {both[0]}: given at the top level and under model")
+    return resolve(SuiteConfig, [(str(p), {**model, **data})])
 
 
 # ---------------------------------------------------------------------------- timing
@@ -404,27 +511,27 @@ def _to_input(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return normalise_input(torch.from_numpy(np.ascontiguousarray(image)), mean, std)
 
 
-def scenario_fused_vs_user(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_fused_vs_user(ws: Workspace, opts: FusedVsUserOptions) -> ScenarioResult:
     res = ScenarioResult("fused_vs_user")
     img = ws.images(1)
     fused = ws.ort(ws.fused_onnx)
     cfg = ws.ensemble.config
-    user = _UserPipeline(cfg.members, cfg.num_classes, _opt(opts, "top_k", 3), cfg.enhance.lam)
+    user = _UserPipeline(cfg.members, cfg.num_classes, opts.top_k, cfg.enhance.lam)
     x = _to_input(img, cfg.mean, cfg.std)
     try:
         s = interleave(
             {"user": lambda: user(x), "fused": lambda: fused.infer(img)},
-            _opt(opts, "rounds", 4),
-            _opt(opts, "iters", 1),
-            _opt(opts, "warmup", 1),
+            opts.rounds,
+            opts.iters,
+            opts.warmup,
         )
     finally:
         user.close()
         fused.close()
-    k = _opt(opts, "top_k", 3)
+    k = opts.top_k
     a = res.row(f"torchvision + grad-cam top-{k} + 2nd pass", "torch+grad-cam", s["user"])
     b = res.row("fused graph", "onnxruntime-cpu", s["fused"], size_mb=_mb(ws.fused_onnx))
-    res.compare(a, b, "fused speed-up over the user pipeline", opts.get("target", ">= 3"))
+    res.compare(a, b, "fused speed-up over the user pipeline", opts.target)
     res.notes.append(
         f"fused_vs_user: batch 1; the user pipeline computes GradCAM for the top-{k} labels of "
         "each member (one forward + backward each) where the fused graph computes all "
@@ -433,28 +540,28 @@ def scenario_fused_vs_user(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRe
     return res
 
 
-def scenario_cam_overhead(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_cam_overhead(ws: Workspace, opts: CamOverheadOptions) -> ScenarioResult:
     res = ScenarioResult("cam_overhead")
     img = ws.images(1)
     fused, plain = ws.ort(ws.fused_onnx), ws.ort(ws.nomaps_onnx)
     try:
         s = interleave(
             {"fused": lambda: fused.infer(img), "nomaps": lambda: plain.infer(img)},
-            _opt(opts, "rounds", 10),
-            _opt(opts, "iters", 3),
-            _opt(opts, "warmup", 2),
+            opts.rounds,
+            opts.iters,
+            opts.warmup,
         )
     finally:
         fused.close()
         plain.close()
     a = res.row("fused graph (maps + enhancement)", "onnxruntime-cpu", s["fused"])
     b = res.row("same two passes, no maps", "onnxruntime-cpu", s["nomaps"])
-    res.compare(a, b, "fused / no-maps latency", opts.get("target", "<= 1.05"))
+    res.compare(a, b, "fused / no-maps latency", opts.target)
     return res
 
 
 def _parity_and_times(
-    backends: Mapping[str, Any], reference: str, check: np.ndarray, opts: Mapping[str, Any]
+    backends: Mapping[str, Any], reference: str, check: np.ndarray, opts: _Timed
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
     """Each backend's parity against ``reference`` on ``check``, then their interleaved
     batch-1 latencies; closes the backends. The map correlation joins the parity record."""
@@ -475,9 +582,9 @@ def _parity_and_times(
         img = check[:1]
         samples = interleave(
             {name: (lambda b=b: b.infer(img)) for name, b in backends.items()},
-            _opt(opts, "rounds", 6),
-            _opt(opts, "iters", 3),
-            _opt(opts, "warmup", 2),
+            opts.rounds,
+            opts.iters,
+            opts.warmup,
         )
     finally:
         for b in backends.values():
@@ -485,12 +592,11 @@ def _parity_and_times(
     return parity, samples
 
 
-def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_precision(ws: Workspace, opts: PrecisionOptions) -> ScenarioResult:
     from fundus_edge.convert.calibration import SYNTHETIC_NOTE, ImageSet
 
     res = ScenarioResult("precision")
-    n_cal = _opt(opts, "calib_images", 8)
-    method = str(opts.get("calib_method", "minmax"))
+    n_cal, method = opts.calib_images, opts.calib_method
     calib = ws.images(max(n_cal, 4))
     paths = {"fp32": ws.fused_onnx}
     ctx = StepContext(
@@ -523,9 +629,7 @@ def scenario_precision(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
         for p in paths
     }
     res.compare(rows["fp32"], rows["fp16"], "FP16 speed-up over FP32 (ORT CPU)")
-    res.compare(
-        rows["fp32"], rows["int8"], "INT8 speed-up over FP32 (ORT CPU)", opts.get("target", ">= 3")
-    )
+    res.compare(rows["fp32"], rows["int8"], "INT8 speed-up over FP32 (ORT CPU)", opts.target)
     return res
 
 
@@ -550,7 +654,7 @@ def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult
     return run_pipelined(ws, opts)
 
 
-def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_cpu_runtimes(ws: Workspace, opts: CpuRuntimesOptions) -> ScenarioResult:
     """ONNX Runtime and OpenVINO x FP32 / BF16 / INT8 on the same graphs, interleaved.
 
     FP32 and BF16 run the fused FP32 graph, INT8 the export step's CPU Q/DQ graph. Each row's
@@ -561,7 +665,7 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
     from fundus_edge.backends.auto import MIN_LABEL_AGREEMENT, MIN_MAP_CORRELATION
 
     res = ScenarioResult("cpu_runtimes")
-    int8 = ws.int8(_opt(opts, "calib_images", 8), str(opts.get("calib_method", "minmax")))
+    int8 = ws.int8(opts.calib_images, opts.calib_method)
     variants: dict[str, tuple[str, str, Path]] = {
         "onnxruntime fp32": ("onnxruntime", "fp32", ws.fused_onnx),
         "onnxruntime int8": ("onnxruntime", "int8", int8),
@@ -618,8 +722,8 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
         )
 
     for precision, target in (
-        ("int8", opts.get("target_int8", ">= 6")),
-        ("bf16", opts.get("target_bf16", ">= 4")),
+        ("int8", opts.target_int8),
+        ("bf16", opts.target_bf16),
     ):
         if precision not in best:
             continue
@@ -644,7 +748,7 @@ def scenario_cpu_runtimes(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioRes
     return res
 
 
-def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_training(ws: Workspace, opts: TrainingOptions) -> ScenarioResult:
     """The trainer's own step (:func:`fundus_edge.trainer.training_step`) in its three modes."""
     import torch
 
@@ -652,8 +756,7 @@ def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     from fundus_edge.trainer import training_step
 
     res = ScenarioResult("training")
-    batch = _opt(opts, "batch", 4)
-    per_image = _opt(opts, "labels_per_image", 2)
+    batch, per_image = opts.batch, opts.labels_per_image
     ens = copy.deepcopy(ws.ensemble).train()
     cfg = ens.config
     x = _to_input(ws.images(batch), cfg.mean, cfg.std)  # (N,3,S,S)
@@ -672,15 +775,15 @@ def scenario_training(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
             "plain": lambda: training_step(ens, x2, t2, loss_fn, opt, mode="plain"),
             "gradcam": lambda: training_step(ens, x, targets, loss_fn, opt, mode="gradcam"),
         },
-        _opt(opts, "rounds", 3),
-        _opt(opts, "iters", 1),
-        _opt(opts, "warmup", 1),
+        opts.rounds,
+        opts.iters,
+        opts.warmup,
     )
     a = res.row("CAM-augmented step (kernel maps)", "torch-cpu", s["cam"], batch=batch)
     b = res.row("plain step on the doubled batch", "torch-cpu", s["plain"], batch=2 * batch)
     c = res.row("CAM step with grad-cam package maps", "torch+grad-cam", s["gradcam"], batch=batch)
-    res.compare(a, b, "CAM step / plain 2N step", opts.get("target_plain", "<= 1.15"))
-    res.compare(c, a, "CAM step speed-up over grad-cam maps", opts.get("target_gradcam", ">= 1.5"))
+    res.compare(a, b, "CAM step / plain 2N step", opts.target_plain)
+    res.compare(c, a, "CAM step speed-up over grad-cam maps", opts.target_gradcam)
     res.notes.append(
         f"training: fundus_edge.trainer.training_step, batch {batch} ({per_image} positive "
         f"labels per image, {int((targets.sum(0) > 0).sum())} classes present: grad-cam runs "
@@ -699,7 +802,7 @@ def scenario_student(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     return run_student(ws, opts)
 
 
-SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] = {
+SCENARIOS: dict[str, Callable[[Workspace, Any], ScenarioResult]] = {
     "fused_vs_user": scenario_fused_vs_user,
     "cam_overhead": scenario_cam_overhead,
     "precision": scenario_precision,
@@ -707,6 +810,14 @@ SCENARIOS: dict[str, Callable[[Workspace, Mapping[str, Any]], ScenarioResult]] =
     "cpu_runtimes": scenario_cpu_runtimes,
     "training": scenario_training,
     "student": scenario_student,
+}
+#: The options dataclass of each scenario this module runs (the others check their own).
+SCENARIO_OPTIONS: dict[str, type] = {
+    "fused_vs_user": FusedVsUserOptions,
+    "cam_overhead": CamOverheadOptions,
+    "precision": PrecisionOptions,
+    "cpu_runtimes": CpuRuntimesOptions,
+    "training": TrainingOptions,
 }
 
 
