@@ -182,7 +182,7 @@ def test_recipe_layers_teacher_defaults_recipe_sets_options(tmp_path, repo_root)
         teacher_defaults,
     )
     assert (cfg.epochs, cfg.model.image_size, cfg.model.member_head) == (5, 96, "gap")
-    assert cfg.model.members == ["mobilenet_v3_large"] and cfg.optim.lr == 0.01
+    assert cfg.model.members == ("mobilenet_v3_large",) and cfg.optim.lr == 0.01
     assert (d.teacher, d.temperature, d.map_weight) == ("t.safetensors", 4.0, 2.0)
     # The shipped demo recipe loads.
     cfg, d = load_distill_config(
@@ -328,21 +328,21 @@ def _invoke(args):
 
 
 @pytest.fixture(scope="module")
-def student_run(tiny_synth, teacher_path, tmp_path_factory):
+def tiny_distill(tiny_synth, teacher_path):
+    """``run(out, *options)``: ``distill`` of a one-epoch ResNet18 student from the tiny
+    teacher on the tiny set into ``out`` (the setup every distill run here shares)."""
+
+    def run(out, *options):
+        args = ["distill", "--teacher", str(teacher_path), "--data", str(tiny_synth)]
+        return _invoke([*args, "--out", str(out), *TINY, *options])
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def student_run(tiny_distill, tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "run"
-    res = _invoke(
-        [
-            "distill",
-            "--teacher",
-            str(teacher_path),
-            "--data",
-            str(tiny_synth),
-            "--out",
-            str(out),
-            *TINY,
-            "--one-pass",
-        ]
-    )
+    res = tiny_distill(out, "--one-pass")
     assert res.exit_code == 0, res.output
     return out
 
@@ -399,7 +399,7 @@ def test_student_exports_unchanged_with_parity(student_run, tmp_path):
     assert checks["cams_vs_gradcam"]["passed"] is True  # the student's maps are exact kernels
 
 
-def test_two_passes_and_unlabelled_images(tiny_synth, teacher_path, tmp_path):
+def test_two_passes_and_unlabelled_images(tiny_synth, tiny_distill, tmp_path):
     import shutil
 
     import cv2
@@ -416,45 +416,15 @@ def test_two_passes_and_unlabelled_images(tiny_synth, teacher_path, tmp_path):
     for s in ds.splits["test"][:2]:  # copies of held-out images are never used
         shutil.copy(s.path, folder / f"copy_{s.path.name}")
     out = tmp_path / "run2"
-    res = _invoke(
-        [
-            "distill",
-            "--teacher",
-            str(teacher_path),
-            "--data",
-            str(tiny_synth),
-            "--out",
-            str(out),
-            *TINY,
-            "--two-pass",
-            "--unlabelled",
-            str(folder),
-            "--temperature",
-            "3",
-        ]
-    )
+    res = tiny_distill(out, "--two-pass", "--unlabelled", str(folder), "--temperature", "3")
     assert res.exit_code == 0, res.output
     model, meta = load_checkpoint(out / "best.safetensors")
     assert model.config.views == "both"
     rec = meta["distill"]
     assert rec["passes"] == 2 and rec["temperature"] == 3.0
     assert rec["unlabelled_images"] == 3
-    res = _invoke(
-        [
-            "distill",
-            "--teacher",
-            str(teacher_path),
-            "--data",
-            str(tiny_synth),
-            "--out",
-            str(tmp_path / "run3"),
-            "--unlabelled",
-            str(tiny_synth),
-            *TINY,
-            "--one-pass",
-            "--stop-after",
-            "1",
-        ]
+    res = tiny_distill(
+        tmp_path / "run3", "--unlabelled", str(tiny_synth), "--one-pass", "--stop-after", "1"
     )
     assert "no image found (outside the labelled dataset)" in res.output
     assert res.exit_code == 2
