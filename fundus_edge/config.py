@@ -79,7 +79,11 @@ SELECT_METRICS = (
 )
 
 
-#: Keys of the ``model`` section (an EnsembleConfig) that a run derives, and from what.
+#: Fields of the held dataclasses that a run derives, and from what: not in ``config.yaml``
+#: and refused in a recipe or on the command line (``data.preprocess.size`` may repeat
+#: ``model.image_size``). The ``enhance`` section keeps the training-only keys (``op: none``,
+#: warm-up, which maps train, CAM method) and hands ``lam``/``theta``/``pad``/``attention`` to
+#: the model's EnhanceConfig, whose defaults they share.
 DERIVED_KEYS = {
     "model.num_classes": "the dataset's labels",
     "model.label_names": "the dataset's labels",
