@@ -44,6 +44,36 @@ def tiny_synth(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_cam_ensemble():
+    """A builder ``labels -> Ensemble``: ResNet18 at output stride 16 and ResNet18 (4x4 and
+    2x2 grids at 64 px, so the maps are resampled), pooled heads, seeded random weights and
+    real batch statistics from one random batch (else every map is flat); in eval mode."""
+    torch = pytest.importorskip("torch", reason="the tiny ensemble needs torch")
+    from fundus_edge.models import EnsembleConfig, build_ensemble
+
+    def build(labels: tuple[str, ...]):
+        torch.manual_seed(0)
+        cfg = EnsembleConfig(
+            members=("resnet18_os16", "resnet18"),
+            member_head="gap",
+            num_classes=len(labels),
+            label_names=tuple(labels),
+            image_size=64,
+        )
+        ens = build_ensemble(cfg).eval()
+        for m in ens.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        ens.train()
+        with torch.no_grad():
+            ens(torch.randn(4, 3, 64, 64))
+        return ens.eval()
+
+    return build
+
+
 def pytest_collection_modifyitems(session, config, items):
     """OpenVINO's tests run last.
 

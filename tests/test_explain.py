@@ -21,34 +21,18 @@ from fundus_edge.cli import app  # noqa: E402
 from fundus_edge.preprocess import PreprocessConfig  # noqa: E402
 
 LABELS = ("Disease_Risk", "DR", "ARMD", "MH")
-MEMBERS = ("resnet18_os16", "resnet18")  # 4x4 and 2x2 grids at 64 px
+MEMBERS = ("resnet18_os16", "resnet18")  # conftest.tiny_cam_ensemble: 4x4 and 2x2 at 64 px
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_cam_ensemble):
     from fundus_edge.convert.chain import export_model
     from fundus_edge.convert.export_config import ExportConfig
-    from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint
+    from fundus_edge.models import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("explain")
-    torch.manual_seed(0)
-    cfg = EnsembleConfig(
-        members=MEMBERS,
-        member_head="gap",
-        num_classes=len(LABELS),
-        label_names=LABELS,
-        image_size=64,
-    )
-    ens = build_ensemble(cfg).eval()
-    for m in ens.modules():  # real batch statistics, else every map is constant
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    ens.train()
-    with torch.no_grad():
-        ens(torch.randn(4, 3, 64, 64))
-    ens.eval()
+    ens = tiny_cam_ensemble(LABELS)
     ckpt = save_checkpoint(
         tmp / "tiny.safetensors",
         ens,

@@ -101,32 +101,16 @@ def test_eval_run_and_export_check_agree_on_a_tiny_graph(tmp_path, frame):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="export needs torch")
+def exported(tmp_path_factory, tiny_cam_ensemble):
+    pytest.importorskip("torch", reason="export needs torch")
     pytest.importorskip("onnx")
     pytest.importorskip("pytorch_grad_cam", reason="the export check needs grad-cam")
     from fundus_edge.convert.chain import export_model
     from fundus_edge.convert.export_config import ExportConfig
-    from fundus_edge.models import EnsembleConfig, build_ensemble, save_checkpoint
+    from fundus_edge.models import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("maps")
-    torch.manual_seed(0)
-    cfg = EnsembleConfig(
-        members=("resnet18_os16", "resnet18"),  # 4x4 and 2x2 grids at 64 px: resampled
-        member_head="gap",
-        num_classes=len(LABELS),
-        label_names=LABELS,
-        image_size=64,
-    )
-    ens = build_ensemble(cfg).eval()
-    for m in ens.modules():  # real batch statistics, else every map is constant
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    ens.train()
-    with torch.no_grad():
-        ens(torch.randn(4, 3, 64, 64))
-    ens.eval()
+    ens = tiny_cam_ensemble(LABELS)
     ckpt = save_checkpoint(
         tmp / "tiny.safetensors",
         ens,
