@@ -379,6 +379,17 @@ def test_cli_runs_a_simulated_camera_with_and_without_fov_tracking(onnx_model, t
         assert recs and all(r["fov"]["found"] for r in recs)
 
 
+def test_cli_threads_reach_the_runtime_and_bad_counts_are_one_line(onnx_model, tmp_path):
+    log = tmp_path / "t.jsonl"
+    args = ["run", str(onnx_model), "sim://200x150@40", "--headless", "--max-frames", "3"]
+    res = runner.invoke(app, [*args, "--threads", "1", "--jsonl", str(log)])
+    assert res.exit_code == 0, res.output
+    assert len(log.read_text().splitlines()) == 3
+    res = runner.invoke(app, [*args, "--threads", "0"])
+    assert res.exit_code == 2
+    assert "--threads must be >= 1" in res.output
+
+
 def test_missing_camera_is_one_line_fast():
     t0 = time.monotonic()
     src = open_source(57)

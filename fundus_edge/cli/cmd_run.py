@@ -60,6 +60,13 @@ def run(
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph", help="Replay CUDA graphs (TensorRT engines)."
     ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="Inference threads of ONNX Runtime or OpenVINO "
+        "[default: its own]. On a small CPU, 1 leaves the other cores to decoding and "
+        "preparing frames.",
+    ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(
         None,
@@ -191,6 +198,7 @@ def run(
         provider=provider,
         device=device,
         cuda_graph=cuda_graph,
+        threads=threads,
         headless=headless,
         save_video=save_video,
         save_dir=save_dir,
