@@ -59,8 +59,11 @@ demo: $(STAMP)
 		--jsonl $(DEMO)/retina.jsonl
 	# A compact student distilled from the ensemble (one MobileNetV3, one pass): the same
 	# contract (probabilities, per-label maps, attention), so eval, export and run take it as is.
+	# Its extra images stand for a clinic's unlabelled archive (generated, another seed: the
+	# distiller never reads their labels).
+	$(FE) synth $(DEMO)/unlabelled --n 1000 --size $(DEMO_SIZE) --seed 1 --workers 2 --overwrite
 	$(FE) distill --config training/distill-demo.yaml --teacher $(DEMO)/run/best.safetensors \
-		--data $(DEMO)/data --out $(DEMO)/student --overwrite
+		--data $(DEMO)/data --unlabelled $(DEMO)/unlabelled --out $(DEMO)/student --overwrite
 	$(FE) eval --model $(DEMO)/student/best.safetensors --data $(DEMO)/data --split test \
 		--json $(DEMO)/student-eval/test.json --out $(DEMO)/student-eval
 	$(FE) export --model $(DEMO)/student/best.safetensors --out $(DEMO)/student-export --format onnx

@@ -85,8 +85,8 @@ def test_ablation_spec_resolves_for_both_recipes(tmp_path):
         "member1", "member1_cam", "member2", "member2_cam", "ensemble", "ensemble_cam",
         "ensemble_cam_fusion",
     ]  # fmt: skip
-    assert paper["member1"].model.members == ["vgg19"] and paper["member1"].enhance.op == "none"
-    assert paper["member2_cam"].model.members == ["resnet50"]
+    assert paper["member1"].model.members == ("vgg19",) and paper["member1"].enhance.op == "none"
+    assert paper["member2_cam"].model.members == ("resnet50",)
     assert paper["member2_cam"].enhance.op == "weight"
     assert paper["ensemble_cam_fusion"].model.head == "fusion"
     assert demo["ensemble"].model.members == demo["ensemble_cam"].model.members
