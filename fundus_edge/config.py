@@ -158,7 +158,7 @@ class OptimSection:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     amp: str = "auto"  # "auto" (fp16 on CUDA) | "fp16" | "bf16" | "none"
     # Weight and activation layout: "auto" is channels_last on CPU (oneDNN's convolutions run
-    # ~1.4x faster a training step there, measured on a 2-core EPYC) and the default elsewhere;
+    # a training step ~1.25x faster there, measured on a 2-core EPYC) and the default elsewhere;
     # "channels_last" | "contiguous" force one. Same maths, different rounding order.
     memory_format: str = "auto"
     ema: float = 0.0  # EMA decay (e.g. 0.999); 0 disables
