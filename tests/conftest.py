@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _models import settle_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,15 +62,7 @@ def tiny_cam_ensemble():
             label_names=tuple(labels),
             image_size=64,
         )
-        ens = build_ensemble(cfg).eval()
-        for m in ens.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None
-        ens.train()
-        with torch.no_grad():
-            ens(torch.randn(4, 3, 64, 64))
-        return ens.eval()
+        return settle_batchnorm(build_ensemble(cfg), 64)
 
     return build
 

@@ -10,6 +10,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed (extra: trai
 pytest.importorskip("torchvision", reason="torchvision is not installed (extra: train)")
 pytest.importorskip("safetensors", reason="safetensors is not installed (extra: train)")
 
+from _models import settle_batchnorm  # noqa: E402
+
 from fundus_edge.distill.config import load_distill_config  # noqa: E402
 from fundus_edge.distill.data import unlabelled_samples  # noqa: E402
 from fundus_edge.distill.losses import (  # noqa: E402
@@ -293,16 +295,8 @@ def _tiny_teacher(path, labels, members=("resnet18", "mobilenet_v3_large")):
         label_names=tuple(labels),
         image_size=SIZE,
     )
-    ens = build_ensemble(cfg)
     # Real batch statistics: random-init BN running stats make every map constant.
-    for m in ens.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    ens.train()
-    with torch.no_grad():
-        ens(torch.randn(8, 3, SIZE, SIZE))
-    return save_checkpoint(path, ens.eval())
+    return save_checkpoint(path, settle_batchnorm(build_ensemble(cfg), SIZE, batch=8))
 
 
 @pytest.fixture(scope="module")

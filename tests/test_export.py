@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="export needs torch (pip install 'fu
 onnx = pytest.importorskip("onnx", reason="export needs onnx")
 pytest.importorskip("pytorch_grad_cam", reason="parity checks need grad-cam")
 
+from _models import settle_batchnorm  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fundus_edge.artifact import read_metadata  # noqa: E402
@@ -40,16 +41,8 @@ def _checkpoint(
         label_names=LABELS,
         image_size=size,
     )
-    ens = build_ensemble(cfg).eval()
     # Real batch statistics: random-init BN running stats make every map constant.
-    for m in ens.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    ens.train()
-    with torch.no_grad():
-        ens(torch.randn(4, 3, size, size))
-    ens.eval()
+    ens = settle_batchnorm(build_ensemble(cfg), size)
     return save_checkpoint(path, ens, thresholds=[0.4, 0.5, 0.5, 0.6])
 
 
