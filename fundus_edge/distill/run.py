@@ -108,16 +108,18 @@ def distill(
         The trainer's :class:`~fundus_edge.trainer.RunResult`.
 
     Raises:
-        UserError: a missing or unusable teacher, labels that differ from the teacher's, a
-            student without pooled heads, a run directory conflict, a bad unlabelled folder.
+        UserError: a missing or unusable teacher, no data folder, labels that differ from the
+            teacher's, a student without pooled heads, a run directory conflict, a bad
+            unlabelled folder.
+        DataError: an empty training or validation split.
     """
-    from fundus_edge.data import open_dataset
     from fundus_edge.distill.data import TeacherTargetSource, unlabelled_samples
     from fundus_edge.distill.objectives import build_objectives
     from fundus_edge.distill.targets import compute_targets
     from fundus_edge.distill.teacher import load_teacher
     from fundus_edge.torchdata import FundusTorchDataset
     from fundus_edge.trainer import resolve_device, train
+    from fundus_edge.trainer.batches import open_data
     from fundus_edge.trainer.state import check_run_dir
 
     run_dir = Path(cfg.out or Path("runs") / cfg.name)
@@ -130,20 +132,12 @@ def distill(
     device = resolve_device(cfg.device)
     teacher = load_teacher(section.teacher, str(device))
     init = _choose_init(cfg, section, teacher)
-    root = Path(cfg.data.root) if cfg.data.root else None
-    if root is None:
-        raise UserError("--data: no dataset folder given (or data.root in the recipe)")
-    if not root.exists():
-        raise UserError(f"--data {root}: dataset folder does not exist")
-    ds = open_dataset(root, format=cfg.data.format)
+    ds, train_samples, _ = open_data(cfg)  # the trainer's own opening: same samples, limit
     if list(ds.label_names) != teacher.label_names:
         raise UserError(
-            f"--data {root}: labels {', '.join(ds.label_names)} differ from the teacher's "
+            f"--data {cfg.data.root}: labels {', '.join(ds.label_names)} differ from the teacher's "
             f"({', '.join(teacher.label_names)}); the student learns the teacher's labels"
         )
-    train_samples = list(ds.splits.get("train") or [])
-    if cfg.data.limit:
-        train_samples = train_samples[: cfg.data.limit]
     extra: list = []
     if section.unlabelled:
         known = [s.path for split in ds.splits.values() for s in split]
