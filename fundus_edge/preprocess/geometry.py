@@ -190,8 +190,9 @@ def _area_reduce(img: np.ndarray, x0: int, y0: int, side: int, k: int) -> np.nda
     OpenCV's integer-factor area path computes each output pixel from its own ``k x k``
     block alone, so the blocks wholly inside the frame are reduced straight from a view of
     it and only the thin bands of blocks that reach past its edge from padded copies: the
-    same bytes as reducing the padded square (uint8 images; other types take that way) (a 1088-px field of a 1920x1080 frame, 25 rows
-    past the top and the bottom, saves copying 3.5 MB per call).
+    same bytes as reducing the padded square (uint8 images; other types are reduced from the
+    padded square itself). A 1088-px field of a 1920x1080 frame, 25 rows past the top and the
+    bottom, saves copying 3.5 MB per call.
     """
     h, w = img.shape[:2]
     n = side // k

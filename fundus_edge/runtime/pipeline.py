@@ -53,7 +53,7 @@ from typing import Any
 from fundus_edge.errors import UserError
 from fundus_edge.fileio import ensure_writable_dir, ensure_writable_file
 from fundus_edge.log import get_logger
-from fundus_edge.runtime.predictor import Predictor
+from fundus_edge.runtime.predictor import Predictor, check_threads
 from fundus_edge.runtime.render import render
 from fundus_edge.runtime.sinks import (
     CaptureSink,
@@ -304,7 +304,7 @@ class _Run:
         self._ms: dict[str, float] = dict.fromkeys((*STAGES, "render"), 0.0)
         self._rendered = 0
         self._slots: dict[int, float] = {}  # paced sinks' next frame time (see _due)
-        self.hub: Any = None  # the live view's (run --serve): its map choice, its status
+        self.feed: Any = None  # the live view's feed (run --serve): its map choice, its status
         self._t0 = time.time()
         self._recent: collections.deque[float] = collections.deque(maxlen=30)
 
@@ -392,7 +392,7 @@ class _Run:
         stage = {k: round(self._ms[k] / n, 2) for k in STAGES}
         if self._rendered:
             stage["render"] = round(self._ms["render"] / self._rendered, 2)
-        hub = self.hub
+        feed = self.feed
         return {
             "source": self.source.description,
             "model": Path(str(self.predictor.backend.path)).name,
@@ -401,20 +401,22 @@ class _Run:
             "frames": s.frames_processed,
             "inferred": s.frames_inferred,
             "gated": s.frames_gated,
-            "drops": self.inbox.dropped + self.drawings.dropped + (hub.viewer_drops if hub else 0),
+            "drops": self.inbox.dropped
+            + self.drawings.dropped
+            + (feed.viewer_drops if feed else 0),
             "fps": round(fps, 2),
             "stage_ms": stage,
             "uptime_s": round(time.time() - self._t0, 1),
-            "viewers": hub.viewers if hub else 0,
-            "max_viewers": hub.max_viewers if hub else 0,
-            "map": (hub.map if hub and hub.map else self.cfg.map),
-            "maps": list(hub.map_choices) if hub else [],
+            "viewers": feed.viewers if feed else 0,
+            "max_viewers": feed.max_viewers if feed else 0,
+            "map": (feed.map if feed and feed.map else self.cfg.map),
+            "maps": list(feed.map_choices) if feed else [],
             "labels": list(self.predictor.label_names),
             "thresholds": {
                 n_: round(float(t), 4)
                 for n_, t in zip(self.predictor.label_names, self.predictor.thresholds, strict=True)
             },
-            "captures": len(hub.captures) if hub else 0,
+            "captures": len(feed.captures) if feed else 0,
         }
 
     def _count(self, out: Output) -> None:
@@ -457,7 +459,7 @@ class _Run:
                 if not wanting:
                     continue  # nobody would see it (a live view without viewers)
                 t0 = time.perf_counter()
-                which = self.hub.map if self.hub is not None and self.hub.map else self.cfg.map
+                which = self.feed.map if self.feed is not None and self.feed.map else self.cfg.map
                 out.rendered = render(
                     out.frame.image,
                     out.prediction,
@@ -539,8 +541,7 @@ def _check_options(cfg: RunConfig) -> None:
     """Numbers out of range: one line naming the option, before anything opens."""
     if not cfg.watch_settle > 0:
         raise UserError(f"--watch-settle must be > 0 seconds, got {cfg.watch_settle:g}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"--threads must be >= 1 (inference threads), got {cfg.threads}")
+    check_threads(cfg.threads)
     if cfg.max_frames is not None and cfg.max_frames < 1:
         raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
     # `not x > 0` rather than `x <= 0`: NaN is out of range too.
@@ -777,7 +778,7 @@ def run(
         job = _Run(cfg, source, predictor, sinks, on_output)
         sinks = []  # the run closes them from here on
         if session is not None:
-            job.hub = session.hub
+            job.feed = session.feed
             session.status_fn = job.status
             session.start()
         with _signals_stop(job, handle_signals):

@@ -42,7 +42,7 @@ from fundus_edge.quality import Quality, QualityConfig, assess_quality
 
 log = get_logger("runtime")
 
-__all__ = ["Prediction", "Predictor", "Prepared"]
+__all__ = ["Prediction", "Predictor", "Prepared", "check_threads"]
 
 _EPS = 1e-7
 
@@ -174,6 +174,12 @@ class Prediction:
         }
 
 
+def check_threads(threads: int | None) -> None:
+    """``--threads`` (inference threads): None or an integer >= 1, else one line."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise UserError(f"--threads must be >= 1 (inference threads), got {threads}")
+
+
 class Predictor:
     """A model plus everything its artifact says about using it.
 
@@ -215,8 +221,7 @@ class Predictor:
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise UserError(f"--threads must be >= 1 (inference threads), got {threads}")
+        check_threads(threads)
         self.auto: dict[str, Any] | None = None  # the measurement behind --backend auto
         if isinstance(model, Backend):
             if threads is not None:

@@ -37,19 +37,19 @@ class ServeSink(Sink):
     lossy = True
     is_file = False
 
-    def __init__(self, hub: Feed) -> None:
-        self.hub = hub
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
 
     @property
     def wants_frame(self) -> bool:
-        return self.hub.frame_due()
+        return self.feed.frame_due()
 
     def write(self, out: Output) -> None:
         if out.rendered is not None:
-            self.hub.publish_frame(out.rendered, out.frame.index, out.frame.timestamp)
+            self.feed.publish_frame(out.rendered, out.frame.index, out.frame.timestamp)
 
     def describe(self) -> str:
-        return f"live view ({self.hub.frames_encoded} frames streamed)"
+        return f"live view ({self.feed.frames_encoded} frames streamed)"
 
     @property
     def written(self) -> bool:
@@ -59,17 +59,17 @@ class ServeSink(Sink):
 class ServeLogSink(Sink):
     """Records to the event listeners; the page's captures."""
 
-    def __init__(self, hub: Feed, folder: Path, window: int) -> None:
-        self.hub = hub
+    def __init__(self, feed: Feed, folder: Path, window: int) -> None:
+        self.feed = feed
         self.folder = Path(folder)
         self.window = window
         self._active: tuple[int, CaptureSink] | None = None
         self.saved = 0
 
     def write(self, out: Output) -> None:
-        self.hub.publish_record(out.record)
-        if self._active is None and self.hub.capture_requests:
-            n = self.hub.capture_requests.popleft()
+        self.feed.publish_record(out.record)
+        if self._active is None and self.feed.capture_requests:
+            n = self.feed.capture_requests.popleft()
             self._active = (n, CaptureSink(self.folder / f"capture_{n:04d}.png", self.window))
         if self._active is not None:
             n, sink = self._active
@@ -81,7 +81,7 @@ class ServeLogSink(Sink):
         assert sink.best is not None
         rec = sink.best.record
         probs = rec.get("probabilities") or {}
-        self.hub.add_capture(
+        self.feed.add_capture(
             {
                 "id": n,
                 "name": sink.path.name,
@@ -165,29 +165,32 @@ class ServeSession:
             raise UserError("--token: use at least 8 characters")
         self.token = token
         self.capture_dir = ensure_writable_dir(capture_dir, "--capture-dir")
-        self.hub = Feed(max_viewers=max_viewers, fps=fps)
-        self.hub.map_choices = ["auto", "attention", "none", *labels]
+        self.feed = Feed(max_viewers=max_viewers, fps=fps)
+        self.feed.map_choices = ["auto", "attention", "none", *labels]
         self.capture_window = capture_window
         self.server = Server(
-            addr, self.hub, capture_dir=self.capture_dir, token=token, cert=cert, key=key
+            addr, self.feed, capture_dir=self.capture_dir, token=token, cert=cert, key=key
         )
 
     @property
     def status_fn(self) -> Any:
-        return self.hub.status_fn
+        return self.feed.status_fn
 
     @status_fn.setter
     def status_fn(self, fn: Any) -> None:
         """The run's status (sent to the server every second and on each ``GET /status``)."""
-        self.hub.status_fn = fn
+        self.feed.status_fn = fn
 
     def set_labels(self, labels: list[str], initial: str) -> None:
         """The model's labels (known once it loaded) and the --map it starts with."""
-        self.hub.map_choices = ["auto", "attention", "none", *labels]
-        self.hub.map = initial
+        self.feed.map_choices = ["auto", "attention", "none", *labels]
+        self.feed.map = initial
 
     def sinks(self) -> list[Sink]:
-        return [ServeSink(self.hub), ServeLogSink(self.hub, self.capture_dir, self.capture_window)]
+        return [
+            ServeSink(self.feed),
+            ServeLogSink(self.feed, self.capture_dir, self.capture_window),
+        ]
 
     def start(self) -> None:
         self.server.start()
