@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -178,9 +178,23 @@ def dotted(d: dict, key: str) -> Any:
     return d
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys."""
-    return {key: dotted(d, key[len(prefix) :]) for key in leaves(d, prefix)}
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``.
+
+    Lists stay values (``model.members``); an empty mapping sets nothing and vanishes (an
+    MLflow parameter ``{}`` would say nothing; a config section left empty keeps its
+    defaults); a key that holds a dot already is kept whole. :func:`apply_overrides` turns the
+    result back into the nested mapping. Used by the training config (old keys moved) and by
+    experiment tracking (the config as MLflow parameters).
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def apply_overrides(d: dict, overrides: dict[str, Any] | list[str]) -> dict:
@@ -214,14 +228,23 @@ def nested(layer: dict[str, Any]) -> dict[str, Any]:
 
 
 def plain(value: Any) -> Any:
-    """A dataclass (or mapping, list, tuple) as YAML-ready builtins: tuples become lists."""
+    """A YAML- and JSON-safe copy of a dataclass, mapping, list or tuple, all the way down.
+
+    Dataclasses and mappings become dicts with text keys, tuples become lists; ``None``,
+    booleans, numbers and text stay as they are; any other object becomes its text (a
+    ``Path``), so ``yaml.safe_dump`` and ``json.dumps`` never meet a type they refuse. A
+    config's ``config.yaml`` (:meth:`fundus_edge.config.TrainConfig.to_dict`), the benchmark
+    suite's resolved options and a tracked run's config all go through here.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def check_layer(cls: type, layer: dict[str, Any], name: str) -> dict[str, Any]:

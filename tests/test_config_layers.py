@@ -3,12 +3,16 @@ benchmark suite: defaults <- the file <- the command line, errors naming the fil
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
 
 import pytest
+import yaml
 
 from fundus_edge.errors import UserError
-from fundus_edge.layered import check_layer, flatten, resolve
+from fundus_edge.layered import apply_overrides, check_layer, flatten, plain, resolve
 
 
 @dataclass
@@ -41,6 +45,24 @@ def test_resolve_layers_defaults_types_and_the_dataclasses_own_checks():
         resolve(_Outer, [("a.yaml", {"inner.size": 0})])
     # one layer alone: keys and types only (a check relating fields waits for the merge)
     assert check_layer(_Outer, {"inner.size": 0}, "a.yaml") == {"inner": {"size": 0}}
+
+
+def test_one_flatten_and_plain_for_configs_and_trackers():
+    # flatten: any mapping, lists stay values, empty mappings vanish, dotted keys kept whole
+    tree = {"optim": {"lr": 1e-3, "loss": {"name": "focal"}}, "data": {}, "model.members": ["a"]}
+    flat = flatten(MappingProxyType(tree))
+    assert flat == {"optim.lr": 1e-3, "optim.loss.name": "focal", "model.members": ["a"]}
+    assert apply_overrides({}, flat) == {
+        "optim": {"lr": 1e-3, "loss": {"name": "focal"}}, "model": {"members": ["a"]},
+    }  # fmt: skip
+    assert flatten({"a": {"b": 1}}, "p.") == {"p.a.b": 1}
+    # plain: dataclasses all the way down, text keys, tuples as lists, other objects as text
+    got = plain({"outer": _Outer(note="n"), 3: (Path("/x"), None, True, 2, 0.5)})
+    assert got == {
+        "outer": {"lr": 0.1, "inner": {"size": 4, "names": ["a"]}, "note": "n"},
+        "3": ["/x", None, True, 2, 0.5],
+    }
+    assert yaml.safe_load(yaml.safe_dump(got)) == got == json.loads(json.dumps(got))
 
 
 def test_export_profile_then_command_line_through_the_layered_loader(tmp_path):

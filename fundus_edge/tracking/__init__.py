@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fundus_edge.errors import UserError, require
+from fundus_edge.layered import flatten, plain  # re-exported: the trackers' config helpers
 
 __all__ = [
     "RECORD_FILE",
@@ -212,33 +213,6 @@ def reopen_tracker(record: Mapping[str, Any], source: str | Path = RECORD_FILE) 
     except KeyError as exc:
         raise UserError(f"{source}: a {kind} record without {exc.args[0]!r}") from None
     return NullTracker()
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys: ``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``.
-
-    Lists stay values (``model.members``); empty mappings vanish.
-    """
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def plain(d: Any) -> Any:
-    """A YAML- and JSON-safe copy: mappings with text keys, tuples as lists, other objects as
-    their text."""
-    if isinstance(d, Mapping):
-        return {str(k): plain(v) for k, v in d.items()}
-    if isinstance(d, list | tuple):
-        return [plain(v) for v in d]
-    if d is None or isinstance(d, bool | int | float | str):
-        return d
-    return str(d)
 
 
 def numeric_metrics(record: Mapping[str, Any]) -> dict[str, float]:
