@@ -15,12 +15,22 @@ Reruns never mix old and new results:
   an interruption leaves only new, resumable work;
 - ``resume``: finished variants are evaluated without training, variants with a state file
   continue, the others start; the table is written once every variant has finished.
+
+With a tracker (:class:`AblationTracking`, ``train --ablation --logger tensorboard|mlflow``)
+every variant trained here is its own tracker run, named after the variant, logged as a single
+run is (:class:`~fundus_edge.tracking.callback.TrackingCallback`), all under one log root
+(default ``OUT/tensorboard`` or ``OUT/mlflow``) so the variants sit side by side. ``resume``
+continues each variant's own tracker run; a finished variant is not logged again. Once the table
+is written, a run named ``ablation`` in the same root gets the table's numbers (one metric per
+column and variant, ``<column>/<variant>``) and ``ablation.md`` / ``ablation.json`` as artifacts.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +44,17 @@ from fundus_edge.options import load_yaml_mapping
 from fundus_edge.trainer import STATE_FILE, resolve_device, train
 from fundus_edge.trainer.state import RUN_MARKER, check_run_dir
 
-__all__ = ["ABLATION_COLUMNS", "ablation_configs", "run_ablation"]
+__all__ = ["ABLATION_COLUMNS", "AblationTracking", "ablation_configs", "run_ablation"]
 
 log = get_logger("ablation")
 
 _ABLATION_KEYS = {"base", "variants", "description"}
 _TABLE_FILES = ("ablation.md", "ablation.json")
+#: The name of the tracker run that holds the table (never a variant name: see _variant_name).
+TABLE_RUN = "ablation"
+# Names a variant cannot take: the default log roots in --out, the table's tracker run and its
+# record (fundus_edge.tracking.RECORD_FILE).
+_RESERVED_NAMES = {"tensorboard", "mlflow", TABLE_RUN, "tracking.json"}
 # Keys a resumed run may differ in from its saved config (train(resume=True) takes these from
 # the command line); any other difference means the variant is no longer what was trained.
 _RESUME_FREE_KEYS = {"epochs", "stop_after", "device", "out", "data.num_workers", "data.root"}
@@ -60,6 +75,42 @@ ABLATION_COLUMNS = {
     "params_m": "params (M)",
     "train_time_s": "train time (s)",
 }
+
+
+@dataclass(frozen=True)
+class AblationTracking:
+    """How an ablation's variants are tracked (``train --ablation --logger``).
+
+    Attributes:
+        kind: ``tensorboard`` or ``mlflow`` (``none``: nothing is tracked).
+        logger_dir: the one log root every variant logs under; None: ``OUT/tensorboard`` or
+            ``OUT/mlflow`` (not each variant's run directory, so the runs sit side by side).
+        images: validation images whose maps each variant logs every epoch (0: none).
+    """
+
+    kind: str
+    logger_dir: Path | None = None
+    images: int = 4
+
+    def root(self, out_dir: Path) -> Path:
+        """The log root: ``logger_dir``, else the kind's folder in the ablation's ``out_dir``."""
+        from fundus_edge.tracking import default_logger_dir
+
+        return (
+            Path(self.logger_dir)
+            if self.logger_dir is not None
+            else default_logger_dir(self.kind, out_dir)
+        )
+
+    def old_logs(self, out_dir: Path, names: list[str]) -> list[Path]:
+        """What ``overwrite`` deletes: the variants' (and the table run's) TensorBoard folders
+        under the default root, which would otherwise mix old events with new ones. An
+        explicit ``logger_dir`` is the user's and is left alone; an MLflow store keeps every
+        run it was given (the old ones stay, finished or failed, beside the new)."""
+        if self.kind != "tensorboard" or self.logger_dir is not None:
+            return []
+        root = self.root(out_dir)
+        return [root / n for n in [*names, TABLE_RUN]]
 
 
 def _substitute_members(value: Any, base_members: list[str], where: str) -> Any:
@@ -97,10 +148,12 @@ def _variant_name(name: Any, spec_path: Path) -> str:
         or s.startswith(".")
         or "\0" in s
         or s in _TABLE_FILES
+        or s in _RESERVED_NAMES
     ):
         raise UserError(
             f"{spec_path}: variants: {s!r}: not a plain name (no '/', '\\', leading '.', "
-            "or table file name); it names the variant's directory in --out"
+            f"table file name, or one of {', '.join(sorted(_RESERVED_NAMES))}); it names the "
+            "variant's directory in --out and its tracker run"
         )
     return s
 
@@ -239,14 +292,16 @@ def _load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _clear(variants: list[tuple[str, TrainConfig]], out_dir: Path) -> None:
-    """``overwrite``: the old table first (never left beside new runs), then these variants."""
-    for f in _TABLE_FILES:
+def _clear(variants: list[tuple[str, TrainConfig]], out_dir: Path, logs: list[Path]) -> None:
+    """``overwrite``: the old table first (never left beside new runs) and the record of its
+    tracker run, then these variants and the old ``logs`` folders."""
+    from fundus_edge.tracking import RECORD_FILE
+
+    for f in (*_TABLE_FILES, RECORD_FILE):
         (out_dir / f).unlink(missing_ok=True)
-    for _, cfg in variants:
-        run_dir = Path(cfg.out)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+    for path in [Path(cfg.out) for _, cfg in variants] + logs:
+        if path.exists():
+            shutil.rmtree(path)
 
 
 def run_ablation(
@@ -258,6 +313,7 @@ def run_ablation(
     overwrite: bool = False,
     resume: bool = False,
     split: str = "test",
+    tracking: AblationTracking | None = None,
 ) -> dict:
     """Train every variant of an ablation YAML and write the paper-shaped comparison table.
 
@@ -279,6 +335,9 @@ def run_ablation(
         resume: evaluate finished variants without training, continue interrupted ones, start
             the missing ones.
         split: the evaluation split.
+        tracking: log every variant trained here to a tracker, each its own run named after
+            the variant under one log root, and the table to a run named ``ablation`` (see
+            :class:`AblationTracking`); None: nothing is tracked.
 
     Returns:
         ``{"rows": [...], "split": str, "table_json": path, "table_md": path}``.
@@ -293,9 +352,17 @@ def run_ablation(
     out_dir = Path(out_dir)
     variants = ablation_configs(spec_path, base_config, overrides, sets, out_dir)
     plan = _plan(variants, out_dir, resume, overwrite)
+    if tracking is not None and tracking.kind == "none":
+        tracking = None
+    if tracking is not None:
+        from fundus_edge.tracking import require_tracker
+
+        require_tracker(tracking.kind)  # before any work: a missing package is exit 3
     # overwrite: the first variant replaces its own directory and, once it has started, the old
-    # table and the other variants' directories; until then everything old stays.
-    clear_rest = (lambda: _clear(variants[1:], out_dir)) if overwrite else None
+    # table, the other variants' directories and the variants' old TensorBoard folders; until
+    # then everything old stays.
+    logs = [] if tracking is None else tracking.old_logs(out_dir, [n for n, _ in variants])
+    clear_rest = (lambda: _clear(variants[1:], out_dir, logs)) if overwrite else None
 
     rows = []
     used_split = split
@@ -312,16 +379,11 @@ def run_ablation(
             cfg.enhance.op,
         )
         run_dir = Path(cfg.out)
-        if action == "done":
+        if action == "done":  # trained (and tracked) before: evaluated only, not logged again
             history = [dict(r) for r in _load_state(run_dir)["history"]]
         else:
-            res = train(
-                cfg,
-                resume=action == "resume",
-                overwrite=overwrite or action == "restart",
-                on_start=clear_rest if name == variants[0][0] else None,
-            )
-            history = res.history
+            first = clear_rest if name == variants[0][0] else None
+            history = _train_variant(cfg, action, overwrite, first, tracking, out_dir)
         best = run_dir / "best.safetensors"
         if not history or not best.is_file():
             raise UserError(f"ablation variant {name}: no epoch finished, nothing to evaluate")
@@ -338,7 +400,78 @@ def run_ablation(
         {"spec": str(spec_path), "split": used_split, "columns": ABLATION_COLUMNS, "rows": rows},
     )
     atomic_write_text(table_md, _markdown_table(rows, used_split))
+    if tracking is not None:
+        _log_table(tracking, out_dir, rows, used_split, spec_path, [table_md, table_json], resume)
     return {"rows": rows, "split": used_split, "table_json": table_json, "table_md": table_md}
+
+
+def _train_variant(
+    cfg: TrainConfig,
+    action: str,
+    overwrite: bool,
+    first: Callable[[], None] | None,
+    tracking: AblationTracking | None,
+    out_dir: Path,
+) -> list[dict]:
+    """Train one variant (``first``: the first variant's hook, run once it has started);
+    with ``tracking``, inside its own tracker run, closed as failed if training fails.
+
+    Returns:
+        The run's epoch records.
+    """
+    resume = action == "resume"
+    overwrite = overwrite or action == "restart"
+    if tracking is None:
+        return train(cfg, resume=resume, overwrite=overwrite, on_start=first).history
+    from fundus_edge.tracking.callback import TrackingCallback
+
+    # The variant's own tracker run (cfg.name is the variant), under the one shared root;
+    # resume continues the run its directory's tracking.json names.
+    root = tracking.root(out_dir)
+    with TrackingCallback(tracking.kind, cfg, root, resume, tracking.images) as cb:
+
+        def on_start() -> None:  # the old work cleared first, then the run opened
+            if first is not None:
+                first()
+            cb.on_start()
+
+        res = train(cfg, resume=resume, overwrite=overwrite, on_start=on_start, callbacks=[cb])
+    return res.history
+
+
+def _log_table(
+    tracking: AblationTracking,
+    out_dir: Path,
+    rows: list[dict],
+    split: str,
+    spec_path: str | os.PathLike,
+    files: list[Path],
+    resume: bool,
+) -> None:
+    """The table as its own tracker run, :data:`TABLE_RUN`, beside the variants' runs: each
+    numeric column of each row as the metric ``<column>/<variant>`` (step 1), the spec and
+    split as parameters, ``ablation.md`` and ``ablation.json`` as artifacts. ``out_dir``'s
+    ``tracking.json`` names that run, so a ``resume`` that rewrites the table logs into it
+    again."""
+    from fundus_edge.tracking import numeric_metrics, open_tracker
+
+    metrics: dict[str, float] = {}
+    for r in rows:
+        cols = {c: r.get(c) for c in ABLATION_COLUMNS if c != "variant"}
+        metrics.update({f"{c}/{r['variant']}": v for c, v in numeric_metrics(cols).items()})
+    root = tracking.root(out_dir)
+    with open_tracker(tracking.kind, out_dir, TABLE_RUN, root, resume=resume) as tracker:
+        tracker.log_params(
+            {
+                "spec": str(spec_path),
+                "split": split,
+                "variants": ",".join(r["variant"] for r in rows),
+            }
+        )
+        tracker.log_metrics(1, metrics)
+        for f in files:
+            tracker.log_artifact(f)
+    log.info("tracking: the table logged as run %r under %s", TABLE_RUN, root)
 
 
 def _evaluate(

@@ -55,7 +55,8 @@ def train(
         None,
         "--ablation",
         help="Train every variant this YAML lists (training/ablation.yaml) and write the "
-        "table ablation.md / ablation.json in --out.",
+        "table ablation.md / ablation.json in --out; with --logger each variant is its own "
+        "tracker run under one root [OUT/tensorboard, OUT/mlflow], the table a run 'ablation'.",
     ),
 ) -> None:
     """Train the ensemble (CAM-guided enhancement, weighted losses, resumable runs)."""
@@ -95,19 +96,32 @@ def train(
     if data is not None and not data.exists():
         raise UserError(f"--data {data}: dataset folder does not exist")
     if ablation is not None:
-        from fundus_edge.ablation import run_ablation
+        from fundus_edge.ablation import AblationTracking, run_ablation
 
         if out is None:
             raise UserError("--ablation needs --out DIR for the runs and the comparison table")
-        if logger != "none":
-            raise UserError("--logger tracks one run; train the ablation's variants without it")
+        # Each variant its own tracker run, all under one root (default: in --out, not in
+        # each variant's run directory) so that they sit side by side.
+        tracking = AblationTracking(logger, logger_dir, logger_images)
         res = run_ablation(
-            ablation, config, overrides, set_, Path(out), overwrite=overwrite, resume=resume
+            ablation,
+            config,
+            overrides,
+            set_,
+            Path(out),
+            overwrite=overwrite,
+            resume=resume,
+            tracking=tracking,
         )
         typer.echo((Path(res["table_md"])).read_text(encoding="utf-8"))
         typer.echo(
             f"ablation: {len(res['rows'])} runs; tables: {res['table_md']}, {res['table_json']}"
         )
+        if logger != "none":
+            typer.echo(
+                f"tracking: {logger}, a run per variant and the table's run 'ablation' under "
+                f"{tracking.root(Path(out))}"
+            )
         return
     cfg = load_config(config, overrides, sets=set_)
     given = given_keys(config, overrides, set_)
