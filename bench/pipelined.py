@@ -16,7 +16,9 @@ Ratios: FPS of ``run`` / FPS of the model alone, for the file and for the camera
 ``camera_rate`` times the model-only FPS measured before the rounds (default 1.5: the pipeline,
 not the camera, is then the bottleneck) and its FPS is frames processed / seconds run.
 
-Options (beside ``rounds``, ``warmup``, ``frames`` and ``target``):
+Options (:class:`PipelinedOptions`, resolved from the suite file by the one layered loader: an
+unknown key or a wrong type is refused before anything runs; beside ``rounds``, ``warmup``,
+``frames`` and ``target``):
 
 * ``frame``: ``WxH`` of the video's frames (a synthetic fundus photograph, the frame's height
   across, on black), or the older ``frame_size: N`` for N x N photographs;
@@ -40,6 +42,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,6 @@ import numpy as np
 from suite import (  # bench/suite.py, beside this file
     ScenarioResult,
     Workspace,
-    _opt,
     _write_video,
     interleave,
 )
@@ -56,24 +58,91 @@ from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 
-__all__ = ["run_pipelined"]
+__all__ = ["PipelinedOptions", "run_pipelined"]
 
 log = get_logger("bench.pipelined")
 
 
-def _frame_shape(opts: Mapping[str, Any]) -> tuple[int, int]:
-    """(width, height) of the video's frames."""
-    spec = opts.get("frame")
-    if spec is None:
-        side = int(_opt(opts, "frame_size", 512))
-        return side, side
-    try:
-        w, h = (int(v) for v in str(spec).lower().split("x"))
-    except ValueError:
-        raise UserError(f"pipelined.frame: WIDTHxHEIGHT, e.g. 1920x1080; got {spec!r}") from None
-    if min(w, h) < 64:
-        raise UserError(f"pipelined.frame: at least 64x64 pixels, got {spec!r}")
-    return w, h
+_SINKS = ("video", "jsonl")
+_BACKENDS = ("onnxruntime", "auto")
+
+
+@dataclass
+class PipelinedOptions:
+    """The ``pipelined`` scenario's options (the module docstring says what each one does).
+
+    Attributes:
+        rounds: timed rounds; each runs every variant once, in alternating order.
+        warmup: untimed calls of each variant first.
+        frames: frames of the video (and model-only calls) per round.
+        frame: ``WxH`` of the frames; None: ``frame_size`` x ``frame_size``.
+        frame_size: the older option, N x N photographs (when ``frame`` is not given).
+        sink: ``video`` or ``jsonl``.
+        before: also the runs with the field of view fitted in every frame.
+        camera: also ``run`` on a simulated camera, ``camera_seconds`` a round, at
+            ``camera_rate`` times the model-only FPS.
+        model: :class:`~fundus_edge.models.EnsembleConfig` keys of the model to run; None: the
+            suite's model.
+        backend: ``onnxruntime`` (FP32) or ``auto`` (``--backend auto``'s choice; the suite's
+            model only).
+        threads: ONNX Runtime intra-op threads of ``run``'s model (0: the runtime's default);
+            None: the suite's ``threads``.
+        model_threads: thread counts the model alone is measured with; None: ``[threads]``.
+        target: the FPS ratio's target.
+    """
+
+    rounds: int = 3
+    warmup: int = 1
+    frames: int = 12
+    frame: str | None = None
+    frame_size: int = 512
+    sink: str = "video"
+    before: bool = False
+    camera: bool = False
+    camera_seconds: float = 3.0
+    camera_rate: float = 1.5
+    model: dict[str, Any] | None = None
+    backend: str = "onnxruntime"
+    threads: int | None = None
+    model_threads: list[int] | None = None
+    target: str = ">= 0.9"
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "frames"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.sink not in _SINKS:
+            raise UserError(f"sink: video or jsonl, got {self.sink!r}")
+        if self.backend not in _BACKENDS:
+            raise UserError(f"backend: {' or '.join(_BACKENDS)}, got {self.backend!r}")
+        for key in ("camera_seconds", "camera_rate"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.model_threads is not None and not self.model_threads:
+            raise UserError("model_threads: at least one thread count (0: the default)")
+        if (
+            self.backend == "auto"
+            and not self.model
+            and (self.threads is not None or self.model_threads is not None)
+        ):
+            raise UserError(
+                "threads and model_threads apply to ONNX Runtime FP32, not to backend: auto"
+            )
+        self.frame_shape()  # a bad frame is refused with the suite, not after the export
+
+    def frame_shape(self) -> tuple[int, int]:
+        """(width, height) of the video's frames."""
+        if self.frame is None:
+            return self.frame_size, self.frame_size
+        try:
+            w, h = (int(v) for v in self.frame.lower().split("x"))
+        except ValueError:
+            raise UserError(f"frame: WIDTHxHEIGHT, e.g. 1920x1080; got {self.frame!r}") from None
+        if min(w, h) < 64:
+            raise UserError(f"frame: at least 64x64 pixels, got {self.frame!r}")
+        return w, h
 
 
 def _frames(n: int, w: int, h: int, seed: int) -> list[np.ndarray]:
@@ -130,7 +199,7 @@ def _model(ws: Workspace, spec: Mapping[str, Any] | None) -> tuple[Path, str]:
     return art.artifact.path, desc
 
 
-def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
     """The ``pipelined`` scenario (see the module docstring)."""
     from fundus_edge.backends import load_backend
     from fundus_edge.preprocess import preprocess
@@ -141,23 +210,15 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     from fundus_edge.runtime.sources import SimCameraSource, VideoFileSource
 
     res = ScenarioResult("pipelined")
-    n = int(_opt(opts, "frames", 12))
-    w, h = _frame_shape(opts)
-    sink = str(opts.get("sink", "video"))
-    if sink not in ("video", "jsonl"):
-        raise UserError(f"pipelined.sink: video or jsonl, got {sink!r}")
-    before = bool(opts.get("before", False))
-    camera = bool(opts.get("camera", False))
-    rounds, warmup = int(_opt(opts, "rounds", 3)), int(_opt(opts, "warmup", 1))
-    model, model_desc = _model(ws, opts.get("model"))
+    n = opts.frames
+    w, h = opts.frame_shape()
+    sink, before, camera = opts.sink, opts.before, opts.camera
+    rounds, warmup = opts.rounds, opts.warmup
+    model, model_desc = _model(ws, opts.model)
     video = _write_video(ws.root / f"frames_{w}x{h}.mp4", _frames(n, w, h, ws.cfg.seed + 3))
 
-    threads = int(opts.get("threads", ws.cfg.threads) or 0)
-    if opts.get("backend") == "auto" and not opts.get("model"):
-        if "model_threads" in opts or "threads" in opts:
-            raise UserError(
-                "pipelined: threads and model_threads apply to ONNX Runtime FP32, not to backend: auto"
-            )
+    threads = ws.cfg.threads if opts.threads is None else opts.threads
+    if opts.backend == "auto" and not opts.model:  # (threads refused with it: PipelinedOptions)
         ws.int8()
         predictor = Predictor(model, backend="auto", gate=False)
         label = f"{predictor.backend.name}-cpu"
@@ -168,9 +229,7 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
         predictor = Predictor(backend, gate=False)
         label, precision = "onnxruntime-cpu", "fp32"
     # The model alone, with each thread count asked for (the run's own backend among them).
-    counts = [int(t or 0) for t in opts.get("model_threads", [threads])]
-    if not counts:
-        raise UserError("pipelined.model_threads: at least one thread count (0: the default)")
+    counts = list(opts.model_threads if opts.model_threads is not None else [threads])
     alone_backends = {
         t: predictor.backend
         if t == threads
@@ -235,7 +294,7 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
     cam_desc = ""
     if camera:
-        seconds = float(_opt(opts, "camera_seconds", 3.0))
+        seconds = opts.camera_seconds
         probe = [0.0] * 3
         for i in range(3):  # the camera's rate: above what the model alone does here
             fastest = min(
@@ -244,7 +303,7 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
             )
             probe[i] = fastest / n
         model_fps = 1e3 / float(np.median(probe))
-        cam_fps = round(float(_opt(opts, "camera_rate", 1.5)) * model_fps)
+        cam_fps = round(opts.camera_rate * model_fps)
         cam_desc = f"sim://{w}x{h}@{cam_fps}"
 
         def camera_run(track: bool, key: str) -> None:
@@ -289,7 +348,7 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     # The baseline: the model's best throughput here, whichever thread count gave it.
     best = min(counts, key=lambda t: float(np.median(per[f"model_t{t}"])))
     alone = alone_rows[best]
-    target = opts.get("target", ">= 0.9")
+    target = opts.target
     res.compare(plain, tracked, "pipelined speed-up over the sequential loop")
     res.compare(alone, tracked, "pipelined FPS / model-only FPS", target)
     if fitted is not None:
@@ -319,8 +378,8 @@ def run_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
         f"video, {what}, in run and in the plain loop; samples are ms per frame of one whole "
         "pass."
         + (
-            f" Simulated camera {cam_desc} (rate {opts.get('camera_rate', 1.5)}x the model-only "
-            f"FPS measured first), {opts.get('camera_seconds', 3.0)} s a round; samples are "
+            f" Simulated camera {cam_desc} (rate {opts.camera_rate:g}x the model-only "
+            f"FPS measured first), {opts.camera_seconds:g} s a round; samples are "
             "run's elapsed time / frames processed."
             if camera
             else ""

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pipelined import PipelinedOptions  # bench/pipelined.py, beside this file
 from suite import (  # bench/suite.py, beside this file
     ScenarioResult,
     SuiteConfig,
@@ -48,7 +50,7 @@ from fundus_edge.convert.steps import Artifact, CheckpointToOnnx, OnnxToInt8, St
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 
-__all__ = ["DEFAULT_TARGETS", "OPTIONS", "run_student"]
+__all__ = ["DEFAULT_TARGETS", "StudentOptions", "run_student"]
 
 log = get_logger("bench.student")
 
@@ -65,12 +67,83 @@ DEFAULT_TARGETS: dict[str, str] = {
     "pipelined": ">= 0.9",
 }
 
-#: The scenario's option keys (anything else is a user error naming it).
-OPTIONS = frozenset(
-    {"student", "student_model", "teacher", "teacher_model", "student_eval", "teacher_eval",
-     "data", "split", "rounds", "iters", "warmup", "calib_images", "pipelined", "targets",
-     "roofline_device"}
-)  # fmt: skip
+
+@dataclass
+class StudentOptions:
+    """The ``student`` scenario's options, resolved from the suite file by the one layered
+    loader (an unknown key, a wrong type or a bad target is refused before anything runs).
+
+    Attributes:
+        student: the distilled student's checkpoint; missing: ``student_model`` at random
+            initialisation (cost rows only).
+        student_model: :class:`~fundus_edge.models.EnsembleConfig` keys of the student.
+        teacher: the teacher's checkpoint; missing: ``teacher_model``'s FLOPs, else none.
+        teacher_model: EnsembleConfig keys of the teacher.
+        student_eval: the student's eval report (JSON), or a model evaluated here on ``data``.
+        teacher_eval: the teacher's, likewise.
+        data: the dataset a model given as an eval is evaluated on (split ``split``).
+        split: that split.
+        rounds: timed rounds of the latency rows.
+        iters: timed calls per variant and round.
+        warmup: untimed calls per variant first.
+        calib_images: generated images the INT8 graphs are calibrated on.
+        pipelined: the ``pipelined`` scenario's options (:class:`PipelinedOptions`, no
+            ``model``: it runs the student) for its rows on the student's graph; None: none.
+        targets: target name (:data:`DEFAULT_TARGETS`) -> ``">= X"`` / ``"<= X"``, overriding
+            the defaults.
+        roofline_device: the Jetson of the roofline estimate
+            (:data:`fundus_edge.perf.roofline.JETSON_PEAKS`).
+    """
+
+    student: str | None = None
+    student_model: dict[str, Any] | None = None
+    teacher: str | None = None
+    teacher_model: dict[str, Any] | None = None
+    student_eval: str | None = None
+    teacher_eval: str | None = None
+    data: str | None = None
+    split: str = "test"
+    rounds: int = 6
+    iters: int = 3
+    warmup: int = 2
+    calib_images: int = 8
+    pipelined: dict[str, Any] | None = None
+    targets: dict[str, Any] | None = None
+    roofline_device: str = "orin-nano-8gb-super"
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "iters", "calib_images"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+        bad = sorted(set(self.targets or {}) - set(DEFAULT_TARGETS))
+        if bad:
+            raise UserError(
+                f"targets: unknown target {bad[0]!r} (known: {', '.join(DEFAULT_TARGETS)})"
+            )
+        for k, t in self.all_targets().items():
+            parts = str(t).split()
+            if len(parts) != 2 or parts[0] not in (">=", "<="):
+                raise UserError(f"targets: {k} {t!r} must read '>= X' or '<= X'")
+        if self.pipelined is not None:
+            if self.pipelined.get("model"):
+                raise UserError("pipelined.model: the student's pipelined run uses the student")
+            self.pipelined_options()  # its unknown keys and types, named, before anything runs
+
+    def all_targets(self) -> dict[str, str]:
+        """:data:`DEFAULT_TARGETS` with ``targets`` over them."""
+        return {**DEFAULT_TARGETS, **{k: str(v) for k, v in (self.targets or {}).items()}}
+
+    def pipelined_options(self) -> PipelinedOptions:
+        """The ``pipelined`` options of the student's run: PipelinedOptions' defaults <- the
+        ``pipelined`` target (``targets.pipelined``) <- the ``pipelined`` mapping."""
+        from fundus_edge.layered import resolve
+
+        target = {"target": self.all_targets()["pipelined"]}
+        layers = [("targets.pipelined", target), ("pipelined", self.pipelined or {})]
+        return resolve(PipelinedOptions, layers, "pipelined")
+
 
 POINTING_TOLERANCE = 0.04  # "within 4 % of the FOV": the eval report's pointing_game_tol
 
@@ -107,8 +180,8 @@ def _verdict(
     )
 
 
-def _path(opts: Mapping[str, Any], key: str) -> Path | None:
-    v = opts.get(key)
+def _path(opts: StudentOptions, key: str) -> Path | None:
+    v = getattr(opts, key)
     return None if v in (None, "") else Path(str(v)).expanduser()
 
 
@@ -158,10 +231,10 @@ def _config_of(checkpoint: Path) -> Any:
     return EnsembleConfig.from_dict(read_checkpoint_meta(checkpoint)["config"])
 
 
-def _model_config(opts: Mapping[str, Any], key: str) -> Any:
+def _model_config(opts: StudentOptions, key: str) -> Any:
     from fundus_edge.models import EnsembleConfig
 
-    d = opts.get(key)
+    d = getattr(opts, key)
     if not isinstance(d, Mapping):
         raise UserError(f"student scenario: {key} must be a mapping of EnsembleConfig keys")
     return EnsembleConfig.from_dict(dict(d))
@@ -178,14 +251,14 @@ def _describe(cfg: Any) -> str:
 class _Models:
     """The three models' checkpoints and configs, resolved from the options once."""
 
-    def __init__(self, ws: Workspace, opts: Mapping[str, Any], notes: list[str]) -> None:
+    def __init__(self, ws: Workspace, opts: StudentOptions, notes: list[str]) -> None:
         self.root = ws.root / "student"
         self.root.mkdir(parents=True, exist_ok=True)
         student = _path(opts, "student")
         if student is not None and student.is_file():
             self.student = student
         else:
-            if "student_model" not in opts:
+            if opts.student_model is None:
                 where = f"{student} does not exist and " if student is not None else ""
                 raise UserError(f"student scenario: {where}no student_model is given")
             why = f"{student} does not exist" if student is not None else "no student checkpoint"
@@ -199,7 +272,7 @@ class _Models:
         teacher = _path(opts, "teacher")
         if teacher is not None and teacher.is_file():
             self.teacher: Path | None = teacher
-        elif "teacher_model" in opts:
+        elif opts.teacher_model is not None:
             notes.append(
                 f"student: {teacher or 'no teacher checkpoint'}"
                 f"{' does not exist' if teacher else ''}: the teacher's FLOPs are "
@@ -243,7 +316,7 @@ def _flops(art: Artifact) -> int:
 
 
 def _report(
-    ws: Workspace, opts: Mapping[str, Any], key: str, notes: list[str]
+    ws: Workspace, opts: StudentOptions, key: str, notes: list[str]
 ) -> dict[str, Any] | None:
     """The eval report named by ``opts[key]``: read from a JSON, or made by evaluating a
     checkpoint / exported model on ``data``; None (with a note) when it does not exist."""
@@ -270,7 +343,7 @@ def _report(
         raise UserError(f"student scenario: {key} {path} is a model: give data to evaluate it on")
     from fundus_edge.evaluate import evaluate_model
 
-    split = str(opts.get("split", "test"))
+    split = opts.split
     log.info("evaluating %s on %s (%s)", path, data, split)
     report = evaluate_model(path, data, split=split, json_path=ws.root / f"{key}.json")
     report["source"] = f"evaluated here: {path} on {data} ({split})"
@@ -278,7 +351,7 @@ def _report(
 
 
 def _accuracy_rows(
-    res: ScenarioResult, ws: Workspace, opts: Mapping[str, Any], targets: Mapping[str, str]
+    res: ScenarioResult, ws: Workspace, opts: StudentOptions, targets: Mapping[str, str]
 ) -> None:
     st = _report(ws, opts, "student_eval", res.notes)
     te = _report(ws, opts, "teacher_eval", res.notes) if st is not None else None
@@ -323,21 +396,10 @@ def _accuracy_rows(
 # ---------------------------------------------------------------------------- the scenario
 
 
-def run_student(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
-    """The ``student`` scenario (see the module docstring); ``ws`` holds the paper's ensemble."""
-    unknown = sorted(set(opts) - OPTIONS)
-    if unknown:
-        raise UserError(
-            f"student scenario: unknown option {unknown[0]!r} (known: {', '.join(sorted(OPTIONS))})"
-        )
-    targets = {**DEFAULT_TARGETS, **dict(opts.get("targets") or {})}
-    bad = sorted(set(targets) - set(DEFAULT_TARGETS))
-    if bad:
-        raise UserError(f"student scenario: unknown target {bad[0]!r}")
-    for k, t in targets.items():
-        parts = str(t).split()
-        if len(parts) != 2 or parts[0] not in (">=", "<="):
-            raise UserError(f"student scenario: target {k} {t!r} must read '>= X' or '<= X'")
+def run_student(ws: Workspace, opts: StudentOptions) -> ScenarioResult:
+    """The ``student`` scenario (see the module docstring); ``ws`` holds the paper's ensemble.
+    ``opts`` were checked when the suite was read (:class:`StudentOptions`)."""
+    targets = opts.all_targets()
     res = ScenarioResult("student")
     models = _Models(ws, opts, res.notes)
     scfg = models.student_cfg
@@ -397,8 +459,8 @@ def run_student(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
     _latency_rows(res, ws, student_sized, opts, targets)
     _maps_rows(res, sws, targets)
     _roofline_row(res, student_art, opts, targets)
-    if opts.get("pipelined") is not None:
-        _pipelined_rows(res, sws, opts, targets)
+    if opts.pipelined is not None:
+        _pipelined_rows(res, sws, opts)
     res.notes.append(
         "student: FLOPs of the exported graphs (fundus_edge.perf.roofline conventions: 2 x MACs "
         "for Conv/Gemm/MatMul, element-wise ops counted): one frame in, every pass, the maps "
@@ -411,14 +473,14 @@ def _latency_rows(
     res: ScenarioResult,
     ws: Workspace,
     student: Artifact,
-    opts: Mapping[str, Any],
+    opts: StudentOptions,
     targets: Mapping[str, str],
 ) -> None:
     """INT8 (and FP32) batch-1 latency of student and paper ensemble, ONNX Runtime CPU,
     interleaved; the INT8 graphs from the export step ``OnnxToInt8`` on the same images."""
     from fundus_edge.convert.calibration import SYNTHETIC_NOTE, ImageSet
 
-    n_cal = int(opts.get("calib_images", 8))
+    n_cal = opts.calib_images
     calib = ws.images(max(n_cal, 4))
     paper_int8 = ws.int8(n_cal)
     ctx = StepContext(
@@ -438,9 +500,9 @@ def _latency_rows(
     try:
         s = interleave(
             {k: (lambda b=b: b.infer(img)) for k, b in backends.items()},
-            int(opts.get("rounds", 6)),
-            int(opts.get("iters", 3)),
-            int(opts.get("warmup", 2)),
+            opts.rounds,
+            opts.iters,
+            opts.warmup,
         )
     finally:
         for b in backends.values():
@@ -499,11 +561,11 @@ def _maps_rows(res: ScenarioResult, sws: _CheckpointWorkspace, targets: Mapping[
 
 
 def _roofline_row(
-    res: ScenarioResult, student: Artifact, opts: Mapping[str, Any], targets: Mapping[str, str]
+    res: ScenarioResult, student: Artifact, opts: StudentOptions, targets: Mapping[str, str]
 ) -> None:
     from fundus_edge.perf.roofline import JETSON_PEAKS, roofline
 
-    key = str(opts.get("roofline_device", "orin-nano-8gb-super"))
+    key = opts.roofline_device
     if key not in JETSON_PEAKS:
         raise UserError(
             f"student scenario: roofline_device {key!r} (known: {', '.join(JETSON_PEAKS)})"
@@ -534,21 +596,10 @@ def _roofline_row(
     )
 
 
-def _pipelined_rows(
-    res: ScenarioResult,
-    sws: _CheckpointWorkspace,
-    opts: Mapping[str, Any],
-    targets: Mapping[str, str],
-) -> None:
+def _pipelined_rows(res: ScenarioResult, sws: _CheckpointWorkspace, opts: StudentOptions) -> None:
     """The suite's ``pipelined`` scenario on the student's graph; its rows, ratios and targets
     join this scenario's, named as the student's."""
-    popts = dict(opts.get("pipelined") or {})
-    if popts.get("model"):
-        raise UserError(
-            "student scenario: pipelined.model: the student's pipelined run uses the student"
-        )
-    popts.setdefault("target", targets["pipelined"])
-    sub = scenario_pipelined(sws, popts)
+    sub = scenario_pipelined(sws, opts.pipelined_options())
     for r in sub.rows:
         r.name = f"student {r.name}"
         res.rows.append(r)

@@ -85,10 +85,11 @@ SUITE_DIR = Path(__file__).resolve().parent  # bench/
 
 
 # ---------------------------------------------------------------------------- scenario options
-# Each scenario of this module reads its options as a dataclass, resolved from the suite
-# file by the one layered loader (fundus_edge.layered.resolve): an unknown key or a wrong type
-# is one line naming the file, the scenario and the key. Scenarios that live in their own
-# file (pipelined, student) check their options there and get the mapping.
+# Each scenario reads its options as a dataclass, resolved from the suite file by the one
+# layered loader (fundus_edge.layered.resolve): an unknown key or a wrong type is one line
+# naming the file, the scenario and the key, before anything runs. Scenarios that live in a
+# file of their own declare their dataclass there (bench/pipelined.py: PipelinedOptions,
+# bench/student.py: StudentOptions); SCENARIO_OPTIONS registers every one.
 
 
 @dataclass
@@ -163,9 +164,21 @@ class TrainingOptions(_Timed):
     target_gradcam: str = ">= 1.5"
 
 
+def options_class(name: str) -> type:
+    """The options dataclass :data:`SCENARIO_OPTIONS` registers for scenario ``name``
+    (a ``"module:Class"`` entry imported now: those modules import this one)."""
+    import importlib
+
+    cls = SCENARIO_OPTIONS[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls
+
+
 def scenario_options(name: str, opts: Any, source: str) -> Any:
-    """A scenario's options: its dataclass resolved from ``opts`` (defaults <- the suite file),
-    or the mapping itself for a scenario that checks its own (pipelined, student).
+    """A scenario's options: its dataclass (:func:`options_class`) resolved from ``opts``
+    (defaults <- the suite file); a dataclass already made is kept.
 
     Raises:
         UserError: not a mapping, an unknown key, a wrong type or a bad value, naming
@@ -180,8 +193,7 @@ def scenario_options(name: str, opts: Any, source: str) -> Any:
         opts = {}
     if not isinstance(opts, dict):
         raise UserError(f"{where}: needs a mapping of options")
-    cls = SCENARIO_OPTIONS.get(name)
-    return opts if cls is None else resolve(cls, [(where, opts)], where)
+    return resolve(options_class(name), [(where, opts)], where)
 
 
 @dataclass
@@ -223,11 +235,6 @@ class SuiteConfig:
             name: scenario_options(name, opts, f"suite {self.name!r}")
             for name, opts in self.scenarios.items()
         }
-        for name, opts in self.scenarios.items():
-            if isinstance(opts, dict):  # checked by its own module; the shared keys here
-                for key in ("rounds", "iters"):
-                    if int(opts.get(key, 1)) < 1:
-                        raise UserError(f"suite {self.name!r}: {name}.{key} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -453,10 +460,6 @@ class Workspace:
 # ---------------------------------------------------------------------------- scenarios
 
 
-def _opt(opts: Mapping[str, Any], key: str, default: Any) -> Any:
-    return type(default)(opts.get(key, default))
-
-
 class _UserPipeline:
     """What a user would write today: eager torchvision members, the ``grad-cam`` package's
     GradCAM for each member's top-k labels, weight enhancement, a second pass."""
@@ -646,9 +649,9 @@ def _write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 10.0) ->
     return path
 
 
-def scenario_pipelined(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_pipelined(ws: Workspace, opts: Any) -> ScenarioResult:
     """``runtime.run`` against the model alone, on a video file and a simulated camera:
-    bench/pipelined.py (its options there)."""
+    bench/pipelined.py (its options there: ``opts`` a ``PipelinedOptions``)."""
     from pipelined import run_pipelined  # bench/pipelined.py (imported here: it imports this)
 
     return run_pipelined(ws, opts)
@@ -794,9 +797,10 @@ def scenario_training(ws: Workspace, opts: TrainingOptions) -> ScenarioResult:
     return res
 
 
-def scenario_student(ws: Workspace, opts: Mapping[str, Any]) -> ScenarioResult:
+def scenario_student(ws: Workspace, opts: Any) -> ScenarioResult:
     """A distilled student against its teacher (accuracy) and the suite's model (cost):
-    bench/student.py. ``ws``'s model is the cost baseline (the paper's ensemble)."""
+    bench/student.py (``opts`` a ``StudentOptions``). ``ws``'s model is the cost baseline (the
+    paper's ensemble)."""
     from student import run_student  # bench/student.py (imported here: it imports this module)
 
     return run_student(ws, opts)
@@ -811,13 +815,16 @@ SCENARIOS: dict[str, Callable[[Workspace, Any], ScenarioResult]] = {
     "training": scenario_training,
     "student": scenario_student,
 }
-#: The options dataclass of each scenario this module runs (the others check their own).
-SCENARIO_OPTIONS: dict[str, type] = {
+#: The options dataclass of each scenario; those declared in a scenario's own file as
+#: ``"module:Class"`` (the module imports this one, so it is imported when a suite is read).
+SCENARIO_OPTIONS: dict[str, type | str] = {
     "fused_vs_user": FusedVsUserOptions,
     "cam_overhead": CamOverheadOptions,
     "precision": PrecisionOptions,
+    "pipelined": "pipelined:PipelinedOptions",  # bench/pipelined.py
     "cpu_runtimes": CpuRuntimesOptions,
     "training": TrainingOptions,
+    "student": "student:StudentOptions",  # bench/student.py
 }
 
 

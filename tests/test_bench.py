@@ -444,7 +444,7 @@ def _report(auroc: float, pg: float, **kw) -> dict:
 
 def test_student_accuracy_rows_from_reports(tmp_path):
     """The accuracy rows read two eval reports; missing ones are 'not measured', never zero."""
-    from student import _accuracy_rows
+    from student import StudentOptions, _accuracy_rows
     from suite import ScenarioResult
 
     from fundus_edge.fileio import atomic_write_json
@@ -454,7 +454,7 @@ def test_student_accuracy_rows_from_reports(tmp_path):
     atomic_write_json(te, _report(0.90, 0.75))
     targets = {"auroc_ratio": ">= 0.98", "pointing_drop": "<= 0.02"}
     res = ScenarioResult("student")
-    _accuracy_rows(res, None, {"student_eval": str(st), "teacher_eval": str(te)}, targets)
+    _accuracy_rows(res, None, StudentOptions(student_eval=str(st), teacher_eval=str(te)), targets)
     auroc, pg = res.targets
     assert auroc["value"] == pytest.approx(0.88 / 0.90) and auroc["met"] is False
     assert pg["value"] == pytest.approx(0.05) and pg["met"] is False
@@ -462,7 +462,10 @@ def test_student_accuracy_rows_from_reports(tmp_path):
 
     res = ScenarioResult("student")
     _accuracy_rows(
-        res, None, {"student_eval": str(tmp_path / "none.json"), "teacher_eval": str(te)}, targets
+        res,
+        None,
+        StudentOptions(student_eval=str(tmp_path / "none.json"), teacher_eval=str(te)),
+        targets,
     )
     assert [t["value"] for t in res.targets] == [None, None]
     assert [t["met"] for t in res.targets] == [None, None]
@@ -474,7 +477,7 @@ def test_student_accuracy_rows_from_reports(tmp_path):
         _accuracy_rows(
             ScenarioResult("student"),
             None,
-            {"student_eval": str(st), "teacher_eval": str(te)},
+            StudentOptions(student_eval=str(st), teacher_eval=str(te)),
             targets,
         )
     atomic_write_json(st, {"n": 3})
@@ -482,20 +485,87 @@ def test_student_accuracy_rows_from_reports(tmp_path):
         _accuracy_rows(
             ScenarioResult("student"),
             None,
-            {"student_eval": str(st), "teacher_eval": str(te)},
+            StudentOptions(student_eval=str(st), teacher_eval=str(te)),
             targets,
         )
 
 
 def test_student_options_are_checked():
-    from student import run_student
+    from student import StudentOptions
 
     from fundus_edge.perf.roofline import JETSON_PEAKS
 
     assert "orin-nano-8gb-super" in JETSON_PEAKS
-    with pytest.raises(UserError, match="unknown option 'studnet'"):
-        run_student(None, {"studnet": "x.safetensors"})
-    with pytest.raises(UserError, match="unknown target 'speed'"):
-        run_student(None, {"targets": {"speed": ">= 2"}})
+    assert StudentOptions().roofline_device in JETSON_PEAKS
+    opts = StudentOptions(targets={"pipelined": ">= 0.8"}, pipelined={"frames": 4})
+    assert opts.all_targets()["pipelined"] == ">= 0.8" and opts.all_targets()["auroc_ratio"]
+    # the student's target is the pipelined run's, unless its own options give one
+    assert (opts.pipelined_options().target, opts.pipelined_options().frames) == (">= 0.8", 4)
+    mine = StudentOptions(pipelined={"target": ">= 0.5"}).pipelined_options()
+    assert mine.target == ">= 0.5"
+    with pytest.raises(UserError, match=r"targets: unknown target 'speed'"):
+        StudentOptions(targets={"speed": ">= 2"})
     with pytest.raises(UserError, match="must read"):
-        run_student(None, {"targets": {"orin_nano_fps": "60"}})
+        StudentOptions(targets={"orin_nano_fps": "60"})
+    with pytest.raises(UserError, match=r"pipelined\.model: the student's pipelined run uses"):
+        StudentOptions(pipelined={"model": {"members": ["resnet18"]}})
+
+
+@pytest.mark.parametrize(
+    ("scenario", "body", "message"),
+    [
+        (
+            "student",
+            "{studnet: x.safetensors}",
+            r"scenarios\.student: unknown key studnet \(known: ",
+        ),
+        ("student", "{rounds: many}", r"scenarios\.student: rounds: expected int, got 'many'"),
+        (
+            "student",
+            "{pipelined: {fram: 640x480}}",
+            r"scenarios\.student: pipelined: unknown key fram",
+        ),
+        ("student", "{targets: {speed: '>= 2'}}", r"scenarios\.student: targets: unknown target"),
+        ("pipelined", "{frmaes: 90}", r"scenarios\.pipelined: unknown key frmaes \(known: "),
+        ("pipelined", "{camera: maybe}", r"scenarios\.pipelined: camera: expected bool"),
+        ("pipelined", "{frame: 1920by1080}", r"scenarios\.pipelined: frame: WIDTHxHEIGHT"),
+        ("pipelined", "{sink: screen}", r"scenarios\.pipelined: sink: video or jsonl"),
+        ("pipelined", "{model_threads: []}", r"scenarios\.pipelined: model_threads: at least one"),
+        ("pipelined", "{backend: auto, threads: 1}", r"scenarios\.pipelined: threads and model_"),
+    ],
+)
+def test_pipelined_and_student_options_refused_when_the_suite_is_read(
+    tmp_path, scenario, body, message
+):
+    """A typo in a pipelined or student scenario is one line naming the file and the key,
+    before anything is built or timed."""
+    p = tmp_path / "s.yaml"
+    p.write_text(f"name: x\nscenarios:\n  {scenario}: {body}\n")
+    with pytest.raises(UserError, match=rf"^{p}: suite 'x': {message}") as exc:
+        load_suite(p)
+    assert "\n" not in str(exc.value)
+
+
+def test_pipelined_and_student_options_resolve_as_the_suites_give_them(repo_root):
+    """Every checked-in suite's pipelined and student options resolve to their dataclasses,
+    with the values the files give (and the defaults the scenarios used before)."""
+    from pipelined import PipelinedOptions
+    from student import StudentOptions
+
+    scen = repo_root / "bench" / "scenarios"
+    piped = load_suite(scen / "pipelined-student.yaml").scenarios["pipelined"]
+    assert isinstance(piped, PipelinedOptions)
+    assert piped.frame_shape() == (1920, 1080) and piped.model_threads == [1, 0]
+    assert (piped.frames, piped.sink, piped.camera_seconds, piped.camera_rate) == (
+        90, "jsonl", 4.0, 1.5,
+    )  # fmt: skip
+    assert piped.model["members"] == ["mobilenet_v3_large_os16"] and piped.threads == 1
+    full = load_suite(scen / "full.yaml").scenarios["pipelined"]
+    assert full == PipelinedOptions(rounds=3, frames=12, frame_size=512, target=">= 0.9")
+    assert full.frame_shape() == (512, 512) and full.threads is None
+    assert load_suite(scen / "cpu-runtimes.yaml").scenarios["pipelined"].backend == "auto"
+    student = load_suite(scen / "student.yaml").scenarios["student"]
+    assert isinstance(student, StudentOptions) and student.split == "test"
+    assert (student.rounds, student.iters, student.warmup, student.calib_images) == (6, 3, 2, 8)
+    sp = student.pipelined_options()
+    assert (sp.frames, sp.camera, sp.rounds, sp.target) == (90, True, 3, ">= 0.9")

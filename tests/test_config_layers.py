@@ -95,6 +95,7 @@ def test_export_profile_then_command_line_through_the_layered_loader(tmp_path):
 
 def test_bench_suite_and_scenario_options_through_the_layered_loader(tmp_path):
     pytest.importorskip("torch")
+    from pipelined import PipelinedOptions  # bench/pipelined.py
     from suite import PrecisionOptions, load_suite  # bench/suite.py
 
     p = tmp_path / "s.yaml"
@@ -105,7 +106,7 @@ def test_bench_suite_and_scenario_options_through_the_layered_loader(tmp_path):
     cfg = load_suite(p)
     assert cfg.members == ("resnet18",) and cfg.image_size == 64
     assert cfg.scenarios["precision"] == PrecisionOptions(rounds=2, calib_images=4)
-    assert cfg.scenarios["pipelined"] == {"frames": 2}  # bench/pipelined.py checks its own
+    assert cfg.scenarios["pipelined"] == PipelinedOptions(frames=2)  # declared in its own file
     assert cfg.to_dict()["scenarios"]["precision"]["calib_method"] == "minmax"
     for body, message in [
         ("scenarios:\n  precision: {calib_imagez: 2}\n", "scenarios.precision: unknown key"),
