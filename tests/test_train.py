@@ -801,3 +801,30 @@ def test_memory_format_auto_is_channels_last_on_cpu_only_and_choices_are_checked
     cfg = TrainConfig.from_dict({"optim": {"memory_format": "nhwc"}})
     with pytest.raises(UserError, match=r"optim\.memory_format"):
         cfg.validate()
+
+
+def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_is_refused_there(tiny_cam_ensemble):
+    """``optim.amp: bf16`` trains on the CPU under ``torch.autocast("cpu", bfloat16)`` (the
+    forward's convolutions in bfloat16, the loss and the update in float32); fp16 on the CPU
+    is one clear line."""
+    import torch
+
+    from fundus_edge.config import OptimSection
+    from fundus_edge.errors import UserError
+    from fundus_edge.trainer.optim import Optimisation
+
+    net = tiny_cam_ensemble(("a", "b")).train()
+    x = torch.randn(2, 3, 64, 64)
+    opt = Optimisation(OptimSection(amp="bf16", lr=1e-2), net, torch.device("cpu"))
+    with opt.autocast():
+        out = net(x)["logits"]
+    assert out.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.update(out.float().square().mean(), lambda what, v: AssertionError(what))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    with pytest.raises(UserError, match=r"optim\.amp=fp16.*CUDA"):
+        Optimisation(OptimSection(amp="fp16"), net, torch.device("cpu"))
+    off = Optimisation(OptimSection(amp="auto"), net, torch.device("cpu"))
+    with off.autocast():
+        assert net(x)["logits"].dtype == torch.float32

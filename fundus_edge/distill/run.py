@@ -120,6 +120,7 @@ def distill(
     from fundus_edge.torchdata import FundusTorchDataset
     from fundus_edge.trainer import resolve_device, train
     from fundus_edge.trainer.batches import open_data
+    from fundus_edge.trainer.parts import use_channels_last
     from fundus_edge.trainer.state import check_run_dir
 
     run_dir = Path(cfg.out or Path("runs") / cfg.name)
@@ -168,6 +169,7 @@ def distill(
         section.targets_batch_size,
         str(device),
         show_progress,
+        channels_last=use_channels_last(cfg.optim.memory_format, device),
     )
     record = {
         "teacher": teacher.record(),

@@ -18,6 +18,9 @@ from torch import nn
 
 from fundus_edge.config import OptimSection
 from fundus_edge.errors import UserError
+from fundus_edge.log import get_logger
+
+log = get_logger("train")
 
 __all__ = ["ModelEMA", "Optimisation", "Schedule", "build_optimizer", "set_phase"]
 
@@ -128,6 +131,14 @@ def train_mode(ensemble: nn.Module, frozen: bool) -> None:
             m.features.eval()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX-512 BF16 or AMX), where oneDNN runs
+    ``torch.autocast("cpu", torch.bfloat16)`` natively rather than emulating it."""
+    from fundus_edge.doctor import cpu_info
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
+
+
 class Optimisation:
     """Optimiser, gradient scaler, EMA and clipping: one loss in, one update out.
 
@@ -137,7 +148,8 @@ class Optimisation:
         device: where it trains (mixed precision needs CUDA).
 
     Raises:
-        UserError: ``optim.amp`` fp16/bf16 on a device other than CUDA.
+        UserError: ``optim.amp`` fp16 on a device other than CUDA (bf16 runs on CUDA and on
+            the CPU: oneDNN's bfloat16 kernels on AVX-512 BF16 and AMX).
     """
 
     def __init__(self, o: OptimSection, ensemble: nn.Module, device: torch.device) -> None:
@@ -146,8 +158,20 @@ class Optimisation:
         amp = o.amp
         if amp == "auto":
             amp = "fp16" if device.type == "cuda" else "none"
-        if amp != "none" and device.type != "cuda":
-            raise UserError(f"optim.amp={amp}: mixed precision needs CUDA (device is {device})")
+        if amp == "fp16" and device.type != "cuda":
+            raise UserError(
+                f"optim.amp=fp16: float16 mixed precision needs CUDA (device is {device})"
+            )
+        if amp == "bf16" and device.type not in ("cuda", "cpu"):
+            raise UserError(
+                f"optim.amp=bf16: mixed precision needs CUDA or the CPU (device is {device})"
+            )
+        if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+            log.warning(
+                "optim.amp=bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated "
+                "there, slower than float32"
+            )
+        self.device_type = device.type
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.ema = ModelEMA(ensemble, o.ema) if o.ema > 0 else None
@@ -157,7 +181,7 @@ class Optimisation:
         """The forward's mixed-precision context (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype)
 
     @property
     def lr(self) -> float:
