@@ -247,6 +247,23 @@ def test_simulated_camera_reopens_without_drawing_its_pictures_again():
     src.close()
 
 
+@pytest.mark.parametrize("size", ["320x240", "1280x720"])
+def test_simulated_camera_frames_pass_the_default_quality_gate(size):
+    """`run sim://` shows predictions: the camera's picture is one the default gate passes
+    (seed 0's first synthetic photograph at 1080 px is graded blurry)."""
+    from fundus_edge.preprocess import find_fov
+    from fundus_edge.quality import assess_quality
+
+    for seed in (0, 1):
+        w, h = (int(v) for v in size.split("x"))
+        src = SimCameraSource(f"sim://{size}@50", w, h, 50.0, seed=seed)
+        src.open()
+        frame = src.read().image
+        src.close()
+        q = assess_quality(frame, find_fov(frame))
+        assert q.passed, (size, seed, q.reason, q.sharpness)
+
+
 @pytest.mark.parametrize("channels", [3, 4])
 def test_bgr_and_rgba_frames_convert_exactly_and_stay_contiguous(channels):
     from fundus_edge.preprocess import as_rgb_uint8

@@ -388,6 +388,8 @@ class SimCameraSource(Source):
     video = True
     #: distinct frames (sensor-noise variants) delivered in turn
     VARIANTS = 4
+    #: photographs drawn at most until one passes the default quality gate
+    DRAWS = 6
 
     def __init__(self, description: str, width: int, height: int, fps: float, seed: int = 0):
         super().__init__(description)
@@ -412,11 +414,19 @@ class SimCameraSource(Source):
         self._next = 0
 
     def _pictures(self, side: int) -> list[np.ndarray]:
-        """:attr:`VARIANTS` frames: one synthetic photograph, fresh sensor noise in each."""
+        """:attr:`VARIANTS` frames: one synthetic photograph (the first of the seed's draws that
+        the default quality gate passes), fresh sensor noise in each."""
+        from fundus_edge.preprocess import find_fov
+        from fundus_edge.quality import assess_quality
         from fundus_edge.synth import DEFAULT_PREVALENCE, generate_image, sample_labels
 
         rng = np.random.default_rng(self.seed)
-        photo = generate_image(rng, side, sample_labels(rng, DEFAULT_PREVALENCE))[0]
+        # A photograph the default quality gate passes, so `run sim://` shows predictions:
+        # some synthetic ones are graded blurry or not fundus-like (as some real ones are).
+        for _ in range(self.DRAWS):
+            photo = generate_image(rng, side, sample_labels(rng, DEFAULT_PREVALENCE))[0]
+            if assess_quality(photo, find_fov(photo)).passed:
+                break
         base = np.zeros((self.height, self.width, 3), np.uint8)
         y0, x0 = (self.height - side) // 2, (self.width - side) // 2
         base[y0 : y0 + side, x0 : x0 + side] = photo
