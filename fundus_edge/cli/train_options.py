@@ -27,7 +27,8 @@ LOGGER = typer.Option(
 LOGGER_DIR = typer.Option(
     None,
     "--logger-dir",
-    help="TensorBoard log root or MLflow store folder [RUN/tensorboard, RUN/mlflow].",
+    help="TensorBoard log root or MLflow store folder [RUN/tensorboard, RUN/mlflow; "
+    "with --ablation OUT/tensorboard, OUT/mlflow].",
 )
 LOGGER_IMAGES = typer.Option(
     4, "--logger-images", help="Validation images whose maps are logged each epoch."
