@@ -210,10 +210,11 @@ class StepContext:
 
 
 def _batched(path: Path, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
+    """:func:`~fundus_edge.convert.verify.ort_outputs` over ``images``, ``batch`` at a time
+    (one session)."""
     from fundus_edge.convert.verify import ort_outputs
 
-    parts = [ort_outputs(path, images[i : i + batch]) for i in range(0, len(images), batch)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return ort_outputs(path, images, batch=batch)
 
 
 class Step(ABC):

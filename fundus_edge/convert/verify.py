@@ -51,16 +51,29 @@ TOLERANCES = Tolerances()
 
 
 def ort_outputs(
-    path, images: np.ndarray, providers: list[str] | None = None
+    path, images: np.ndarray, providers: list[str] | None = None, batch: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Run an exported graph in ONNX Runtime; a dict keyed by output name."""
+    """Run an exported graph in ONNX Runtime; a dict keyed by output name.
+
+    Args:
+        path: the ``.onnx`` file.
+        images: ``(N, S, S, 3)`` uint8, the graph's input.
+        providers: ONNX Runtime execution providers (default: the CPU's).
+        batch: images per run (bounded memory for large N); all at once when None. One
+            session serves every batch (opening one costs ~0.2 s for the demo ensemble).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {"image": images}), strict=True))
+    step = len(images) if not batch else int(batch)
+    parts = [
+        sess.run(names, {"image": images[i : i + step]})
+        for i in range(0, max(len(images), 1), step)
+    ]
+    return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
