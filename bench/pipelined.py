@@ -51,6 +51,7 @@ from suite import (  # bench/suite.py, beside this file
     ScenarioResult,
     Workspace,
     _write_video,
+    check_counts,
     interleave,
 )
 
@@ -108,11 +109,7 @@ class PipelinedOptions:
     target: str = ">= 0.9"
 
     def __post_init__(self) -> None:
-        for key in ("rounds", "frames"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.warmup < 0:
-            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+        check_counts(self, "rounds", "frames")
         if self.sink not in _SINKS:
             raise UserError(f"sink: video or jsonl, got {self.sink!r}")
         if self.backend not in _BACKENDS:

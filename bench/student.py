@@ -42,6 +42,7 @@ from suite import (  # bench/suite.py, beside this file
     ScenarioResult,
     SuiteConfig,
     Workspace,
+    check_counts,
     interleave,
     scenario_pipelined,
 )
@@ -112,11 +113,7 @@ class StudentOptions:
     roofline_device: str = "orin-nano-8gb-super"
 
     def __post_init__(self) -> None:
-        for key in ("rounds", "iters", "calib_images"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.warmup < 0:
-            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+        check_counts(self, "rounds", "iters", "calib_images")
         bad = sorted(set(self.targets or {}) - set(DEFAULT_TARGETS))
         if bad:
             raise UserError(

@@ -102,11 +102,17 @@ class _Timed:
     warmup: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("rounds", "iters"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.warmup < 0:
-            raise UserError(f"warmup: must be >= 0, got {self.warmup}")
+        check_counts(self, "rounds", "iters")
+
+
+def check_counts(options: Any, *positive: str) -> None:
+    """Refuse options whose ``positive`` counts are below 1 or whose ``warmup`` is negative
+    (one line naming the key: exit 2)."""
+    for key in positive:
+        if getattr(options, key) < 1:
+            raise UserError(f"{key}: must be >= 1, got {getattr(options, key)}")
+    if getattr(options, "warmup", 0) < 0:
+        raise UserError(f"warmup: must be >= 0, got {options.warmup}")
 
 
 @dataclass
