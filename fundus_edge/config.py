@@ -156,7 +156,7 @@ class OptimSection:
     schedule: str = "cosine"  # "cosine" | "constant"
     freeze_epochs: int = 0  # backbone frozen (heads only) for this many epochs
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    amp: str = "auto"  # "auto" (fp16 on CUDA, else none) | "fp16" (CUDA) | "bf16" (CUDA, CPU) | "none"
+    amp: str = "auto"  # "auto" (CUDA: fp16, else none) | "fp16" (CUDA) | "bf16" | "none"
     # Weight and activation layout: "auto" is channels_last on CPU (oneDNN's convolutions run
     # a training step ~1.25x faster there, measured on a 2-core EPYC) and the default elsewhere;
     # "channels_last" | "contiguous" force one. Same maths, different rounding order.
