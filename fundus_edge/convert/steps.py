@@ -202,19 +202,11 @@ class StepContext:
         from fundus_edge.convert.verify import ort_outputs
 
         if images is not None:
-            return _batched(art.path, images)
+            return ort_outputs(art.path, images, batch=8)
         key = ("outputs", str(art.path))
         if key not in self._cache:
             self._cache[key] = ort_outputs(art.path, self.images(art.meta))
         return self._cache[key]
-
-
-def _batched(path: Path, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
-    """:func:`~fundus_edge.convert.verify.ort_outputs` over ``images``, ``batch`` at a time
-    (one session)."""
-    from fundus_edge.convert.verify import ort_outputs
-
-    return ort_outputs(path, images, batch=batch)
 
 
 class Step(ABC):
