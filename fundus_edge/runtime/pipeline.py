@@ -409,7 +409,7 @@ class _Run:
             "uptime_s": round(time.time() - self._t0, 1),
             "viewers": feed.viewers if feed else 0,
             "max_viewers": feed.max_viewers if feed else 0,
-            "map": (feed.map if feed and feed.map else self.cfg.map),
+            "map": self._map(),
             "maps": list(feed.map_choices) if feed else [],
             "labels": list(self.predictor.label_names),
             "thresholds": {
@@ -418,6 +418,11 @@ class _Run:
             },
             "captures": len(feed.captures) if feed else 0,
         }
+
+    def _map(self) -> str:
+        """The map drawn: the live view's choice when a viewer made one, else ``--map``."""
+        feed = self.feed
+        return feed.map if feed is not None and feed.map else self.cfg.map
 
     def _count(self, out: Output) -> None:
         s, pred = self.summary, out.prediction
@@ -459,7 +464,7 @@ class _Run:
                 if not wanting:
                     continue  # nobody would see it (a live view without viewers)
                 t0 = time.perf_counter()
-                which = self.feed.map if self.feed is not None and self.feed.map else self.cfg.map
+                which = self._map()
                 out.rendered = render(
                     out.frame.image,
                     out.prediction,

@@ -166,7 +166,7 @@ class ServeSession:
         self.token = token
         self.capture_dir = ensure_writable_dir(capture_dir, "--capture-dir")
         self.feed = Feed(max_viewers=max_viewers, fps=fps)
-        self.feed.map_choices = ["auto", "attention", "none", *labels]
+        self.feed.map_choices = _map_choices(labels)
         self.capture_window = capture_window
         self.server = Server(
             addr, self.feed, capture_dir=self.capture_dir, token=token, cert=cert, key=key
@@ -183,7 +183,7 @@ class ServeSession:
 
     def set_labels(self, labels: list[str], initial: str) -> None:
         """The model's labels (known once it loaded) and the --map it starts with."""
-        self.feed.map_choices = ["auto", "attention", "none", *labels]
+        self.feed.map_choices = _map_choices(labels)
         self.feed.map = initial
 
     def sinks(self) -> list[Sink]:
@@ -204,3 +204,8 @@ class ServeSession:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def _map_choices(labels: list[str]) -> list[str]:
+    """What the page's map menu offers: ``auto``, ``attention``, ``none``, then each label."""
+    return ["auto", "attention", "none", *labels]
