@@ -30,6 +30,10 @@ unknown key or a wrong type is refused before anything runs; beside ``rounds``, 
 * ``backend: auto``: ``--backend auto``'s choice instead of ONNX Runtime FP32 (suite model only);
 * ``threads``: ONNX Runtime intra-op threads of the model in ``run`` (``RunConfig.threads``;
   0: the runtime's default, every core; default: the suite's ``threads`` setting);
+* ``streams``: frames on the model at once in ``run`` (``run --streams N``: N inference
+  threads sharing the one ONNX Runtime session, results in frame order). With N > 1 the model
+  alone is measured on N concurrent calls too, and its ratio is reported beside the target's
+  (whose baseline stays the model alone one frame at a time, the usual model-only figure);
 * ``model_threads``: the thread counts the model alone is measured with (default
   ``[threads]``), each a row; the ratios use the fastest of them, so the baseline is the
   model's best throughput here whatever ``run`` is given. On the 2-core VM the student at 128 px
@@ -88,6 +92,8 @@ class PipelinedOptions:
             model only).
         threads: ONNX Runtime intra-op threads of ``run``'s model (0: the runtime's default);
             None: the suite's ``threads``.
+        streams: frames on the model at once in ``run`` (``run --streams``); with more than
+            one, the model alone is also measured on that many concurrent calls.
         model_threads: thread counts the model alone is measured with; None: ``[threads]``.
         target: the FPS ratio's target.
     """
@@ -105,11 +111,12 @@ class PipelinedOptions:
     model: dict[str, Any] | None = None
     backend: str = "onnxruntime"
     threads: int | None = None
+    streams: int = 1
     model_threads: list[int] | None = None
     target: str = ">= 0.9"
 
     def __post_init__(self) -> None:
-        check_counts(self, "rounds", "frames")
+        check_counts(self, "rounds", "frames", "streams")
         if self.sink not in _SINKS:
             raise UserError(f"sink: video or jsonl, got {self.sink!r}")
         if self.backend not in _BACKENDS:
@@ -246,7 +253,12 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
 
     def file_run(track: bool) -> None:
         cfg = RunConfig(
-            model=model, source=str(video), headless=True, track_fov=track, **outputs("p")
+            model=model,
+            source=str(video),
+            headless=True,
+            track_fov=track,
+            streams=opts.streams,
+            **outputs("p"),
         )
         s = run(cfg, predictor=predictor, handle_signals=False)
         if s.frames_processed != n:
@@ -278,6 +290,20 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         for _ in range(n):
             b.infer(batch)
 
+    def model_streams() -> None:
+        """The run's backend on ``opts.streams`` concurrent calls, ``n`` frames in all."""
+        share = [n // opts.streams + (i < n % opts.streams) for i in range(opts.streams)]
+
+        def calls(k: int) -> None:
+            for _ in range(k):
+                predictor.backend.infer(batch)
+
+        workers = [threading.Thread(target=calls, args=(k,)) for k in share]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+
     def threads_label(t: int) -> str:
         return f"{t} thread{'s' if t > 1 else ''}" if t else "the runtime's default threads"
 
@@ -287,6 +313,8 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
     variants["sequential"] = sequential
     for t in counts:
         variants[f"model_t{t}"] = lambda t=t: model_only(t)
+    if opts.streams > 1:
+        variants["model_streams"] = model_streams
 
     per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
     cam_desc = ""
@@ -303,9 +331,16 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         cam_fps = round(opts.camera_rate * model_fps)
         cam_desc = f"sim://{w}x{h}@{cam_fps}"
 
-        def camera_run(track: bool, key: str) -> None:
+        def camera_run(track: bool, key: str, streams: int = opts.streams) -> None:
             src = SimCameraSource(cam_desc, w, h, cam_fps, seed=ws.cfg.seed)
-            cfg = RunConfig(model=model, source=src, headless=True, track_fov=track, **outputs("c"))
+            cfg = RunConfig(
+                model=model,
+                source=src,
+                headless=True,
+                track_fov=track,
+                streams=streams,
+                **outputs("c"),
+            )
             stopper = threading.Timer(seconds, src.interrupt.set)
             src.open()  # (generating the frames is not timed: run() times from the first read)
             stopper.start()
@@ -318,6 +353,8 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             per_frame.setdefault(key, []).append(1e3 * s.elapsed_s / s.frames_processed)
 
         variants["camera"] = lambda: camera_run(True, "camera")
+        if opts.streams > 1:
+            variants["camera_one_stream"] = lambda: camera_run(True, "camera_one_stream", 1)
         if before:
             variants["camera_fitted"] = lambda: camera_run(False, "camera_fitted")
 
@@ -348,11 +385,29 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
     target = opts.target
     res.compare(plain, tracked, "pipelined speed-up over the sequential loop")
     res.compare(alone, tracked, "pipelined FPS / model-only FPS", target)
+    streams_row = None
+    if opts.streams > 1:
+        streams_row = row(
+            f"model only (infer), {opts.streams} concurrent calls on {threads_label(threads)} each",
+            "model_streams",
+        )
+        res.compare(
+            streams_row, tracked, f"pipelined FPS / model-only FPS on {opts.streams} streams"
+        )
     if fitted is not None:
         res.compare(alone, fitted, "pipelined FPS / model-only FPS, FOV fitted per frame")
     if camera:
         cam = row(f"runtime.run on {cam_desc}", "camera")
         res.compare(alone, cam, "pipelined FPS / model-only FPS, simulated camera", target)
+        if opts.streams > 1:
+            one = row(f"runtime.run on {cam_desc}, 1 stream", "camera_one_stream")
+            res.compare(alone, one, "pipelined FPS / model-only FPS, simulated camera, 1 stream")
+        if streams_row is not None:
+            res.compare(
+                streams_row,
+                cam,
+                f"pipelined FPS / model-only FPS on {opts.streams} streams, simulated camera",
+            )
         if before:
             cam_fitted = row(f"runtime.run on {cam_desc}, FOV fitted per frame", "camera_fitted")
             res.compare(
@@ -366,7 +421,9 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         else "every frame's record written to a JSONL log (no visual sink: nothing rendered)"
     )
     res.notes.append(
-        f"pipelined: run's model on {threads_label(threads)}; the model alone on "
+        f"pipelined: run's model on {threads_label(threads)}"
+        + (f", {opts.streams} streams (run --streams)" if opts.streams > 1 else "")
+        + "; the model alone on "
         + ", ".join(threads_label(t) for t in counts)
         + f"; ratios against the fastest ({threads_label(best)})."
     )

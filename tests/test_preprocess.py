@@ -323,8 +323,40 @@ def test_crop_fov_off_uses_centred_square():
     out = preprocess(img, PreprocessConfig(size=100, crop_fov=False, mask=False))
     g = out.geometry
     assert (g.x0, g.y0, g.side) == (150, 0, 400)
-    expected = cv2.resize(img[:, 150:550], (100, 100), interpolation=cv2.INTER_AREA)
+    # Two 2x area halvings (crop_square's fast path): the 4x box filter up to uint8 rounding.
+    half = cv2.resize(img[:, 150:550], (200, 200), interpolation=cv2.INTER_AREA)
+    expected = cv2.resize(half, (100, 100), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(out.image, expected)
+    box = cv2.resize(img[:, 150:550], (100, 100), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.image.astype(int) - box).max() <= 1
+
+
+def test_crop_square_halvings_and_shared_reductions():
+    """Area reduction by more than 2x halves first (the side a multiple of the factor), and a
+    frame's Reductions give the model input and the gate's copy the same bytes as without."""
+    from fundus_edge.preprocess import Reductions, square_around
+    from fundus_edge.quality import assess_quality
+
+    frame = synthetic_fundus(1080, 1920, 960, 540, 472)
+    c = find_fov(frame)
+    x0, y0, side = square_around(c.cx, c.cy, c.r, 128)
+    assert side % 4 == 0 and side // 4 >= 128 and side // 8 < 128
+    direct = cv2.resize(
+        frame[y0 : y0 + side, x0 : x0 + side], (128, 128), interpolation=cv2.INTER_AREA
+    )
+    got = crop_square(frame, x0, y0, side, 128, cv2.INTER_AREA)
+    assert np.abs(got.astype(int) - direct).mean() < 0.5  # the box filter, up to rounding
+    cfg = PreprocessConfig(size=128)
+    shared = Reductions(frame)
+    a = preprocess(frame, cfg, c, shared)
+    q = assess_quality(frame, a.circle, None, shared)
+    assert len(shared._levels) == 1  # the gate's square is the model's: halved once
+    np.testing.assert_array_equal(a.image, preprocess(frame, cfg, c).image)
+    assert q == assess_quality(frame, c)
+    # Reductions of another array are not used.
+    other = Reductions(frame.copy())
+    np.testing.assert_array_equal(preprocess(frame, cfg, c, other).image, a.image)
+    assert not other._levels
 
 
 def test_no_fov_gives_centred_square_unmasked():

@@ -350,3 +350,27 @@ def test_never_crashes(ic, size):
     _check(q)
     assert np.isfinite([q.sharpness, q.underexposed, q.overexposed]).all()
     assert 0 <= q.underexposed <= 1 and 0 <= q.overexposed <= 1
+
+
+def test_percentiles_match_numpy_and_the_gate_reads_the_frame_once():
+    """The gate's own percentiles are numpy's (linear method) to float rounding, and with the
+    frame's Reductions the gate reuses the model input's halvings (the same verdict)."""
+    from fundus_edge.preprocess import Reductions
+    from fundus_edge.quality import _percentiles
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 25_001):
+        v = rng.normal(100, 30, n).astype(np.float32)
+        np.testing.assert_allclose(
+            _percentiles(v, (5, 50, 95)), np.percentile(v, (5, 50, 95)), rtol=1e-6
+        )
+    frame = np.zeros((1080, 1920, 3), np.uint8)
+    photo, _, _ = generate_image(image_rng(11, "test", 0), 944, set())
+    frame[68:1012, 488:1432] = photo
+    c = find_fov(frame)
+    shared = Reductions(frame)
+    pre = preprocess(frame, PreprocessConfig(size=128), c, shared)
+    kept = dict(shared._levels)
+    q = assess_quality(frame, pre.circle, None, shared)
+    assert shared._levels.keys() == kept.keys()  # no second reduction of the frame
+    assert q == assess_quality(frame, c)

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 import fundus_edge.cli.cmd_run  # noqa: F401  (registers `run` before the lead does)
 from fundus_edge.backends import Backend
 from fundus_edge.cli.app import app
+from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.runtime import Predictor, RunConfig, open_source, run
 from fundus_edge.runtime.clip import expand_inputs
@@ -405,6 +406,78 @@ def test_cli_threads_reach_the_runtime_and_bad_counts_are_one_line(onnx_model, t
     res = runner.invoke(app, [*args, "--threads", "0"])
     assert res.exit_code == 2
     assert "--threads must be >= 1" in res.output
+
+
+class JitterBackend(FakeBackend):
+    """Concurrent, with calls that take 0-6 ms at random: streams finish out of order. Each
+    frame's first probability is its image's mean / 255, so a record names its frame."""
+
+    concurrent = True
+
+    def __init__(self, meta: dict) -> None:
+        super().__init__(meta)
+        self._rng = np.random.default_rng(0)
+        self._lock = threading.Lock()
+        self.overlapped = 0
+        self._inside = 0
+
+    def _infer(self, batch):
+        with self._lock:
+            self._inside += 1
+            self.overlapped = max(self.overlapped, self._inside)
+            pause = float(self._rng.uniform(0, 0.006))
+        time.sleep(pause)
+        out = super()._infer(batch)
+        out["probs"][:, 0] = batch.reshape(len(batch), -1).mean(1) / 255.0
+        with self._lock:
+            self._inside -= 1
+        return out
+
+
+def test_streams_keep_frame_order_smoothing_and_refuse_a_serial_backend(onnx_model, tmp_path):
+    n = 40
+    video = tmp_path / "v.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (160, 120))
+    for i in range(n):
+        img = synthetic_frames(1, 120, i)[0]
+        frame = np.zeros((120, 160, 3), np.uint8)
+        frame[:, 20:140] = img
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    meta = Predictor(onnx_model).metadata
+
+    def records(streams: int, backend: Backend) -> list[dict]:
+        got: list[dict] = []
+        cfg = RunConfig(
+            model=onnx_model, source=str(video), headless=True, streams=streams, smoothing=0.5
+        )
+        predictor = Predictor(backend, gate=False)
+        run(
+            cfg, predictor=predictor, on_output=lambda o: got.append(o.record), handle_signals=False
+        )
+        return got
+
+    one = records(1, JitterBackend(meta))
+    jitter = JitterBackend(meta)
+    three = records(3, jitter)
+    assert jitter.overlapped >= 2  # calls did run at once
+    assert [r["frame"] for r in three] == [r["frame"] for r in one] == list(range(n))
+    # Smoothing is stateful: equal values prove the results were finished in frame order.
+    assert [r["probabilities"] for r in three] == [r["probabilities"] for r in one]
+    # The real model through ONNX Runtime: the same records on 1 and 2 streams.
+    real = [records(k, Predictor(onnx_model, threads=1).backend) for k in (1, 2)]
+    assert [r["probabilities"] for r in real[0]] == [r["probabilities"] for r in real[1]]
+    with pytest.raises(UserError, match="--streams 2: the fake backend runs one frame at a time"):
+        records(2, FakeBackend(meta))
+    with pytest.raises(UserError, match=r"--streams must be in 1\.\.16"):
+        run(RunConfig(model=onnx_model, source="sim://", streams=0), handle_signals=False)
+    log = tmp_path / "s.jsonl"
+    args = ["run", str(onnx_model), "sim://200x150@40", "--headless", "--max-frames", "5"]
+    res = runner.invoke(app, [*args, "--threads", "1", "--streams", "2", "--jsonl", str(log)])
+    assert res.exit_code == 0, res.output
+    assert len(log.read_text().splitlines()) == 5
+    res = runner.invoke(app, [*args, "--streams", "17"])
+    assert res.exit_code == 2 and "--streams must be in 1..16" in res.output
 
 
 def test_missing_camera_is_one_line_fast():
@@ -847,7 +920,8 @@ def test_soak_10000_frames_memory_flat(tmp_path, retina):
     done.set()
     sampler.join()
     elapsed = time.monotonic() - t0
-    assert summary.frames_processed == 10_000 and elapsed < 30
+    # A hang guard, not a speed target (speed is bench/'s): ~10-50 s on the 2-core VMs.
+    assert summary.frames_processed == 10_000 and elapsed < 180
     assert (tmp_path / "soak.jsonl").read_text().count("\n") == 10_000
     warm = samples[len(samples) // 5 :]  # after the first fifth: allocators warmed up
     assert len(warm) >= 5

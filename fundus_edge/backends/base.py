@@ -39,9 +39,12 @@ class Backend(ABC):
         path: the model file.
         metadata: the artifact's contract dict (labels, thresholds, preprocessing, ...).
         device: where it runs, in words (e.g. ``"CUDAExecutionProvider"``, ``"cuda:0"``).
+        concurrent: :meth:`infer` may be called from several threads at once (``run
+            --streams``); False where the runtime's request or execution context is one.
     """
 
     name: ClassVar[str] = ""
+    concurrent: ClassVar[bool] = False
     suffixes: ClassVar[tuple[str, ...]] = ()
     loads: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()

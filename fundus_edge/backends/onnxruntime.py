@@ -64,9 +64,14 @@ class OnnxRuntimeBackend(Backend):
         path: the model file (metadata in its ``metadata_props``).
         provider: force an execution provider (``tensorrt``, ``cuda``, ``cpu`` or a full name).
         threads: intra-op threads (0 = ONNX Runtime's default).
+
+    ``InferenceSession.run`` may be called from several threads at once (ONNX Runtime's
+    documented guarantee), so :attr:`concurrent`: with one intra-op thread each call computes
+    on its caller's thread, and two calls use two cores.
     """
 
     name: ClassVar[str] = "onnxruntime"
+    concurrent: ClassVar[bool] = True
     suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
     options: ClassVar[tuple[str, ...]] = ("provider", "threads")
 

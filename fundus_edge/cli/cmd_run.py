@@ -67,6 +67,13 @@ def run(
         "[default: its own]. On a small CPU, 1 leaves the other cores to decoding and "
         "preparing frames.",
     ),
+    streams: int = typer.Option(
+        1,
+        "--streams",
+        help="Frames on the model at once (inference threads sharing it; ONNX Runtime). "
+        "With --threads 1 on a small CPU, 2 lets the model use every core for a fast model; "
+        "results keep frame order.",
+    ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(
         None,
@@ -199,6 +206,7 @@ def run(
         device=device,
         cuda_graph=cuda_graph,
         threads=threads,
+        streams=streams,
         headless=headless,
         save_video=save_video,
         save_dir=save_dir,

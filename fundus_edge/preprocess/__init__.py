@@ -37,6 +37,7 @@ from fundus_edge.preprocess.contrast import clahe, local_mean
 from fundus_edge.preprocess.fov import CIRCLE, RECT, Circle, FovTracker, find_fov
 from fundus_edge.preprocess.geometry import (
     Geometry,
+    Reductions,
     crop_geometry,
     crop_square,
     disc_mask,
@@ -54,6 +55,7 @@ __all__ = [
     "Geometry",
     "PreprocessConfig",
     "Preprocessed",
+    "Reductions",
     "as_rgb_uint8",
     "crop_geometry",
     "crop_square",
@@ -158,7 +160,10 @@ class Preprocessed:
 
 
 def preprocess(
-    image: np.ndarray, cfg: PreprocessConfig | None = None, circle: Circle | None = None
+    image: np.ndarray,
+    cfg: PreprocessConfig | None = None,
+    circle: Circle | None = None,
+    reductions: Reductions | None = None,
 ) -> Preprocessed:
     """Turn a fundus photograph into a model input.
 
@@ -173,6 +178,8 @@ def preprocess(
         cfg: options; defaults to :class:`PreprocessConfig()`.
         circle: the field of view when the caller knows it already (a
             :class:`FovTracker`'s answer for a video frame); None: :func:`find_fov`.
+        reductions: the frame's :class:`Reductions`, shared with the quality gate (the
+            same bytes, the frame read once); None: nothing shared.
 
     Returns:
         The ``(size, size, 3)`` uint8 image, its :class:`Geometry` and the circle.
@@ -186,7 +193,11 @@ def preprocess(
         h, w, circle, cfg.size, cfg.margin, cfg.crop_fov, cfg.interpolation == "area"
     )
     geom = Geometry(x0, y0, side, cfg.size, (h, w), circle)
-    out = crop_square(img, x0, y0, side, cfg.size, INTERPOLATIONS[cfg.interpolation])
+    if reductions is not None and reductions.image is not img:
+        reductions = None  # as_rgb_uint8 made another array: nothing to share
+    out = crop_square(
+        img, x0, y0, side, cfg.size, INTERPOLATIONS[cfg.interpolation], reductions=reductions
+    )
 
     disc = circle.found and not circle.is_rect
     if disc:
@@ -196,11 +207,11 @@ def preprocess(
         fov = np.ones((cfg.size, cfg.size), dtype=bool)
     masking = cfg.mask and disc
     if masking:
-        out[~fov] = 0
+        out *= fov[:, :, None]  # zero outside the field (in place: 10x boolean indexing's speed)
     if cfg.contrast == "clahe":
         out = clahe(out, cfg.clahe_clip, cfg.clahe_grid)
     elif cfg.contrast == "local_mean":
         out = local_mean(out, fov, max(0.5, cfg.local_mean_sigma * cfg.size))
     if masking and cfg.contrast != "none":
-        out[~fov] = 0  # normalisation turns the black surround grey; keep it black
+        out *= fov[:, :, None]  # normalisation turns the black surround grey; keep it black
     return Preprocessed(image=out, geometry=geom, circle=circle)

@@ -18,7 +18,14 @@ import numpy as np
 from fundus_edge.errors import UserError
 from fundus_edge.preprocess.fov import Circle
 
-__all__ = ["Geometry", "crop_geometry", "crop_square", "disc_mask", "square_around"]
+__all__ = [
+    "Geometry",
+    "Reductions",
+    "crop_geometry",
+    "crop_square",
+    "disc_mask",
+    "square_around",
+]
 
 
 @dataclass
@@ -132,9 +139,26 @@ class Geometry:
 
 
 def crop_square(
-    img: np.ndarray, x0: int, y0: int, side: int, size: int, interpolation: int
+    img: np.ndarray,
+    x0: int,
+    y0: int,
+    side: int,
+    size: int,
+    interpolation: int,
+    *,
+    finish: int | None = None,
+    reductions: Reductions | None = None,
 ) -> np.ndarray:
     """Crop ``side`` frame pixels from ``(x0, y0)`` (zero padding outside) and resize.
+
+    Area reduction by more than 2x first halves the square with OpenCV's 2x2 area filter (its
+    vectorised path: 0.34 ms for a 944-px field of a 1920x1080 frame, against 1.3-1.9 ms for
+    one integer-factor reduction by 3-8 and 4-25 ms for one fractional one on the 2-core
+    EPYC) as often as the result stays at least ``size`` wide, then resizes the last, mild
+    (< 2x) step. Each halving averages exact 2x2 blocks, so the chain is the box filter of
+    the whole factor up to uint8 rounding (at most one level per halving). :func:`square_around`
+    makes the side a multiple of the halvings' factor; any other side is reduced by its
+    largest integer factor instead, or by one fractional resize.
 
     Args:
         img: ``(H, W)`` or ``(H, W, C)`` array (an image, or a mask to crop alike).
@@ -143,6 +167,11 @@ def crop_square(
         side: crop side in frame pixels.
         size: output side.
         interpolation: an OpenCV ``INTER_*`` flag.
+        finish: the last, mild step's interpolation after area halvings (default
+            ``interpolation``; the quality gate's bilinear costs a fifth of fractional area).
+        reductions: the frame's :class:`Reductions`, where the halvings of a square already
+            reduced for another output (the model input, then the quality gate's copy) are
+            kept and reused; None: nothing kept.
 
     Returns:
         ``(size, size)`` or ``(size, size, C)`` array of ``img``'s dtype.
@@ -152,20 +181,88 @@ def crop_square(
     cx1, cy1 = min(x0 + side, w), min(y0 + side, h)
     if cx1 <= cx0 or cy1 <= cy0:
         return np.zeros((size, size, *img.shape[2:]), dtype=img.dtype)
-    k = side // size
-    if interpolation == cv2.INTER_AREA and k >= 2 and side % k == 0:
-        # Integer-factor area reduction first: 4x faster than one fractional area resize and
-        # the same box filter up to the last, mild (< 2x) step.
-        crop = _area_reduce(img, x0, y0, side, k)
-        if side // k == size:
-            return crop
-        return cv2.resize(crop, (size, size), interpolation=interpolation)
+    if interpolation == cv2.INTER_AREA:
+        levels = _halvings(side, size)
+        if levels:
+            if reductions is not None and reductions.image is img:
+                crop = reductions.halved(x0, y0, side, levels)
+            else:
+                crop = _halve(img, x0, y0, side, levels)
+            if side >> levels == size:
+                return crop
+            mild = interpolation if finish is None else finish
+            return _keep_channels(cv2.resize(crop, (size, size), interpolation=mild), img)
+        k = side // size
+        if k >= 2 and side % k == 0:
+            # An odd side: one integer-factor area reduction (OpenCV's scalar path), then the
+            # mild step.
+            crop = _area_reduce(img, x0, y0, side, k)
+            if side // k == size:
+                return crop
+            return cv2.resize(crop, (size, size), interpolation=interpolation)
     crop = _padded(img, x0, y0, side, side)
     if side == size:
         # A copy even when no padding made one: callers mask the result in place, and the
         # frame (a camera's read-only buffer, the caller's image) must stay as it came.
         return np.array(crop, order="C", copy=crop.base is not None or crop is img)
     return cv2.resize(crop, (size, size), interpolation=interpolation)
+
+
+def _halvings(side: int, size: int) -> int:
+    """How many 2x area halvings :func:`crop_square` takes first: the most that divide ``side``
+    exactly and leave at least ``size`` pixels."""
+    n = 0
+    while side % (2 << n) == 0 and side // (2 << n) >= size:
+        n += 1
+    return n
+
+
+def _keep_channels(out: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``cv2.resize`` drops a single channel's axis: put it back as ``like`` has it."""
+    if like.ndim == 3 and out.ndim == 2:
+        return out[:, :, None]
+    return out
+
+
+def _halve(img: np.ndarray, x0: int, y0: int, side: int, levels: int) -> np.ndarray:
+    """The padded square area-halved ``levels`` times (``side`` divisible by ``2**levels``)."""
+    crop = _area_reduce(img, x0, y0, side, 2)
+    for _ in range(levels - 1):
+        n = crop.shape[0] // 2
+        crop = _keep_channels(cv2.resize(crop, (n, n), interpolation=cv2.INTER_AREA), img)
+    return crop
+
+
+class Reductions:
+    """One frame's area-halved crop squares, kept while its outputs are made.
+
+    :meth:`Predictor.prepare <fundus_edge.runtime.Predictor.prepare>` makes the model input
+    and the quality gate's copy of the field from the same square of a frame (without a
+    margin, :func:`square_around` gives both the same square): with one :class:`Reductions`
+    the frame's pixels are read once, by the first halving, and each output takes the level
+    it needs. Results are those of :func:`crop_square` without it, byte for byte.
+
+    Args:
+        image: the frame; :func:`crop_square` uses the kept levels only for this very array.
+    """
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self._levels: dict[tuple[int, int, int], list[np.ndarray]] = {}
+
+    def halved(self, x0: int, y0: int, side: int, levels: int) -> np.ndarray:
+        """The square ``(x0, y0, side)`` area-halved ``levels`` (>= 1) times."""
+        kept = self._levels.setdefault((x0, y0, side), [])
+        if not kept:
+            kept.append(_area_reduce(self.image, x0, y0, side, 2))
+        while len(kept) < levels:
+            n = kept[-1].shape[0] // 2
+            kept.append(
+                _keep_channels(
+                    cv2.resize(kept[-1], (n, n), interpolation=cv2.INTER_AREA), self.image
+                )
+            )
+        return kept[levels - 1]
 
 
 def _padded(img: np.ndarray, x0: int, y0: int, width: int, height: int) -> np.ndarray:
@@ -224,12 +321,12 @@ def square_around(
 ) -> tuple[int, int, int]:
     """The integer crop square ``(x0, y0, side)`` centred on ``(cx, cy)``, ``2·half`` wide.
 
-    With ``area`` interpolation the side is rounded up to a multiple of ``side // size`` (at
-    most ``1/size`` wider) so :func:`crop_square` can first reduce by that integer factor on
-    OpenCV's fast path.
+    With ``area`` interpolation the side is rounded up to a multiple of the largest power of
+    two ``2**n <= side / size`` (at most ``1/size`` wider) so :func:`crop_square` can first
+    halve it ``n`` times on OpenCV's fast 2x2 area path.
     """
     side = max(1, round(2.0 * half))
-    k = side // size
+    k = 1 << max(0, (side // size).bit_length() - 1) if size > 0 else 1
     if area and k >= 2:
         side = -(-side // k) * k
     # Centre the integer square on the circle: its centre sits at x0 - 0.5 + side / 2.

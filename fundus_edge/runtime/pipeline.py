@@ -17,20 +17,26 @@ frame is rendered only when a visual sink will show it: no visual sink, no rende
 live view without viewers, none; a video of a live source at its own frame rate.
 
 What a frame costs outside the model matters once the model is fast (the one-member student
-at 128 px: ~3.5 ms on one core of the 2-core EPYC VM): OpenCV's BGR frames become RGB by
+at 128 px: 3-7 ms on one core of the 2-core EPYC VMs): OpenCV's BGR frames become RGB by
 OpenCV's channel shuffle (0.3 ms at 1920x1080, against 9 ms for a reversed NumPy view made
-contiguous), the field's square is area-reduced straight from the frame with only the blocks
-past its edge padded (:func:`~fundus_edge.preprocess.crop_square`), and ``sim://`` hands over
-its buffers without a copy. What is left at 1920x1080 is the prepare thread's ~4-5 ms of
-CPU a frame (preprocess ~1.4 ms, quality gate ~2.6 ms on its 192-px copy, at best), a little
-more than the student's inference, and for a video file ~3-4 ms more in the capture thread
-and FFmpeg's (mp4v decode). With :attr:`RunConfig.threads` = 1 the model keeps one core and
-the rest of the pipeline has the other (ONNX Runtime's default takes every core for itself,
-which a small model does not use: see :class:`~fundus_edge.runtime.predictor.Predictor`'s
-``threads``). On two cores a live camera's ``run`` then needs about 2.2 times the model's CPU
-per frame and a video file about 3 times (measured per thread, 2026-12-01), so ``run`` FPS /
-model-only FPS (one core) cannot pass about 2 / 2.2 = 0.9 and 2 / 3 = 0.67 there, however
-well the stages overlap.
+contiguous), ``sim://`` hands over its buffers without a copy, and the model input and the
+quality gate's copy are made from one area reduction of the field's square
+(:class:`~fundus_edge.preprocess.Reductions`): OpenCV's vectorised 2x2 area halvings read the
+frame once (0.5 ms for a 944-px field), then each output takes its last, mild step (~0.6 ms
+each). The gate's measures then cost ~1.2 ms: the prepare thread's ~3.5-5 ms of CPU a frame
+at 1920x1080 (~5-8 ms before, measured on the same VM, 2026-12-02), and for a video file
+~3-5 ms more in the capture thread and FFmpeg's (mp4v decode).
+
+With :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the pipeline has
+the other (ONNX Runtime's default takes every core for itself, which a small model uses
+poorly: see :class:`~fundus_edge.runtime.predictor.Predictor`'s ``threads``), and
+:attr:`RunConfig.streams` = N runs N inference threads on the one loaded model (ONNX Runtime
+allows concurrent calls): when the model is the slowest stage, a second stream puts it on the
+core the prepare thread leaves idle. Streams finish out of order; their results wait in
+:meth:`_Run._emit` and leave in frame order, so smoothing, counts and every sink see the frames
+as they came. On two cores the frame's CPU (model + prepare + decode) bounds ``run`` however
+well the stages overlap: about 0.8 of the model alone for a live camera at 1920x1080 and 0.55
+for an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``).
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
@@ -75,6 +81,8 @@ log = get_logger("run")
 # Live video: each new frame counts 40 % (about 2 frames' memory); files are independent images.
 LIVE_SMOOTHING = 0.6
 STAGES = ("preprocess", "quality", "infer", "postprocess")
+# run --streams: more than a few inference threads only contend for the same cores.
+MAX_STREAMS = 16
 
 
 @dataclass
@@ -95,6 +103,9 @@ class RunConfig:
     cuda_graph: bool = False
     # The inference runtime's intra-op threads when run() loads the model (None: its default).
     threads: int | None = None
+    # Frames on the model at once: inference threads sharing the loaded model (its backend
+    # must allow concurrent calls: ONNX Runtime). Results still come out in frame order.
+    streams: int = 1
     headless: bool = False
     save_video: Path | None = None
     save_dir: Path | None = None
@@ -285,8 +296,18 @@ class _Run:
         self.logs = [s for s in sinks if not s.visual]
         live = source.live
         self.inbox = _Channel(1 if live else cfg.queue_size, latest=live)
-        # One prepared frame waits while the model runs: more would only age a live frame.
-        self.prepared = _Channel(1 if live else cfg.queue_size, latest=False)
+        # One prepared frame waits per stream while the model runs: more would only age a
+        # live frame.
+        self.streams = max(1, cfg.streams)
+        self.prepared = _Channel(
+            self.streams if live else max(cfg.queue_size, self.streams), latest=False
+        )
+        # Streams finish out of order: results wait here for their turn (frame order), so
+        # smoothing, counts and every sink see the frames as they came.
+        self._order = threading.Lock()
+        self._waiting: dict[int, tuple[Frame, Any, Any]] = {}
+        self._next_out = 0
+        self._streams_left = self.streams
         self.records = _Channel(max(64, cfg.queue_size), latest=False)
         lossy = live and all(s.lossy for s in self.visual)
         self.drawings = _Channel(2 if lossy else cfg.queue_size, latest=lossy)
@@ -348,36 +369,56 @@ class _Run:
 
     def prepare(self) -> None:
         try:
+            seq = 0
             while (frame := self.inbox.get()) is not None:
                 if self.interrupted:
                     break  # leave queued frames: the user wants out now
-                if not self.prepared.put((frame, self.predictor.prepare(frame.image))):
+                if not self.prepared.put((seq, frame, self.predictor.prepare(frame.image))):
                     break
+                seq += 1
         except BaseException as exc:
             self._fail(exc)
         finally:
             self.prepared.close()
 
     def infer(self) -> None:
+        """One stream: the model on the next prepared frame, then :meth:`_emit` (in order)."""
         try:
             while (item := self.prepared.get()) is not None:
                 if self.interrupted:
                     break
-                frame, prepared = item
+                seq, frame, prepared = item
                 (raw,) = self.predictor.infer([prepared])
+                if not self._emit(seq, frame, prepared, raw):
+                    break
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            with self._order:
+                self._streams_left -= 1
+                last = self._streams_left == 0
+            if last:
+                self.records.close()
+                self.drawings.close()
+
+    def _emit(self, seq: int, frame: Frame, prepared: Any, raw: Any) -> bool:
+        """Queue a result and pass on every one whose turn has come: thresholds, smoothing
+        and maps (``Predictor.finish``, stateful: in frame order), counts, then the sinks'
+        channels. False when a channel was cancelled."""
+        with self._order:
+            self._waiting[seq] = (frame, prepared, raw)
+            while self._next_out in self._waiting:
+                frame, prepared, raw = self._waiting.pop(self._next_out)
+                self._next_out += 1
                 pred = self.predictor.finish(prepared, raw)
                 pred.timings["latency"] = (time.time() - frame.timestamp) * 1e3
                 out = Output(frame, pred, make_record(frame, self.source.description, pred))
                 self._count(out)
                 if not self.records.put(out):
-                    break
+                    return False
                 if self.visual and not self.drawings.put(out):
-                    break
-        except BaseException as exc:
-            self._fail(exc)
-        finally:
-            self.records.close()
-            self.drawings.close()
+                    return False
+        return True
 
     def status(self) -> dict[str, Any]:
         """The run now, for the live view's /status and its events."""
@@ -502,7 +543,10 @@ class _Run:
         threads = [
             threading.Thread(target=self.capture, name="fe-capture", daemon=True),
             threading.Thread(target=self.prepare, name="fe-prepare", daemon=True),
-            threading.Thread(target=self.infer, name="fe-infer", daemon=True),
+            *(
+                threading.Thread(target=self.infer, name=f"fe-infer-{i}", daemon=True)
+                for i in range(self.streams)
+            ),
             threading.Thread(target=self.write_logs, name="fe-log", daemon=True),
         ]
         for t in threads:
@@ -547,6 +591,10 @@ def _check_options(cfg: RunConfig) -> None:
     if not cfg.watch_settle > 0:
         raise UserError(f"--watch-settle must be > 0 seconds, got {cfg.watch_settle:g}")
     check_threads(cfg.threads)
+    if isinstance(cfg.streams, bool) or not 1 <= cfg.streams <= MAX_STREAMS:
+        raise UserError(
+            f"--streams must be in 1..{MAX_STREAMS} (frames on the model at once), got {cfg.streams}"
+        )
     if cfg.max_frames is not None and cfg.max_frames < 1:
         raise UserError(f"--max-frames must be >= 1, got {cfg.max_frames}")
     # `not x > 0` rather than `x <= 0`: NaN is out of range too.
@@ -757,6 +805,11 @@ def run(
                 cuda_graph=cfg.cuda_graph,
                 gate=cfg.gate,
                 threads=cfg.threads,
+            )
+        if cfg.streams > 1 and not predictor.backend.concurrent:
+            raise UserError(
+                f"--streams {cfg.streams}: the {predictor.backend.name} backend runs one frame "
+                "at a time (ONNX Runtime takes several); use --streams 1"
             )
         if cfg.map not in ("auto", "attention", "none") and cfg.map not in predictor.label_names:
             raise UserError(

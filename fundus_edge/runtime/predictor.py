@@ -35,6 +35,7 @@ from fundus_edge.preprocess import (
     Geometry,
     PreprocessConfig,
     Preprocessed,
+    Reductions,
     as_rgb_uint8,
     preprocess,
 )
@@ -314,9 +315,12 @@ class Predictor:
         frame = as_rgb_uint8(frame)
         t0 = time.perf_counter()
         circle = None if self.fov_tracker is None else self.fov_tracker.find(frame)
-        pre = preprocess(frame, self.preprocess_config, circle)
+        # The model input and the gate's copy come from the same square of the frame: its
+        # area halvings are made once (the same bytes as each made alone).
+        shared = Reductions(frame)
+        pre = preprocess(frame, self.preprocess_config, circle, shared)
         t1 = time.perf_counter()
-        quality = assess_quality(frame, pre.circle, self.quality_config)
+        quality = assess_quality(frame, pre.circle, self.quality_config, shared)
         t2 = time.perf_counter()
         return Prepared(
             frame, pre, quality, {"preprocess": (t1 - t0) * 1e3, "quality": (t2 - t1) * 1e3}
