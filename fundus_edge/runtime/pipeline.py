@@ -23,8 +23,8 @@ contiguous), ``sim://`` hands over its buffers without a copy, and the model inp
 quality gate's copy are made from one area reduction of the field's square
 (:class:`~fundus_edge.preprocess.Reductions`): OpenCV's vectorised 2x2 area halvings read the
 frame once (0.5 ms for a 944-px field), then each output takes its last, mild step (~0.6 ms
-each). The gate's measures then cost ~1.2 ms: the prepare thread's ~3.5-5 ms of CPU a frame
-at 1920x1080 (~5-8 ms before, measured on the same VM, 2026-12-02), and for a video file
+each). The gate's measures then cost ~1.2 ms: the prepare thread's ~4-6 ms of CPU a frame at
+1920x1080 (7-8 ms before, measured on the same VM, 2026-12-02), and for a video file
 ~3-5 ms more in the capture thread and FFmpeg's (mp4v decode).
 
 With :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the pipeline has
@@ -35,8 +35,9 @@ allows concurrent calls): when the model is the slowest stage, a second stream p
 core the prepare thread leaves idle. Streams finish out of order; their results wait in
 :meth:`_Run._emit` and leave in frame order, so smoothing, counts and every sink see the frames
 as they came. On two cores the frame's CPU (model + prepare + decode) bounds ``run`` however
-well the stages overlap: about 0.8 of the model alone for a live camera at 1920x1080 and 0.55
-for an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``).
+well the stages overlap: 0.77 of the model alone for a live camera at 1920x1080 and 0.50 for
+an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``, 2026-12-02), where a
+second stream gains nothing: both cores are already busy.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
