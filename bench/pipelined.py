@@ -246,20 +246,19 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
     )
     batch = img.image[None]  # (1, S, S, 3) uint8
 
-    def outputs(tag: str) -> dict[str, Any]:
-        if sink == "video":
-            return {"save_video": ws.root / f"{tag}.mp4"}
-        return {"jsonl": ws.root / f"{tag}.jsonl"}
+    def run_config(source: Any, track: bool, tag: str, streams: int = opts.streams) -> Any:
+        """``run``'s config: headless, the scenario's sink (``tag`` names its file)."""
+        out = (
+            {"save_video": ws.root / f"{tag}.mp4"}
+            if sink == "video"
+            else {"jsonl": ws.root / f"{tag}.jsonl"}
+        )
+        return RunConfig(
+            model=model, source=source, headless=True, track_fov=track, streams=streams, **out
+        )
 
     def file_run(track: bool) -> None:
-        cfg = RunConfig(
-            model=model,
-            source=str(video),
-            headless=True,
-            track_fov=track,
-            streams=opts.streams,
-            **outputs("p"),
-        )
+        cfg = run_config(str(video), track, "p")
         s = run(cfg, predictor=predictor, handle_signals=False)
         if s.frames_processed != n:
             raise UserError(f"pipelined run processed {s.frames_processed} of {n} frames")
@@ -333,14 +332,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
 
         def camera_run(track: bool, key: str, streams: int = opts.streams) -> None:
             src = SimCameraSource(cam_desc, w, h, cam_fps, seed=ws.cfg.seed)
-            cfg = RunConfig(
-                model=model,
-                source=src,
-                headless=True,
-                track_fov=track,
-                streams=streams,
-                **outputs("c"),
-            )
+            cfg = run_config(src, track, "c", streams)
             stopper = threading.Timer(seconds, src.interrupt.set)
             src.open()  # (generating the frames is not timed: run() times from the first read)
             stopper.start()

@@ -312,7 +312,7 @@ def test_quick_suite_plumbing_on_tiny_model(tmp_path):
             "fused_vs_user": {"rounds": 1, "iters": 1, "top_k": 2, "warmup": 0},
             "cam_overhead": {"rounds": 2, "iters": 2},
             "precision": {"rounds": 1, "iters": 2, "calib_images": 2, "calib_method": "minmax"},
-            "pipelined": {"rounds": 1, "frames": 2, "frame_size": 128},
+            "pipelined": {"rounds": 1, "frames": 2, "frame_size": 128, "streams": 2},
             "training": {"rounds": 1, "iters": 1, "batch": 2, "warmup": 0},
         },
     )
@@ -326,6 +326,7 @@ def test_quick_suite_plumbing_on_tiny_model(tmp_path):
         "precision",
         "pipelined",
         "pipelined",
+        "pipelined",  # against the model alone on 2 concurrent calls (streams: 2)
         "training",
         "training",
     ]
@@ -340,6 +341,9 @@ def test_quick_suite_plumbing_on_tiny_model(tmp_path):
         and "training: plain step on the doubled batch" in names
     )
     assert result.row("training: plain step on the doubled batch").batch == 4
+    # run --streams 2, and the model alone on two concurrent calls beside the target's baseline
+    assert any("2 concurrent calls" in n for n in names)
+    assert any("2 concurrent calls" in r.baseline for r in result.ratios)
     assert result.row("precision: fused graph fp16").parity["images"] == 4
     paths = write_outputs(result, tmp_path / "out", extra_plots=_ratio_plot)
     assert paths["ratios_png"].stat().st_size > 1000
@@ -531,6 +535,7 @@ def test_student_options_are_checked():
         ("pipelined", "{frame: 1920by1080}", r"scenarios\.pipelined: frame: WIDTHxHEIGHT"),
         ("pipelined", "{sink: screen}", r"scenarios\.pipelined: sink: video or jsonl"),
         ("pipelined", "{model_threads: []}", r"scenarios\.pipelined: model_threads: at least one"),
+        ("pipelined", "{streams: 0}", r"scenarios\.pipelined: streams: must be >= 1, got 0"),
         ("pipelined", "{backend: auto, threads: 1}", r"scenarios\.pipelined: threads and model_"),
     ],
 )
