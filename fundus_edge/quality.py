@@ -284,8 +284,6 @@ def assess_quality(
     # analysis_size (the default): S = min(sharpness_size, field diameter), never enlarged.
     ns = int(min(cfg.sharpness_size, max(16, round(2.0 * r))))
     sx0, sy0, sside = square_around(cx, cy, r, ns)
-    if reductions is not None and reductions.image is not img:
-        reductions = None  # as_rgb_uint8 made another array: nothing to share
     # Area halvings, then area again for the last, mild step (bilinear would measure sharp
     # photographs up to a third sharper and lose the measure's independence of resolution).
     scrop = crop_square(

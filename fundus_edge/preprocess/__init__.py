@@ -193,8 +193,6 @@ def preprocess(
         h, w, circle, cfg.size, cfg.margin, cfg.crop_fov, cfg.interpolation == "area"
     )
     geom = Geometry(x0, y0, side, cfg.size, (h, w), circle)
-    if reductions is not None and reductions.image is not img:
-        reductions = None  # as_rgb_uint8 made another array: nothing to share
     out = crop_square(
         img, x0, y0, side, cfg.size, INTERPOLATIONS[cfg.interpolation], reductions=reductions
     )

@@ -146,7 +146,6 @@ def crop_square(
     size: int,
     interpolation: int,
     *,
-    finish: int | None = None,
     reductions: Reductions | None = None,
 ) -> np.ndarray:
     """Crop ``side`` frame pixels from ``(x0, y0)`` (zero padding outside) and resize.
@@ -167,11 +166,9 @@ def crop_square(
         side: crop side in frame pixels.
         size: output side.
         interpolation: an OpenCV ``INTER_*`` flag.
-        finish: the last, mild step's interpolation after area halvings (default
-            ``interpolation``; the quality gate's bilinear costs a fifth of fractional area).
         reductions: the frame's :class:`Reductions`, where the halvings of a square already
             reduced for another output (the model input, then the quality gate's copy) are
-            kept and reused; None: nothing kept.
+            kept and reused (only when it is this very ``img``); None: nothing kept.
 
     Returns:
         ``(size, size)`` or ``(size, size, C)`` array of ``img``'s dtype.
@@ -184,14 +181,12 @@ def crop_square(
     if interpolation == cv2.INTER_AREA:
         levels = _halvings(side, size)
         if levels:
-            if reductions is not None and reductions.image is img:
-                crop = reductions.halved(x0, y0, side, levels)
-            else:
-                crop = _halve(img, x0, y0, side, levels)
+            if reductions is None or reductions.image is not img:
+                reductions = Reductions(img)  # (as_rgb_uint8 made another array, say)
+            crop = reductions.halved(x0, y0, side, levels)
             if side >> levels == size:
                 return crop
-            mild = interpolation if finish is None else finish
-            return _keep_channels(cv2.resize(crop, (size, size), interpolation=mild), img)
+            return _keep_channels(cv2.resize(crop, (size, size), interpolation=interpolation), img)
         k = side // size
         if k >= 2 and side % k == 0:
             # An odd side: one integer-factor area reduction (OpenCV's scalar path), then the
@@ -224,15 +219,6 @@ def _keep_channels(out: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out
 
 
-def _halve(img: np.ndarray, x0: int, y0: int, side: int, levels: int) -> np.ndarray:
-    """The padded square area-halved ``levels`` times (``side`` divisible by ``2**levels``)."""
-    crop = _area_reduce(img, x0, y0, side, 2)
-    for _ in range(levels - 1):
-        n = crop.shape[0] // 2
-        crop = _keep_channels(cv2.resize(crop, (n, n), interpolation=cv2.INTER_AREA), img)
-    return crop
-
-
 class Reductions:
     """One frame's area-halved crop squares, kept while its outputs are made.
 
@@ -251,7 +237,8 @@ class Reductions:
         self._levels: dict[tuple[int, int, int], list[np.ndarray]] = {}
 
     def halved(self, x0: int, y0: int, side: int, levels: int) -> np.ndarray:
-        """The square ``(x0, y0, side)`` area-halved ``levels`` (>= 1) times."""
+        """The padded square ``(x0, y0, side)`` area-halved ``levels`` (>= 1) times (``side``
+        divisible by ``2**levels``); the first halving reads the frame, the others its result."""
         kept = self._levels.setdefault((x0, y0, side), [])
         if not kept:
             kept.append(_area_reduce(self.image, x0, y0, side, 2))
