@@ -71,8 +71,8 @@ def run(
         1,
         "--streams",
         help="Frames on the model at once (inference threads sharing it; ONNX Runtime). "
-        "With --threads 1 on a small CPU, 2 lets the model use every core for a fast model; "
-        "results keep frame order.",
+        "With --threads 1, a second stream helps when the model is the slowest stage and a "
+        "core is idle; results keep frame order.",
     ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(
