@@ -34,6 +34,13 @@ unknown key or a wrong type is refused before anything runs; beside ``rounds``, 
   threads sharing the one ONNX Runtime session, results in frame order). With N > 1 the model
   alone is measured on N concurrent calls too, and its ratio is reported beside the target's
   (whose baseline stays the model alone one frame at a time, the usual model-only figure);
+* ``accelerator_ms``: with ``camera: true``, also ``run`` on the simulated camera with the
+  model on a simulated accelerator: each call waits this many milliseconds without the CPU
+  (as a call on a GPU's queue does) and returns the real model's outputs for one input
+  (:class:`Accelerated`; one call at a time, as one TensorRT context takes them), on 1 and on
+  ``streams`` streams. What it shows: how fast ``run``'s CPU side (capture, N prepare
+  workers, logs) feeds a model that leaves the cores free, as on a Jetson, whose model runs on
+  the GPU while 6 CPU cores prepare frames. The rows are a simulation and say so;
 * ``model_threads``: the thread counts the model alone is measured with (default
   ``[threads]``), each a row; the ratios use the fastest of them, so the baseline is the
   model's best throughput here whatever ``run`` is given. On the 2-core VM the student at 128 px
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +67,12 @@ from suite import (  # bench/suite.py, beside this file
     interleave,
 )
 
+from fundus_edge.backends import Backend
 from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 
-__all__ = ["PipelinedOptions", "run_pipelined"]
+__all__ = ["Accelerated", "PipelinedOptions", "run_pipelined"]
 
 log = get_logger("bench.pipelined")
 
@@ -95,6 +104,8 @@ class PipelinedOptions:
         streams: frames on the model at once in ``run`` (``run --streams``); with more than
             one, the model alone is also measured on that many concurrent calls.
         model_threads: thread counts the model alone is measured with; None: ``[threads]``.
+        accelerator_ms: the simulated accelerator's milliseconds a call (``camera`` runs
+            only); None: no accelerator rows.
         target: the FPS ratio's target.
     """
 
@@ -113,6 +124,7 @@ class PipelinedOptions:
     threads: int | None = None
     streams: int = 1
     model_threads: list[int] | None = None
+    accelerator_ms: float | None = None
     target: str = ">= 0.9"
 
     def __post_init__(self) -> None:
@@ -124,6 +136,11 @@ class PipelinedOptions:
         for key in ("camera_seconds", "camera_rate"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.accelerator_ms is not None:
+            if not 0 < self.accelerator_ms <= 1000:
+                raise UserError(f"accelerator_ms: must be in (0, 1000], got {self.accelerator_ms}")
+            if not self.camera:
+                raise UserError("accelerator_ms: needs camera: true (its rows are camera runs)")
         if self.model_threads is not None and not self.model_threads:
             raise UserError("model_threads: at least one thread count (0: the default)")
         if (
@@ -147,6 +164,32 @@ class PipelinedOptions:
         if min(w, h) < 64:
             raise UserError(f"frame: at least 64x64 pixels, got {self.frame!r}")
         return w, h
+
+
+class Accelerated(Backend):
+    """A model on a simulated accelerator: each call waits ``ms`` milliseconds without the
+    CPU (``time.sleep``, as a thread waiting on a GPU's queue does) and returns ``inner``'s
+    real outputs for ``batch``, computed once, for every frame it is given. One call at a
+    time (:attr:`concurrent` False, as one TensorRT execution context): ``run --streams N``
+    then prepares N frames at once and the model takes them in turn.
+
+    Args:
+        inner: the loaded model (its metadata and outputs are this backend's).
+        batch: one preprocessed input ``(1, S, S, 3)`` uint8.
+        ms: milliseconds a call.
+    """
+
+    name = "simulated-accelerator"
+
+    def __init__(self, inner: Backend, batch: np.ndarray, ms: float) -> None:
+        self.path, self.metadata = inner.path, inner.metadata
+        self.device = f"simulated accelerator, {ms:g} ms a call"
+        self._ms = ms
+        self._outputs = {k: np.asarray(v[:1]) for k, v in inner.infer(batch).items()}
+
+    def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        time.sleep(self._ms / 1e3)
+        return {k: np.repeat(v, len(batch), axis=0) for k, v in self._outputs.items()}
 
 
 def _frames(n: int, w: int, h: int, seed: int) -> list[np.ndarray]:
@@ -330,18 +373,25 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         cam_fps = round(opts.camera_rate * model_fps)
         cam_desc = f"sim://{w}x{h}@{cam_fps}"
 
-        def camera_run(track: bool, key: str, streams: int = opts.streams) -> None:
-            src = SimCameraSource(cam_desc, w, h, cam_fps, seed=ws.cfg.seed)
+        def camera_run(
+            track: bool,
+            key: str,
+            streams: int = opts.streams,
+            on: Predictor = predictor,
+            desc: str = cam_desc,
+            rate: float = cam_fps,
+        ) -> None:
+            src = SimCameraSource(desc, w, h, rate, seed=ws.cfg.seed)
             cfg = run_config(src, track, "c", streams)
             stopper = threading.Timer(seconds, src.interrupt.set)
             src.open()  # (generating the frames is not timed: run() times from the first read)
             stopper.start()
             try:
-                s = run(cfg, predictor=predictor, handle_signals=False)
+                s = run(cfg, predictor=on, handle_signals=False)
             finally:
                 stopper.cancel()
             if s.frames_processed < 2:
-                raise UserError(f"{cam_desc}: only {s.frames_processed} frames processed")
+                raise UserError(f"{desc}: only {s.frames_processed} frames processed")
             per_frame.setdefault(key, []).append(1e3 * s.elapsed_s / s.frames_processed)
 
         variants["camera"] = lambda: camera_run(True, "camera")
@@ -349,6 +399,22 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             variants["camera_one_stream"] = lambda: camera_run(True, "camera_one_stream", 1)
         if before:
             variants["camera_fitted"] = lambda: camera_run(False, "camera_fitted")
+        if opts.accelerator_ms is not None:
+            accelerated = Predictor(
+                Accelerated(predictor.backend, batch, opts.accelerator_ms), gate=False
+            )
+            acc_fps = round(opts.camera_rate * 1e3 / opts.accelerator_ms)
+            acc_desc = f"sim://{w}x{h}@{acc_fps}"
+
+            def accelerator_alone() -> None:
+                for _ in range(n):
+                    accelerated.backend.infer(batch)
+
+            variants["accel_alone"] = accelerator_alone
+            for k in sorted({1, opts.streams}):
+                variants[f"accel_{k}"] = lambda k=k: camera_run(
+                    True, f"accel_{k}", k, accelerated, acc_desc, acc_fps
+                )
 
     try:
         samples = interleave(variants, rounds, 1, warmup)
@@ -407,6 +473,30 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
                 cam_fitted,
                 "pipelined FPS / model-only FPS, simulated camera, FOV fitted per frame",
             )
+    if camera and opts.accelerator_ms is not None:
+        acc = f"a simulated accelerator ({opts.accelerator_ms:g} ms a call, the CPU left idle)"
+        acc_alone = row(f"model only on {acc}", "accel_alone")
+        acc_rows = {
+            k: row(
+                f"runtime.run on {acc_desc}, the model on {acc}, {k} stream{'s' if k > 1 else ''}",
+                f"accel_{k}",
+            )
+            for k in sorted({1, opts.streams})
+        }
+        for k, r in acc_rows.items():
+            res.compare(acc_alone, r, f"pipelined FPS / model-only FPS, {acc}, {k} streams")
+        if opts.streams > 1:
+            res.compare(
+                acc_rows[1],
+                acc_rows[opts.streams],
+                f"{opts.streams} streams (prepare workers) over 1, {acc}",
+            )
+        res.notes.append(
+            f"pipelined: the accelerator rows are a simulation: each model call waits "
+            f"{opts.accelerator_ms:g} ms in time.sleep and returns the real model's outputs "
+            "for one input; they time run's CPU side (capture, prepare workers, logs) feeding "
+            "a model that leaves the cores free, not any accelerator."
+        )
     what = (
         "every frame rendered and written to an mp4"
         if sink == "video"

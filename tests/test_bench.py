@@ -352,6 +352,66 @@ def test_quick_suite_plumbing_on_tiny_model(tmp_path):
     assert read_result(paths["json"]).config["targets"] == targets
 
 
+def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
+    """The camera variants run end to end: run on sim://, 1 and 2 streams, and the model on
+    the simulated accelerator, whose calls take their time without the CPU, one at a time."""
+    import time
+
+    from pipelined import Accelerated, PipelinedOptions
+
+    from fundus_edge.backends import load_backend
+
+    cfg = SuiteConfig(
+        name="tiny",
+        members=("resnet18",),
+        member_head="gap",
+        num_classes=4,
+        image_size=32,
+        scenarios={
+            "pipelined": {
+                "rounds": 1,
+                "warmup": 0,
+                "frames": 2,
+                "frame": "160x128",
+                "sink": "jsonl",
+                "camera": True,
+                "camera_seconds": 0.4,
+                "streams": 2,
+                "threads": 1,
+                "accelerator_ms": 5,
+            }
+        },
+    )
+    result = run_suite(cfg, work_dir=tmp_path, roofline=False)
+    names = result.names()
+    acc = "a simulated accelerator (5 ms a call, the CPU left idle)"
+    for k, s in ((1, ""), (2, "s")):
+        row = result.row(next(n for n in names if n.endswith(f"the model on {acc}, {k} stream{s}")))
+        assert row.stats.median >= 5.0  # a frame cannot leave before its model call ends
+    alone = result.row(f"pipelined: model only on {acc}")
+    assert 5.0 <= alone.stats.median < 8.0
+    assert any(
+        r.baseline.endswith(", 1 stream") and r.candidate.endswith(", 2 streams")
+        for r in result.ratios
+    )
+    assert any("accelerator rows are a simulation" in n for n in result.config["notes"])
+    # The backend itself: the real outputs for every frame, after the wait, the CPU idle.
+    from test_backends import make_onnx_model
+
+    inner = load_backend(make_onnx_model(tmp_path / "m.onnx"), provider="cpu", threads=1)
+    batch = np.zeros((1, 64, 64, 3), np.uint8)
+    fake = Accelerated(inner, batch, 20)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fake.infer(np.zeros((3, 64, 64, 3), np.uint8))
+    assert time.perf_counter() - t0 >= 0.02 and time.process_time() - c0 < 0.015
+    np.testing.assert_array_equal(out["probs"], np.repeat(inner.infer(batch)["probs"], 3, 0))
+    assert not Accelerated.concurrent
+    with pytest.raises(UserError, match="accelerator_ms: needs camera: true"):
+        PipelinedOptions(accelerator_ms=1.0)
+    with pytest.raises(UserError, match=r"accelerator_ms: must be in \(0, 1000\]"):
+        PipelinedOptions(camera=True, accelerator_ms=0)
+
+
 # ---------------------------------------------------------------------------- student scenario
 
 

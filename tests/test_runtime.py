@@ -434,7 +434,28 @@ class JitterBackend(FakeBackend):
         return out
 
 
-def test_streams_keep_frame_order_smoothing_and_refuse_a_serial_backend(onnx_model, tmp_path):
+class SerialBackend(FakeBackend):
+    """One call at a time (``concurrent`` False), each 2 ms; counts calls that overlapped."""
+
+    def __init__(self, meta: dict) -> None:
+        super().__init__(meta)
+        self._lock = threading.Lock()
+        self.overlapped = 0
+        self._inside = 0
+
+    def _infer(self, batch):
+        with self._lock:
+            self._inside += 1
+            self.overlapped = max(self.overlapped, self._inside)
+        time.sleep(0.002)
+        out = super()._infer(batch)
+        out["probs"][:, 0] = batch.reshape(len(batch), -1).mean(1) / 255.0
+        with self._lock:
+            self._inside -= 1
+        return out
+
+
+def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model, tmp_path):
     n = 40
     video = tmp_path / "v.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (160, 120))
@@ -446,12 +467,31 @@ def test_streams_keep_frame_order_smoothing_and_refuse_a_serial_backend(onnx_mod
     writer.release()
     meta = Predictor(onnx_model).metadata
 
+    preparing = {"now": 0, "most": 0, "threads": set()}
+    guard = threading.Lock()
+
     def records(streams: int, backend: Backend) -> list[dict]:
         got: list[dict] = []
         cfg = RunConfig(
             model=onnx_model, source=str(video), headless=True, streams=streams, smoothing=0.5
         )
         predictor = Predictor(backend, gate=False)
+        plain = predictor.prepare
+
+        def watched(image, circle):  # how many frames are prepared at once, and by whom
+            with guard:
+                preparing["now"] += 1
+                preparing["most"] = max(preparing["most"], preparing["now"])
+                preparing["threads"].add(threading.current_thread().name)
+            time.sleep(0.003)
+            try:
+                return plain(image, circle)
+            finally:
+                with guard:
+                    preparing["now"] -= 1
+
+        predictor.prepare = watched
+        preparing.update(most=0, threads=set())
         run(
             cfg, predictor=predictor, on_output=lambda o: got.append(o.record), handle_signals=False
         )
@@ -461,14 +501,20 @@ def test_streams_keep_frame_order_smoothing_and_refuse_a_serial_backend(onnx_mod
     jitter = JitterBackend(meta)
     three = records(3, jitter)
     assert jitter.overlapped >= 2  # calls did run at once
+    assert preparing["most"] >= 2 and len(preparing["threads"]) == 3  # three prepare workers
     assert [r["frame"] for r in three] == [r["frame"] for r in one] == list(range(n))
     # Smoothing is stateful: equal values prove the results were finished in frame order.
     assert [r["probabilities"] for r in three] == [r["probabilities"] for r in one]
     # The real model through ONNX Runtime: the same records on 1 and 2 streams.
     real = [records(k, Predictor(onnx_model, threads=1).backend) for k in (1, 2)]
     assert [r["probabilities"] for r in real[0]] == [r["probabilities"] for r in real[1]]
-    with pytest.raises(UserError, match="--streams 2: the fake backend runs one frame at a time"):
-        records(2, FakeBackend(meta))
+    # A backend that takes one call at a time: frames are still prepared two at a time (the
+    # field of view tracked in frame order), the model runs them in turn.
+    serial = SerialBackend(meta)
+    two = records(2, serial)
+    assert serial.overlapped == 1 and preparing["most"] == 2
+    assert [r["probabilities"] for r in two] == [r["probabilities"] for r in one]
+    assert [r["fov"] for r in two] == [r["fov"] for r in one]
     with pytest.raises(UserError, match=r"--streams must be in 1\.\.16"):
         run(RunConfig(model=onnx_model, source="sim://", streams=0), handle_signals=False)
     log = tmp_path / "s.jsonl"

@@ -298,8 +298,10 @@ class _Run:
         live = source.live
         self.inbox = _Channel(1 if live else cfg.queue_size, latest=live)
         # One prepared frame waits per stream while the model runs: more would only age a
-        # live frame.
+        # live frame. N streams are N prepare workers and, where the backend takes calls
+        # from several threads at once (ONNX Runtime), N inference threads; else one.
         self.streams = max(1, cfg.streams)
+        self.inferring = self.streams if predictor.backend.concurrent else 1
         self.prepared = _Channel(
             self.streams if live else max(cfg.queue_size, self.streams), latest=False
         )
@@ -308,7 +310,12 @@ class _Run:
         self._order = threading.Lock()
         self._waiting: dict[int, tuple[Frame, Any, Any]] = {}
         self._next_out = 0
-        self._streams_left = self.streams
+        self._streams_left = self.inferring
+        # Prepare workers take frames in turn: the frame's number and its field of view
+        # (the tracker is stateful) are given out in frame order under this lock.
+        self._take = threading.Lock()
+        self._taken = 0
+        self._preparers_left = self.streams
         self.records = _Channel(max(64, cfg.queue_size), latest=False)
         lossy = live and all(s.lossy for s in self.visual)
         self.drawings = _Channel(2 if lossy else cfg.queue_size, latest=lossy)
@@ -369,18 +376,31 @@ class _Run:
             self.inbox.close()
 
     def prepare(self) -> None:
+        """One prepare worker: the next frame's number and field of view in frame order
+        (under :attr:`_take`), then its model input and quality gate beside the others."""
         try:
-            seq = 0
-            while (frame := self.inbox.get()) is not None:
-                if self.interrupted:
-                    break  # leave queued frames: the user wants out now
-                if not self.prepared.put((seq, frame, self.predictor.prepare(frame.image))):
+            while True:
+                with self._take:
+                    frame = self.inbox.get()
+                    if frame is None or self.interrupted:
+                        break  # (interrupted: leave queued frames, the user wants out now)
+                    seq = self._taken
+                    self._taken += 1
+                    t0 = time.perf_counter()
+                    circle = self.predictor.locate(frame.image)
+                    located_ms = (time.perf_counter() - t0) * 1e3
+                prepared = self.predictor.prepare(frame.image, circle)
+                prepared.timings["preprocess"] += located_ms  # the stage's time, as before
+                if not self.prepared.put((seq, frame, prepared)):
                     break
-                seq += 1
         except BaseException as exc:
             self._fail(exc)
         finally:
-            self.prepared.close()
+            with self._take:
+                self._preparers_left -= 1
+                last = self._preparers_left == 0
+            if last:
+                self.prepared.close()
 
     def infer(self) -> None:
         """One stream: the model on the next prepared frame, then :meth:`_emit` (in order)."""
@@ -543,10 +563,13 @@ class _Run:
         t0 = time.perf_counter()
         threads = [
             threading.Thread(target=self.capture, name="fe-capture", daemon=True),
-            threading.Thread(target=self.prepare, name="fe-prepare", daemon=True),
+            *(
+                threading.Thread(target=self.prepare, name=f"fe-prepare-{i}", daemon=True)
+                for i in range(self.streams)
+            ),
             *(
                 threading.Thread(target=self.infer, name=f"fe-infer-{i}", daemon=True)
-                for i in range(self.streams)
+                for i in range(self.inferring)
             ),
             threading.Thread(target=self.write_logs, name="fe-log", daemon=True),
         ]
@@ -808,9 +831,12 @@ def run(
                 threads=cfg.threads,
             )
         if cfg.streams > 1 and not predictor.backend.concurrent:
-            raise UserError(
-                f"--streams {cfg.streams}: the {predictor.backend.name} backend runs one frame "
-                "at a time (ONNX Runtime takes several); use --streams 1"
+            log.info(
+                "--streams %d: %d frames are prepared at once; the %s backend runs the model "
+                "on one at a time",
+                cfg.streams,
+                cfg.streams,
+                predictor.backend.name,
             )
         if cfg.map not in ("auto", "attention", "none") and cfg.map not in predictor.label_names:
             raise UserError(

@@ -31,6 +31,7 @@ from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 from fundus_edge.maps import map_on_frame, normalise_member_maps
 from fundus_edge.preprocess import (
+    Circle,
     FovTracker,
     Geometry,
     PreprocessConfig,
@@ -46,6 +47,8 @@ log = get_logger("runtime")
 __all__ = ["Prediction", "Predictor", "Prepared", "check_threads"]
 
 _EPS = 1e-7
+# Predictor.prepare's default: locate the field of view itself (None is "fit it").
+_LOCATE = object()
 
 
 @dataclass
@@ -306,15 +309,27 @@ class Predictor:
         if self.fov_tracker is not None:
             self.fov_tracker.reset()
 
-    def prepare(self, frame: np.ndarray) -> Prepared:
+    def locate(self, frame: np.ndarray) -> Circle | None:
+        """The frame's field of view as :meth:`prepare` finds it: the tracked circle of a
+        video (the tracker is stateful: call it in frame order), or None for a still, which
+        :func:`~fundus_edge.preprocess.preprocess` fits itself."""
+        if self.fov_tracker is None:
+            return None
+        return self.fov_tracker.find(as_rgb_uint8(frame))
+
+    def prepare(self, frame: np.ndarray, circle: Circle | object | None = _LOCATE) -> Prepared:
         """Preprocess one full camera frame and grade its quality.
 
         Args:
             frame: (H, W, 3) uint8 RGB (grey and RGBA are accepted too).
+            circle: the field of view from :meth:`locate` (``run``'s prepare workers take
+                the frames' circles in frame order, then prepare them side by side); by
+                default it is located here.
         """
         frame = as_rgb_uint8(frame)
         t0 = time.perf_counter()
-        circle = None if self.fov_tracker is None else self.fov_tracker.find(frame)
+        if circle is _LOCATE:
+            circle = self.locate(frame)
         # The model input and the gate's copy come from the same square of the frame: its
         # area halvings are made once (the same bytes as each made alone).
         shared = Reductions(frame)
