@@ -382,22 +382,48 @@ def assess_quality(
 
 
 def _percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
-    """``np.percentile(values, qs)`` (its default linear method, the same values) from one
-    partial sort of the few ranks needed, without its general machinery (a third of the
-    quality gate's time at 1920x1080)."""
+    """``np.percentile(values, qs)`` (its default linear method, the same values) from the few
+    ranks needed (:func:`_ranked`), without its general machinery (a third of the quality
+    gate's time at 1920x1080)."""
     n = values.size
     pos = [q / 100.0 * (n - 1) for q in qs]
     ranks = sorted(
         {int(np.floor(p)) for p in pos} | {min(int(np.floor(p)) + 1, n - 1) for p in pos}
     )
-    part = np.partition(values, ranks)
+    value = _ranked(values, ranks)
     out = []
     for p in pos:
         i = int(np.floor(p))
-        a, b, t = float(part[i]), float(part[min(i + 1, n - 1)]), p - i
+        a, b, t = value[i], value[min(i + 1, n - 1)], p - i
         # numpy's lerp: from the nearer end, so t = 0 and t = 1 give the ends exactly.
         out.append(a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t))
     return out
+
+
+def _ranked(values: np.ndarray, ranks: list[int]) -> dict[int, float]:
+    """The values of the given ranks (0: the smallest) of a 1-D array.
+
+    Values in [0, 256) (the gate's smoothed luminance) are first counted into unit bins
+    (``floor(v)``: the uint8 conversion truncates), and each rank is then looked up among the
+    few values of its own bin only: the same values as one partial sort of the whole array
+    (``np.partition``, what other inputs take), in a fraction of the time for the gate's ~20,000.
+    """
+    if values.dtype == np.float32 and values.ndim == 1 and values.size >= 1024:
+        lo, hi = cv2.minMaxLoc(values.reshape(1, -1))[:2]
+        if lo >= 0.0 and hi < 256.0:
+            bins = values.astype(np.uint8)  # floor(v) for 0 <= v < 256
+            counts = np.cumsum(cv2.calcHist([bins.reshape(1, -1)], [0], None, [256], [0, 256]))
+            by_bin: dict[int, list[int]] = {}
+            for r in ranks:  # the bin holding rank r: the first whose running count exceeds r
+                by_bin.setdefault(int(np.searchsorted(counts, r, side="right")), []).append(r)
+            out = {}
+            for b, rs in by_bin.items():
+                below = int(counts[b - 1]) if b else 0
+                part = np.partition(values[bins == b], [r - below for r in rs])
+                out.update({r: float(part[r - below]) for r in rs})
+            return out
+    part = np.partition(values, ranks)
+    return {r: float(part[r]) for r in ranks}
 
 
 def _below(value: float, limit: float) -> float:

@@ -356,7 +356,7 @@ def test_percentiles_match_numpy_and_the_gate_reads_the_frame_once():
     """The gate's own percentiles are numpy's (linear method) to float rounding, and with the
     frame's Reductions the gate reuses the model input's halvings (the same verdict)."""
     from fundus_edge.preprocess import Reductions
-    from fundus_edge.quality import _percentiles
+    from fundus_edge.quality import _percentiles, _ranked
 
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 100, 25_001):
@@ -364,6 +364,20 @@ def test_percentiles_match_numpy_and_the_gate_reads_the_frame_once():
         np.testing.assert_allclose(
             _percentiles(v, (5, 50, 95)), np.percentile(v, (5, 50, 95)), rtol=1e-6
         )
+    # Values in [0, 256), as the gate's smoothed luminance (the binned lookup): smoothed noise,
+    # integers (ties), values just under an integer and under 256; every rank is exact.
+    for n in (1024, 5_000, 22_665, 40_000):
+        u8 = rng.integers(0, 256, (1, n)).astype(np.uint8)
+        for v in (
+            cv2.GaussianBlur(u8.astype(np.float32), (0, 0), 1.0).ravel(),
+            u8.ravel().astype(np.float32),
+            np.nextafter(u8.ravel().astype(np.float32) + 1, np.float32(0)),
+        ):
+            ranks = sorted({0, n // 20, n // 20 + 1, n // 2, n - 2, n - 1})
+            part = np.partition(v, ranks)
+            assert _ranked(v, ranks) == {r: float(part[r]) for r in ranks}
+            qs = (0, 5, 37.5, 50, 95, 100)
+            np.testing.assert_allclose(_percentiles(v, qs), np.percentile(v, qs), rtol=1e-6)
     frame = np.zeros((1080, 1920, 3), np.uint8)
     photo, _, _ = generate_image(image_rng(11, "test", 0), 944, set())
     frame[68:1012, 488:1432] = photo

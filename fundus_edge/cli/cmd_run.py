@@ -70,9 +70,10 @@ def run(
     streams: int = typer.Option(
         1,
         "--streams",
-        help="Frames on the model at once (inference threads sharing it; ONNX Runtime). "
-        "With --threads 1, a second stream helps when the model is the slowest stage and a "
-        "core is idle; results keep frame order.",
+        help="Frames in flight: N prepare workers and, with ONNX Runtime, N inference threads "
+        "sharing the model (other backends take the frames in turn). With --threads 1, a second "
+        "stream helps when a core is idle; with the model on a GPU, N prepare workers use N CPU "
+        "cores. Results keep frame order.",
     ),
     headless: bool = typer.Option(False, "--headless", help="No window."),
     save_video: Path | None = typer.Option(

@@ -3,11 +3,11 @@
 Threads and bounded queues let the stages overlap, so a slow window or disk never stalls
 inference and memory stays flat however long the run:
 
-    capture thread --inbox--> prepare thread --prepared--> inference thread --records--> log
-      (decode)                (FOV, crop,                  (model, thresholds,   thread (JSONL,
-                               quality gate)                maps)                 CSV, --capture)
-                                                                       \\--visual--> main thread
-                                                              (render, window, video, folder)
+    capture --inbox--> prepare workers --prepared--> inference threads --records--> log thread
+    thread             (FOV, crop,                   (model, thresholds,            (JSONL, CSV,
+    (decode)            quality gate)                 maps)                          --capture)
+                                                            \\--visual--> main thread
+                                                     (render, window, video, folder)
 
 Decoding, preprocessing and inference run in threads of their own, so frame N+1 is decoded
 and preprocessed while the model runs on frame N (OpenCV, NumPy's large array operations and
@@ -30,11 +30,16 @@ each). The gate's measures then cost ~1.2 ms: the prepare thread's ~4-6 ms of CP
 With :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the pipeline has
 the other (ONNX Runtime's default takes every core for itself, which a small model uses
 poorly: see :class:`~fundus_edge.runtime.predictor.Predictor`'s ``threads``), and
-:attr:`RunConfig.streams` = N runs N inference threads on the one loaded model (ONNX Runtime
-allows concurrent calls): when the model is the slowest stage, a second stream puts it on the
-core the prepare thread leaves idle. Streams finish out of order; their results wait in
-:meth:`_Run._emit` and leave in frame order, so smoothing, counts and every sink see the frames
-as they came. On two cores the frame's CPU (model + prepare + decode) bounds ``run`` however
+:attr:`RunConfig.streams` = N keeps N frames in flight: N prepare workers and, where the
+backend allows concurrent calls (ONNX Runtime), N inference threads on the one loaded model
+(TensorRT's context and OpenVINO's request take the prepared frames in turn, on one thread).
+The workers take frames in turn under one lock that gives out each frame's number and its
+field of view (:meth:`Predictor.locate <fundus_edge.runtime.Predictor.locate>`: the tracker is
+stateful, so it sees the frames in order, exactly as with one worker), then crop and grade
+side by side. When the model is the slowest stage a second stream puts it on the core the
+prepare stage leaves idle; when the model runs on a GPU and the CPU's prepare is the slowest,
+N workers use N cores. Streams finish out of order; their results wait in :meth:`_Run._emit`
+and leave in frame order, so smoothing, counts and every sink see the frames as they came. On two cores the frame's CPU (model + prepare + decode) bounds ``run`` however
 well the stages overlap: 0.77 of the model alone for a live camera at 1920x1080 and 0.50 for
 an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``, 2026-12-02), where a
 second stream gains nothing: both cores are already busy.
@@ -104,8 +109,9 @@ class RunConfig:
     cuda_graph: bool = False
     # The inference runtime's intra-op threads when run() loads the model (None: its default).
     threads: int | None = None
-    # Frames on the model at once: inference threads sharing the loaded model (its backend
-    # must allow concurrent calls: ONNX Runtime). Results still come out in frame order.
+    # Frames in flight: prepare workers, and inference threads sharing the loaded model where
+    # its backend allows concurrent calls (ONNX Runtime; others take the frames in turn).
+    # Results still come out in frame order.
     streams: int = 1
     headless: bool = False
     save_video: Path | None = None
