@@ -39,10 +39,13 @@ stateful, so it sees the frames in order, exactly as with one worker), then crop
 side by side. When the model is the slowest stage a second stream puts it on the core the
 prepare stage leaves idle; when the model runs on a GPU and the CPU's prepare is the slowest,
 N workers use N cores. Streams finish out of order; their results wait in :meth:`_Run._emit`
-and leave in frame order, so smoothing, counts and every sink see the frames as they came. On two cores the frame's CPU (model + prepare + decode) bounds ``run`` however
-well the stages overlap: 0.77 of the model alone for a live camera at 1920x1080 and 0.50 for
-an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``, 2026-12-02), where a
-second stream gains nothing: both cores are already busy.
+and leave in frame order, so smoothing, counts and every sink see the frames as they came.
+
+On two cores with the model on the CPU, the frame's CPU (model + prepare + decode) bounds
+``run`` however well the stages overlap: 0.76-0.81 of the model alone for a live camera at
+1920x1080 and ~0.5 for an mp4 file on the 2-core VM (``bench/scenarios/pipelined-student.yaml``,
+2026-12-02), where more streams gain nothing: both cores are already busy. With the model on a
+(simulated) accelerator, two prepare workers give 1.4x one's rate there.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
