@@ -296,19 +296,26 @@ def test_suite_rejects_unknown_scenario(tmp_path):
         load_suite(p)
 
 
+def _tiny_suite(scenarios: dict, name: str = "tiny") -> SuiteConfig:
+    """A suite on a tiny one-member model (resnet18, pooled head, 4 labels, 32 px)."""
+    return SuiteConfig(
+        name=name,
+        members=("resnet18",),
+        member_head="gap",
+        num_classes=4,
+        image_size=32,
+        scenarios=scenarios,
+    )
+
+
 def test_quick_suite_plumbing_on_tiny_model(tmp_path):
     """Every scenario runs end to end on a tiny model; rows, ratios, targets are all there."""
     from suite import _ratio_plot
 
     from fundus_edge.perf.bench import write_outputs
 
-    cfg = SuiteConfig(
-        name="tiny",
-        members=("resnet18",),
-        member_head="gap",
-        num_classes=4,
-        image_size=32,
-        scenarios={
+    cfg = _tiny_suite(
+        {
             "fused_vs_user": {"rounds": 1, "iters": 1, "top_k": 2, "warmup": 0},
             "cam_overhead": {"rounds": 2, "iters": 2},
             "precision": {"rounds": 1, "iters": 2, "calib_images": 2, "calib_method": "minmax"},
@@ -361,13 +368,8 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
 
     from fundus_edge.backends import load_backend
 
-    cfg = SuiteConfig(
-        name="tiny",
-        members=("resnet18",),
-        member_head="gap",
-        num_classes=4,
-        image_size=32,
-        scenarios={
+    cfg = _tiny_suite(
+        {
             "pipelined": {
                 "rounds": 1,
                 "warmup": 0,
@@ -443,12 +445,8 @@ def test_student_scenario_on_tiny_models(tmp_path, tiny_synth):
         tmp_path / "student.safetensors", labels, members=("resnet18_os16",),
         member_head="gap", views="original", image_size=32,
     )  # fmt: skip
-    cfg = SuiteConfig(
+    cfg = _tiny_suite(
         name="tiny-student",
-        members=("resnet18",),
-        member_head="gap",
-        num_classes=4,
-        image_size=32,
         scenarios={
             "student": {
                 "student": str(student),

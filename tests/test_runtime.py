@@ -421,11 +421,14 @@ class JitterBackend(FakeBackend):
         self.overlapped = 0
         self._inside = 0
 
+    def _pause(self) -> float:
+        return float(self._rng.uniform(0, 0.006))
+
     def _infer(self, batch):
         with self._lock:
             self._inside += 1
             self.overlapped = max(self.overlapped, self._inside)
-            pause = float(self._rng.uniform(0, 0.006))
+            pause = self._pause()
         time.sleep(pause)
         out = super()._infer(batch)
         out["probs"][:, 0] = batch.reshape(len(batch), -1).mean(1) / 255.0
@@ -434,25 +437,13 @@ class JitterBackend(FakeBackend):
         return out
 
 
-class SerialBackend(FakeBackend):
+class SerialBackend(JitterBackend):
     """One call at a time (``concurrent`` False), each 2 ms; counts calls that overlapped."""
 
-    def __init__(self, meta: dict) -> None:
-        super().__init__(meta)
-        self._lock = threading.Lock()
-        self.overlapped = 0
-        self._inside = 0
+    concurrent = False
 
-    def _infer(self, batch):
-        with self._lock:
-            self._inside += 1
-            self.overlapped = max(self.overlapped, self._inside)
-        time.sleep(0.002)
-        out = super()._infer(batch)
-        out["probs"][:, 0] = batch.reshape(len(batch), -1).mean(1) / 255.0
-        with self._lock:
-            self._inside -= 1
-        return out
+    def _pause(self) -> float:
+        return 0.002
 
 
 def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model, tmp_path):
