@@ -506,6 +506,28 @@ def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model,
     assert serial.overlapped == 1 and preparing["most"] == 2
     assert [r["probabilities"] for r in two] == [r["probabilities"] for r in one]
     assert [r["fov"] for r in two] == [r["fov"] for r in one]
+    # A frame that fails in one of three prepare workers ends the run with its error, at once
+    # (the other workers and the streams stop; nothing hangs), after the frames before it.
+    broken = Predictor(JitterBackend(meta), gate=False)
+    plain, seen = broken.prepare, []
+
+    def fails_from_7(image, circle):
+        if len(seen) >= 7:  # (any worker, once seven frames were prepared)
+            raise UserError("frame 7: unreadable")
+        seen.append(1)
+        return plain(image, circle)
+
+    broken.prepare = fails_from_7
+    got: list[dict] = []
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="frame 7: unreadable"):
+        run(
+            RunConfig(model=onnx_model, source=str(video), headless=True, streams=3),
+            predictor=broken,
+            on_output=lambda o: got.append(o.record),
+            handle_signals=False,
+        )
+    assert time.monotonic() - t0 < 30 and [r["frame"] for r in got] == list(range(len(got)))
     with pytest.raises(UserError, match=r"--streams must be in 1\.\.16"):
         run(RunConfig(model=onnx_model, source="sim://", streams=0), handle_signals=False)
     log = tmp_path / "s.jsonl"
