@@ -30,10 +30,11 @@ unknown key or a wrong type is refused before anything runs; beside ``rounds``, 
 * ``backend: auto``: ``--backend auto``'s choice instead of ONNX Runtime FP32 (suite model only);
 * ``threads``: ONNX Runtime intra-op threads of the model in ``run`` (``RunConfig.threads``;
   0: the runtime's default, every core; default: the suite's ``threads`` setting);
-* ``streams``: frames on the model at once in ``run`` (``run --streams N``: N inference
-  threads sharing the one ONNX Runtime session, results in frame order). With N > 1 the model
-  alone is measured on N concurrent calls too, and its ratio is reported beside the target's
-  (whose baseline stays the model alone one frame at a time, the usual model-only figure);
+* ``streams``: frames in flight in ``run`` (``run --streams N``: N prepare workers and N
+  inference threads sharing the one ONNX Runtime session, results in frame order). With N > 1
+  the model alone is measured on N concurrent calls too, and its ratio is reported beside the
+  target's (whose baseline stays the model alone one frame at a time, the usual model-only
+  figure);
 * ``accelerator_ms``: with ``camera: true``, also ``run`` on the simulated camera with the
   model on a simulated accelerator: each call waits this many milliseconds without the CPU
   (as a call on a GPU's queue does) and returns the real model's outputs for one input
@@ -101,8 +102,9 @@ class PipelinedOptions:
             model only).
         threads: ONNX Runtime intra-op threads of ``run``'s model (0: the runtime's default);
             None: the suite's ``threads``.
-        streams: frames on the model at once in ``run`` (``run --streams``); with more than
-            one, the model alone is also measured on that many concurrent calls.
+        streams: frames in flight in ``run`` (``run --streams``: prepare workers and
+            inference threads); with more than one, the model alone is also measured on that
+            many concurrent calls.
         model_threads: thread counts the model alone is measured with; None: ``[threads]``.
         accelerator_ms: the simulated accelerator's milliseconds a call (``camera`` runs
             only); None: no accelerator rows.
@@ -327,20 +329,18 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             if log_file is not None:
                 log_file.close()
 
-    def model_only(t: int = threads) -> None:
-        b = alone_backends.get(t, predictor.backend)
-        for _ in range(n):
+    def calls(b: Any, k: int = n) -> None:
+        """``k`` calls of backend ``b`` on the preprocessed image, one after another."""
+        for _ in range(k):
             b.infer(batch)
+
+    def model_only(t: int = threads) -> None:
+        calls(alone_backends.get(t, predictor.backend))
 
     def model_streams() -> None:
         """The run's backend on ``opts.streams`` concurrent calls, ``n`` frames in all."""
         share = [n // opts.streams + (i < n % opts.streams) for i in range(opts.streams)]
-
-        def calls(k: int) -> None:
-            for _ in range(k):
-                predictor.backend.infer(batch)
-
-        workers = [threading.Thread(target=calls, args=(k,)) for k in share]
+        workers = [threading.Thread(target=calls, args=(predictor.backend, k)) for k in share]
         for t in workers:
             t.start()
         for t in workers:
@@ -406,11 +406,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             acc_fps = round(opts.camera_rate * 1e3 / opts.accelerator_ms)
             acc_desc = f"sim://{w}x{h}@{acc_fps}"
 
-            def accelerator_alone() -> None:
-                for _ in range(n):
-                    accelerated.backend.infer(batch)
-
-            variants["accel_alone"] = accelerator_alone
+            variants["accel_alone"] = lambda: calls(accelerated.backend)
             for k in sorted({1, opts.streams}):
                 variants[f"accel_{k}"] = lambda k=k: camera_run(
                     True, f"accel_{k}", k, accelerated, acc_desc, acc_fps
