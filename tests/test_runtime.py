@@ -474,6 +474,7 @@ def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model,
                 preparing["now"] += 1
                 preparing["most"] = max(preparing["most"], preparing["now"])
                 preparing["threads"].add(threading.current_thread().name)
+                preparing["cv"].add(cv2.getNumThreads())
             time.sleep(0.003)
             try:
                 return plain(image, circle)
@@ -482,17 +483,21 @@ def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model,
                     preparing["now"] -= 1
 
         predictor.prepare = watched
-        preparing.update(most=0, threads=set())
+        preparing.update(most=0, threads=set(), cv=set())
         run(
             cfg, predictor=predictor, on_output=lambda o: got.append(o.record), handle_signals=False
         )
         return got
 
+    cv_threads = cv2.getNumThreads()
     one = records(1, JitterBackend(meta))
+    assert preparing["cv"] == {cv_threads}  # one worker keeps OpenCV's pool
     jitter = JitterBackend(meta)
     three = records(3, jitter)
     assert jitter.overlapped >= 2  # calls did run at once
     assert preparing["most"] >= 2 and len(preparing["threads"]) == 3  # three prepare workers
+    # The workers are the parallelism: OpenCV runs one thread in each, and is restored after.
+    assert preparing["cv"] == {1} and cv2.getNumThreads() == cv_threads
     assert [r["frame"] for r in three] == [r["frame"] for r in one] == list(range(n))
     # Smoothing is stateful: equal values prove the results were finished in frame order.
     assert [r["probabilities"] for r in three] == [r["probabilities"] for r in one]

@@ -38,7 +38,8 @@ field of view (:meth:`Predictor.locate <fundus_edge.runtime.Predictor.locate>`: 
 stateful, so it sees the frames in order, exactly as with one worker), then crop and grade
 side by side. When the model is the slowest stage a second stream puts it on the core the
 prepare stage leaves idle; when the model runs on a GPU and the CPU's prepare is the slowest,
-N workers use N cores. Streams finish out of order; their results wait in :meth:`_Run._emit`
+N workers use N cores. With N > 1 the workers are the parallelism, and OpenCV's own thread
+pool is set to one thread for the run (:class:`_opencv_threads`). Streams finish out of order; their results wait in :meth:`_Run._emit`
 and leave in frame order, so smoothing, counts and every sink see the frames as they came.
 
 On two cores with the model on the CPU, the frame's CPU (model + prepare + decode) bounds
@@ -569,6 +570,10 @@ class _Run:
     # -- the run ---------------------------------------------------------------------------------
 
     def execute(self) -> RunSummary:
+        with _opencv_threads(1 if self.streams > 1 else None):
+            return self._execute()
+
+    def _execute(self) -> RunSummary:
         t0 = time.perf_counter()
         threads = [
             threading.Thread(target=self.capture, name="fe-capture", daemon=True),
@@ -887,6 +892,37 @@ def run(
             predictor.close()
         elif predictor is not None and was_tracking is not None:
             predictor.track_fov = was_tracking  # the caller's predictor as it came
+
+
+class _opencv_threads:
+    """OpenCV's own thread pool set to ``n`` threads for a block, then as it was (None: left).
+
+    ``run --streams N`` (N > 1) runs N prepare workers: they are the parallelism, and OpenCV
+    splitting each worker's resizes and filters over its pool again only adds hand-offs and
+    the pool's spin-waiting. On the 2-core VM (2026-12-02, the student at 1920x1080, 2 streams)
+    the pool's thread took 0.25-0.33 ms of CPU a frame and the prepare workers none less
+    with it gone. One worker keeps OpenCV's pool: there it is the only parallelism prepare
+    has (the model on a GPU leaves the other cores free). The setting is the process's:
+    other threads using OpenCV during the run get one thread too.
+    """
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self._was: int | None = None
+
+    def __enter__(self) -> _opencv_threads:
+        if self.n is not None:
+            import cv2
+
+            self._was = cv2.getNumThreads()
+            cv2.setNumThreads(self.n)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._was is not None:
+            import cv2
+
+            cv2.setNumThreads(self._was)
 
 
 class _signals_stop:
