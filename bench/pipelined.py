@@ -14,7 +14,11 @@ Does ``run`` keep up with its model? Variants, interleaved in rounds (``suite.in
 Ratios: FPS of ``run`` / FPS of the model alone, for the file and for the camera (target
 ``>= 0.9``). A camera cannot deliver more than its rate, so the simulated camera runs at
 ``camera_rate`` times the model-only FPS measured before the rounds (default 1.5: the pipeline,
-not the camera, is then the bottleneck) and its FPS is frames processed / seconds run.
+not the camera, is then the bottleneck) and its FPS is frames processed / seconds run. On
+Linux each camera variant's notes also say where its CPU went: ms a frame by ``run``'s
+threads (inference, prepare workers, capture, logs, and the threads ``run`` does not name),
+against the cores' time a frame (:class:`ThreadCpu`, summed over the timed rounds): when the
+cores are ~100 % busy, no arrangement of the stages makes ``run`` faster there.
 
 Options (:class:`PipelinedOptions`, resolved from the suite file by the one layered loader: an
 unknown key or a wrong type is refused before anything runs; beside ``rounds``, ``warmup``,
@@ -73,7 +77,7 @@ from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 
-__all__ = ["Accelerated", "PipelinedOptions", "run_pipelined"]
+__all__ = ["Accelerated", "PipelinedOptions", "ThreadCpu", "cpu_note", "run_pipelined"]
 
 log = get_logger("bench.pipelined")
 
@@ -192,6 +196,113 @@ class Accelerated(Backend):
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         time.sleep(self._ms / 1e3)
         return {k: np.repeat(v, len(batch), axis=0) for k, v in self._outputs.items()}
+
+
+class ThreadCpu:
+    """The CPU time this process's threads take during a block, grouped by ``run``'s thread
+    names: where a frame's CPU goes (Linux: ``/proc/self/task/*/stat``, utime + stime).
+
+    A sampler thread reads every thread's ticks each ``interval`` seconds and keeps the last
+    reading of each, so a thread that ends within the block counts up to its last sample (its
+    final ``interval`` is lost: a few ms in a run of seconds); ticks are the kernel's clock
+    ticks (10 ms at the usual 100 Hz), summed over seconds of work. Threads already running at
+    the start count from their reading then; the sampler itself is left out. Groups:
+    ``inference`` (``fe-infer-*``), ``prepare`` (``fe-prepare-*``), ``capture``, ``logs``,
+    and ``other``: every thread ``run`` did not name (the caller's, OpenCV's and the inference
+    runtime's own pools, FFmpeg's decoder threads).
+    """
+
+    GROUPS = (
+        ("fe-infer", "inference"),
+        ("fe-prepare", "prepare"),
+        ("fe-capture", "capture"),
+        ("fe-log", "logs"),
+    )
+    ROOT = Path("/proc/self/task")
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.available = self.ROOT.is_dir()
+        self.seconds: dict[str, float] = {}
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hz = 100.0
+
+    def _ticks(self) -> dict[int, int]:
+        out = {}
+        for task in self.ROOT.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # ended between the listing and the read
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            out[int(task.name)] = int(fields[11]) + int(fields[12])  # utime, stime
+        return out
+
+    def _sample(self) -> None:
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self._names.setdefault(t.native_id, t.name)
+        self._last.update(self._ticks())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ThreadCpu:
+        if self.available:
+            import os
+
+            self._hz = float(os.sysconf("SC_CLK_TCK"))
+            self._first = self._ticks()
+            self._last = dict(self._first)
+            self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        own = self._thread.native_id
+        self.seconds = {}
+        for tid, ticks in self._last.items():
+            if tid == own:
+                continue
+            name = self._names.get(tid, "")
+            group = next((g for prefix, g in self.GROUPS if name.startswith(prefix)), "other")
+            used = (ticks - self._first.get(tid, 0)) / self._hz
+            self.seconds[group] = self.seconds.get(group, 0.0) + used
+
+
+def cpu_note(what: str, taken: list[tuple[dict[str, float], int, float]]) -> str:
+    """One line: CPU ms a frame by thread group over ``taken`` (per call: the groups' CPU
+    seconds, frames processed, seconds elapsed), against the cores' time a frame."""
+    import os
+
+    frames = sum(f for _, f, _ in taken)
+    elapsed = sum(e for _, _, e in taken)
+    groups: dict[str, float] = {}
+    for seconds, _, _ in taken:
+        for g, v in seconds.items():
+            groups[g] = groups.get(g, 0.0) + v
+    order = [g for _, g in ThreadCpu.GROUPS] + ["other"]
+    parts = ", ".join(f"{g} {1e3 * groups.get(g, 0.0) / frames:.2f}" for g in order)
+    total = 1e3 * sum(groups.values()) / frames
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    wall = 1e3 * elapsed / frames
+    return (
+        f"pipelined: CPU ms a frame by thread, {what}: {parts} (other: threads run does not "
+        f"name, e.g. OpenCV's and the runtime's pools); {total:.2f} in all, against {cores} "
+        f"cores x {wall:.2f} ms a frame = {cores * wall:.2f} "
+        f"({100 * total / (cores * wall):.0f} % busy; /proc/self/task, {frames} frames)"
+    )
 
 
 def _frames(n: int, w: int, h: int, seed: int) -> list[np.ndarray]:
@@ -359,6 +470,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         variants["model_streams"] = model_streams
 
     per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
+    cpu_of: dict[str, list[Any]] = {}  # camera variants: (CPU s by thread group, frames, s)
     cam_desc = ""
     if camera:
         seconds = opts.camera_seconds
@@ -387,12 +499,15 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             src.open()  # (generating the frames is not timed: run() times from the first read)
             stopper.start()
             try:
-                s = run(cfg, predictor=on, handle_signals=False)
+                with ThreadCpu() as cpu:
+                    s = run(cfg, predictor=on, handle_signals=False)
             finally:
                 stopper.cancel()
             if s.frames_processed < 2:
                 raise UserError(f"{desc}: only {s.frames_processed} frames processed")
             per_frame.setdefault(key, []).append(1e3 * s.elapsed_s / s.frames_processed)
+            if cpu.available:
+                cpu_of.setdefault(key, []).append((cpu.seconds, s.frames_processed, s.elapsed_s))
 
         variants["camera"] = lambda: camera_run(True, "camera")
         if opts.streams > 1:
@@ -493,6 +608,20 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             "for one input; they time run's CPU side (capture, prepare workers, logs) feeding "
             "a model that leaves the cores free, not any accelerator."
         )
+    cpu_what = {
+        "camera": f"run on {cam_desc}, {opts.streams} stream{'s' if opts.streams > 1 else ''}"
+    }
+    if camera and opts.streams > 1:
+        cpu_what["camera_one_stream"] = f"run on {cam_desc}, 1 stream"
+    if camera and opts.accelerator_ms is not None:
+        for k in sorted({1, opts.streams}):
+            cpu_what[f"accel_{k}"] = (
+                f"run on {acc_desc}, the model on the simulated accelerator, "
+                f"{k} stream{'s' if k > 1 else ''}"
+            )
+    for key, what_run in cpu_what.items():
+        if cpu_of.get(key):
+            res.notes.append(cpu_note(what_run, cpu_of[key][-rounds:]))
     what = (
         "every frame rendered and written to an mp4"
         if sink == "video"

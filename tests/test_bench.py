@@ -397,6 +397,9 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
         for r in result.ratios
     )
     assert any("accelerator rows are a simulation" in n for n in result.config["notes"])
+    if Path("/proc/self/task").is_dir():  # where the frames' CPU went, per camera variant
+        cpu = [n for n in result.config["notes"] if "CPU ms a frame by thread" in n]
+        assert len(cpu) == 4 and any(", 2 streams: inference" in n for n in cpu)
     # The backend itself: the real outputs for every frame, after the wait, the CPU idle.
     from test_backends import make_onnx_model
 
@@ -412,6 +415,36 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
         PipelinedOptions(accelerator_ms=1.0)
     with pytest.raises(UserError, match=r"accelerator_ms: must be in \(0, 1000\]"):
         PipelinedOptions(camera=True, accelerator_ms=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_thread_cpu_groups_the_threads_run_names():
+    """A busy thread named as run's prepare workers are is counted there; a sleeping one named
+    as an inference thread takes (almost) nothing; the note divides by frames."""
+    import threading
+    import time
+
+    from pipelined import ThreadCpu, cpu_note
+
+    def busy():
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    with ThreadCpu() as cpu:
+        workers = [
+            threading.Thread(target=busy, name="fe-prepare-0"),
+            threading.Thread(target=time.sleep, args=(0.3,), name="fe-infer-0"),
+        ]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    assert cpu.available and cpu.seconds["prepare"] >= 0.2
+    assert cpu.seconds.get("inference", 0.0) < 0.05
+    note = cpu_note("a test", [({"prepare": 0.5, "inference": 0.25}, 100, 0.5)])
+    assert "a test: inference 2.50, prepare 5.00, capture 0.00, logs 0.00, other 0.00" in note
+    assert "7.50 in all" in note
 
 
 # ---------------------------------------------------------------------------- student scenario
