@@ -471,7 +471,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
 
     per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
     cpu_of: dict[str, list[Any]] = {}  # camera variants: (CPU s by thread group, frames, s)
-    cam_desc = ""
+    cam_desc = acc_desc = ""
     if camera:
         seconds = opts.camera_seconds
         probe = [0.0] * 3
@@ -608,17 +608,16 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             "for one input; they time run's CPU side (capture, prepare workers, logs) feeding "
             "a model that leaves the cores free, not any accelerator."
         )
+    # Where each camera variant's CPU went (Linux), in the order of its rows.
     cpu_what = {
-        "camera": f"run on {cam_desc}, {opts.streams} stream{'s' if opts.streams > 1 else ''}"
+        "camera": f"run on {cam_desc}, {opts.streams} stream{'s' if opts.streams > 1 else ''}",
+        "camera_one_stream": f"run on {cam_desc}, 1 stream",
     }
-    if camera and opts.streams > 1:
-        cpu_what["camera_one_stream"] = f"run on {cam_desc}, 1 stream"
-    if camera and opts.accelerator_ms is not None:
-        for k in sorted({1, opts.streams}):
-            cpu_what[f"accel_{k}"] = (
-                f"run on {acc_desc}, the model on the simulated accelerator, "
-                f"{k} stream{'s' if k > 1 else ''}"
-            )
+    for k in sorted({1, opts.streams}):
+        cpu_what[f"accel_{k}"] = (
+            f"run on {acc_desc}, the model on the simulated accelerator, "
+            f"{k} stream{'s' if k > 1 else ''}"
+        )
     for key, what_run in cpu_what.items():
         if cpu_of.get(key):
             res.notes.append(cpu_note(what_run, cpu_of[key][-rounds:]))

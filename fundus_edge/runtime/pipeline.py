@@ -39,8 +39,9 @@ stateful, so it sees the frames in order, exactly as with one worker), then crop
 side by side. When the model is the slowest stage a second stream puts it on the core the
 prepare stage leaves idle; when the model runs on a GPU and the CPU's prepare is the slowest,
 N workers use N cores. With N > 1 the workers are the parallelism, and OpenCV's own thread
-pool is set to one thread for the run (:class:`_opencv_threads`). Streams finish out of order; their results wait in :meth:`_Run._emit`
-and leave in frame order, so smoothing, counts and every sink see the frames as they came.
+pool is set to one thread for the run (:func:`_opencv_threads`). Streams finish out of order;
+their results wait in :meth:`_Run._emit` and leave in frame order, so smoothing, counts and
+every sink see the frames as they came.
 
 On two cores with the model on the CPU, the frame's CPU (model + prepare + decode) bounds
 ``run`` however well the stages overlap: 0.58-0.84 of the model alone for a live camera at
@@ -59,10 +60,11 @@ video is playable.
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -895,35 +897,30 @@ def run(
             predictor.track_fov = was_tracking  # the caller's predictor as it came
 
 
-class _opencv_threads:
+@contextlib.contextmanager
+def _opencv_threads(n: int | None) -> Iterator[None]:
     """OpenCV's own thread pool set to ``n`` threads for a block, then as it was (None: left).
 
     ``run --streams N`` (N > 1) runs N prepare workers: they are the parallelism, and OpenCV
     splitting each worker's resizes and filters over its pool again only adds hand-offs and
-    the pool's spin-waiting. On the 2-core VM (2026-12-02, the student at 1920x1080, 2 streams)
-    the pool's thread took 0.25-0.33 ms of CPU a frame and the prepare workers none less
-    with it gone. One worker keeps OpenCV's pool: there it is the only parallelism prepare
-    has (the model on a GPU leaves the other cores free). The setting is the process's:
-    other threads using OpenCV during the run get one thread too.
+    the pool's spin-waiting. On the 2-core VM (2026-12-02, the student at 1920x1080) threads
+    ``run`` does not name (OpenCV's pool) took 0.75 ms of CPU a frame beside one prepare worker
+    and 0.01 beside two with the pool at one thread, the workers' own time about the same
+    (``bench/scenarios/pipelined-student.yaml``'s CPU notes). One worker keeps OpenCV's pool:
+    there it is prepare's only parallelism (the model on a GPU leaves the other cores free).
+    The setting is the process's: other threads using OpenCV during the run get one thread too.
     """
+    if n is None:
+        yield
+        return
+    import cv2
 
-    def __init__(self, n: int | None) -> None:
-        self.n = n
-        self._was: int | None = None
-
-    def __enter__(self) -> _opencv_threads:
-        if self.n is not None:
-            import cv2
-
-            self._was = cv2.getNumThreads()
-            cv2.setNumThreads(self.n)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._was is not None:
-            import cv2
-
-            cv2.setNumThreads(self._was)
+    was = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(was)
 
 
 class _signals_stop:
