@@ -25,8 +25,8 @@ quality gate's copy are made from one area reduction of the field's square
 frame once (0.5 ms for a 944-px field), then each output takes its last, mild step (~0.6 ms
 each). The gate's measures then cost ~1.2 ms: the prepare workers' ~3-6 ms of CPU a frame at
 1920x1080, by VM (3.0-3.1 ms in the ``pipelined`` suite's CPU notes, 2026-12-02 08:57; 7-8 ms
-before the shared reduction of 0ed8eb3, on that day's earlier VM), and for a video file ~3-5 ms more in the
-capture thread and FFmpeg's (mp4v decode).
+before the shared reduction of 0ed8eb3, on that day's earlier VM), and for a video file
+~3-5 ms more in the capture thread and FFmpeg's (mp4v decode).
 
 With :attr:`RunConfig.threads` = 1 the model keeps one core and the rest of the pipeline has
 the other (ONNX Runtime's default takes every core for itself, which a small model uses
