@@ -206,7 +206,10 @@ class ThreadCpu:
     reading of each, so a thread that ends within the block counts up to its last sample (its
     final ``interval`` is lost: a few ms in a run of seconds); ticks are the kernel's clock
     ticks (10 ms at the usual 100 Hz), summed over seconds of work. Threads already running at
-    the start count from their reading then; the sampler itself is left out. Groups:
+    the start count from their reading then; the sampler itself is left out. The sampler
+    needs the GIL between its reads: ``run``'s threads spend their time in OpenCV and the
+    runtimes with it released, but a thread looping in pure Python delays every read by
+    Python's switch interval (5 ms), and one that ends within ~0.3 s may then be missed. Groups:
     ``inference`` (``fe-infer-*``), ``prepare`` (``fe-prepare-*``), ``capture``, ``logs``,
     and ``other``: every thread ``run`` did not name (the caller's, OpenCV's and the inference
     runtime's own pools, FFmpeg's decoder threads).

@@ -421,15 +421,17 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
 def test_thread_cpu_groups_the_threads_run_names():
     """A busy thread named as run's prepare workers are is counted there; a sleeping one named
     as an inference thread takes (almost) nothing; the note divides by frames."""
+    import hashlib
     import threading
     import time
 
     from pipelined import ThreadCpu, cpu_note
 
-    def busy():
-        end = time.thread_time() + 0.3
+    def busy():  # 0.3 s of CPU, hashing with the GIL released (as OpenCV and the runtimes
+        # work): a pure-Python loop would hold it and starve the sampler's /proc reads
+        data, end = bytes(1 << 20), time.thread_time() + 0.3
         while time.thread_time() < end:
-            pass
+            hashlib.sha256(data)
 
     with ThreadCpu() as cpu:
         workers = [
