@@ -463,6 +463,9 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
     def threads_label(t: int) -> str:
         return f"{t} thread{'s' if t > 1 else ''}" if t else "the runtime's default threads"
 
+    def streams_label(k: int) -> str:
+        return f"{k} stream{'s' if k > 1 else ''}"
+
     variants: dict[str, Any] = {"pipelined": lambda: file_run(True)}
     if before:
         variants["fitted"] = lambda: file_run(False)
@@ -592,7 +595,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         acc_alone = row(f"model only on {acc}", "accel_alone")
         acc_rows = {
             k: row(
-                f"runtime.run on {acc_desc}, the model on {acc}, {k} stream{'s' if k > 1 else ''}",
+                f"runtime.run on {acc_desc}, the model on {acc}, {streams_label(k)}",
                 f"accel_{k}",
             )
             for k in sorted({1, opts.streams})
@@ -613,13 +616,12 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         )
     # Where each camera variant's CPU went (Linux), in the order of its rows.
     cpu_what = {
-        "camera": f"run on {cam_desc}, {opts.streams} stream{'s' if opts.streams > 1 else ''}",
+        "camera": f"run on {cam_desc}, {streams_label(opts.streams)}",
         "camera_one_stream": f"run on {cam_desc}, 1 stream",
     }
     for k in sorted({1, opts.streams}):
         cpu_what[f"accel_{k}"] = (
-            f"run on {acc_desc}, the model on the simulated accelerator, "
-            f"{k} stream{'s' if k > 1 else ''}"
+            f"run on {acc_desc}, the model on the simulated accelerator, {streams_label(k)}"
         )
     for key, what_run in cpu_what.items():
         if cpu_of.get(key):
