@@ -601,7 +601,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             for k in sorted({1, opts.streams})
         }
         for k, r in acc_rows.items():
-            res.compare(acc_alone, r, f"pipelined FPS / model-only FPS, {acc}, {k} streams")
+            res.compare(acc_alone, r, f"pipelined FPS / model-only FPS, {acc}, {streams_label(k)}")
         if opts.streams > 1:
             res.compare(
                 acc_rows[1],
