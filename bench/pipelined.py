@@ -14,11 +14,12 @@ Does ``run`` keep up with its model? Variants, interleaved in rounds (``suite.in
 Ratios: FPS of ``run`` / FPS of the model alone, for the file and for the camera (target
 ``>= 0.9``). A camera cannot deliver more than its rate, so the simulated camera runs at
 ``camera_rate`` times the model-only FPS measured before the rounds (default 1.5: the pipeline,
-not the camera, is then the bottleneck) and its FPS is frames processed / seconds run. On
-Linux each camera variant's notes also say where its CPU went: ms a frame by ``run``'s
-threads (inference, prepare workers, capture, logs, and the threads ``run`` does not name),
-against the cores' time a frame (:class:`ThreadCpu`, summed over the timed rounds): when the
-cores are ~100 % busy, no arrangement of the stages makes ``run`` faster there.
+not the camera, is then the bottleneck) and its FPS is frames processed / seconds run. Each
+camera variant's notes also say where its CPU went: ms a frame by ``run``'s threads
+(inference, prepare workers, capture, logs, and the rest of the process: the runtime's and
+OpenCV's pools), against the cores' time a frame (:attr:`RunSummary.cpu_ms
+<fundus_edge.runtime.RunSummary.cpu_ms>`: each thread's own clock, over the timed rounds);
+when the cores are ~100 % busy, no arrangement of the stages makes ``run`` faster there.
 
 Options (:class:`PipelinedOptions`, resolved from the suite file by the one layered loader: an
 unknown key or a wrong type is refused before anything runs; beside ``rounds``, ``warmup``,
@@ -77,7 +78,7 @@ from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.log import get_logger
 
-__all__ = ["Accelerated", "PipelinedOptions", "ThreadCpu", "cpu_note", "run_pipelined"]
+__all__ = ["Accelerated", "PipelinedOptions", "cpu_note", "run_pipelined"]
 
 log = get_logger("bench.pipelined")
 
@@ -198,113 +199,26 @@ class Accelerated(Backend):
         return {k: np.repeat(v, len(batch), axis=0) for k, v in self._outputs.items()}
 
 
-class ThreadCpu:
-    """The CPU time this process's threads take during a block, grouped by ``run``'s thread
-    names: where a frame's CPU goes (Linux: ``/proc/self/task/*/stat``, utime + stime).
-
-    A sampler thread reads every thread's ticks each ``interval`` seconds and keeps the last
-    reading of each, so a thread that ends within the block counts up to its last sample (its
-    final ``interval`` is lost: a few ms in a run of seconds); ticks are the kernel's clock
-    ticks (10 ms at the usual 100 Hz), summed over seconds of work. Threads already running at
-    the start count from their reading then; the sampler itself is left out. The sampler
-    needs the GIL between its reads: ``run``'s threads spend their time in OpenCV and the
-    runtimes with it released, but a thread looping in pure Python delays every read by
-    Python's switch interval (5 ms), and one that ends within ~0.3 s may then be missed. Groups:
-    ``inference`` (``fe-infer-*``), ``prepare`` (``fe-prepare-*``), ``capture``, ``logs``,
-    and ``other``: every thread ``run`` did not name (the caller's, OpenCV's and the inference
-    runtime's own pools, FFmpeg's decoder threads).
-    """
-
-    GROUPS = (
-        ("fe-infer", "inference"),
-        ("fe-prepare", "prepare"),
-        ("fe-capture", "capture"),
-        ("fe-log", "logs"),
-    )
-    ROOT = Path("/proc/self/task")
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.available = self.ROOT.is_dir()
-        self.seconds: dict[str, float] = {}
-        self._first: dict[int, int] = {}
-        self._last: dict[int, int] = {}
-        self._names: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._hz = 100.0
-
-    def _ticks(self) -> dict[int, int]:
-        out = {}
-        for task in self.ROOT.iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except OSError:  # ended between the listing and the read
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            out[int(task.name)] = int(fields[11]) + int(fields[12])  # utime, stime
-        return out
-
-    def _sample(self) -> None:
-        for t in threading.enumerate():
-            if t.native_id is not None:
-                self._names.setdefault(t.native_id, t.name)
-        self._last.update(self._ticks())
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> ThreadCpu:
-        if self.available:
-            import os
-
-            self._hz = float(os.sysconf("SC_CLK_TCK"))
-            self._first = self._ticks()
-            self._last = dict(self._first)
-            self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        own = self._thread.native_id
-        self.seconds = {}
-        for tid, ticks in self._last.items():
-            if tid == own:
-                continue
-            name = self._names.get(tid, "")
-            group = next((g for prefix, g in self.GROUPS if name.startswith(prefix)), "other")
-            used = (ticks - self._first.get(tid, 0)) / self._hz
-            self.seconds[group] = self.seconds.get(group, 0.0) + used
-
-
-def cpu_note(what: str, taken: list[tuple[dict[str, float], int, float]]) -> str:
-    """One line: CPU ms a frame by thread group over ``taken`` (per call: the groups' CPU
-    seconds, frames processed, seconds elapsed), against the cores' time a frame."""
-    import os
-
-    frames = sum(f for _, f, _ in taken)
-    elapsed = sum(e for _, _, e in taken)
+def cpu_note(what: str, taken: list[tuple[dict[str, float], int, float, int]]) -> str:
+    """One line: CPU ms a frame by ``run``'s thread groups over ``taken`` (per call: its
+    :attr:`RunSummary.cpu_ms <fundus_edge.runtime.RunSummary.cpu_ms>`, frames processed,
+    seconds elapsed, cores), against the cores' time a frame."""
+    frames = sum(f for _, f, _, _ in taken)
+    elapsed = sum(e for _, _, e, _ in taken)
+    cores = max(c for _, _, _, c in taken)
     groups: dict[str, float] = {}
-    for seconds, _, _ in taken:
-        for g, v in seconds.items():
-            groups[g] = groups.get(g, 0.0) + v
-    order = [g for _, g in ThreadCpu.GROUPS] + ["other"]
-    parts = ", ".join(f"{g} {1e3 * groups.get(g, 0.0) / frames:.2f}" for g in order)
-    total = 1e3 * sum(groups.values()) / frames
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    for per_frame, f, _, _ in taken:  # (ms a frame over that call's frames)
+        for g, v in per_frame.items():
+            groups[g] = groups.get(g, 0.0) + v * f
+    order = ("inference", "prepare", "capture", "logs", "draw", "other")
+    parts = ", ".join(f"{g} {groups[g] / frames:.2f}" for g in order if g in groups)
+    total = groups.get("all", 0.0) / frames
     wall = 1e3 * elapsed / frames
     return (
-        f"pipelined: CPU ms a frame by thread, {what}: {parts} (other: threads run does not "
-        f"name, e.g. OpenCV's and the runtime's pools); {total:.2f} in all, against {cores} "
-        f"cores x {wall:.2f} ms a frame = {cores * wall:.2f} "
-        f"({100 * total / (cores * wall):.0f} % busy; /proc/self/task, {frames} frames)"
+        f"pipelined: CPU ms a frame by thread, {what}: {parts} (other: the process's threads "
+        f"run does not start, e.g. OpenCV's and the runtime's pools); {total:.2f} in all, "
+        f"against {cores} cores x {wall:.2f} ms a frame = {cores * wall:.2f} "
+        f"({100 * total / (cores * wall):.0f} % busy; run's thread clocks, {frames} frames)"
     )
 
 
@@ -476,7 +390,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
         variants["model_streams"] = model_streams
 
     per_frame: dict[str, list[float]] = {}  # camera variants: ms per processed frame, per call
-    cpu_of: dict[str, list[Any]] = {}  # camera variants: (CPU s by thread group, frames, s)
+    cpu_of: dict[str, list[Any]] = {}  # camera variants: (cpu_ms, frames, s, cores) a run
     cam_desc = acc_desc = ""
     if camera:
         seconds = opts.camera_seconds
@@ -505,15 +419,13 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             src.open()  # (generating the frames is not timed: run() times from the first read)
             stopper.start()
             try:
-                with ThreadCpu() as cpu:
-                    s = run(cfg, predictor=on, handle_signals=False)
+                s = run(cfg, predictor=on, handle_signals=False)
             finally:
                 stopper.cancel()
             if s.frames_processed < 2:
                 raise UserError(f"{desc}: only {s.frames_processed} frames processed")
             per_frame.setdefault(key, []).append(1e3 * s.elapsed_s / s.frames_processed)
-            if cpu.available:
-                cpu_of.setdefault(key, []).append((cpu.seconds, s.frames_processed, s.elapsed_s))
+            cpu_of.setdefault(key, []).append((s.cpu_ms, s.frames_processed, s.elapsed_s, s.cores))
 
         variants["camera"] = lambda: camera_run(True, "camera")
         if opts.streams > 1:
@@ -614,7 +526,7 @@ def run_pipelined(ws: Workspace, opts: PipelinedOptions) -> ScenarioResult:
             "for one input; they time run's CPU side (capture, prepare workers, logs) feeding "
             "a model that leaves the cores free, not any accelerator."
         )
-    # Where each camera variant's CPU went (Linux), in the order of its rows.
+    # Where each camera variant's CPU went, in the order of its rows.
     cpu_what = {
         "camera": f"run on {cam_desc}, {streams_label(opts.streams)}",
         "camera_one_stream": f"run on {cam_desc}, 1 stream",

@@ -417,36 +417,20 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
         PipelinedOptions(camera=True, accelerator_ms=0)
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
-def test_thread_cpu_groups_the_threads_run_names():
-    """A busy thread named as run's prepare workers are is counted there; a sleeping one named
-    as an inference thread takes (almost) nothing; the note divides by frames."""
-    import hashlib
-    import threading
-    import time
+def test_cpu_note_weighs_each_run_by_its_frames():
+    """Runs' per-frame CPU is summed over their frames; the share is of the cores' time."""
+    from pipelined import cpu_note
 
-    from pipelined import ThreadCpu, cpu_note
-
-    def busy():  # 0.3 s of CPU, hashing with the GIL released (as OpenCV and the runtimes
-        # work): a pure-Python loop would hold it and starve the sampler's /proc reads
-        data, end = bytes(1 << 20), time.thread_time() + 0.3
-        while time.thread_time() < end:
-            hashlib.sha256(data)
-
-    with ThreadCpu() as cpu:
-        workers = [
-            threading.Thread(target=busy, name="fe-prepare-0"),
-            threading.Thread(target=time.sleep, args=(0.3,), name="fe-infer-0"),
-        ]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-    assert cpu.available and cpu.seconds["prepare"] >= 0.2
-    assert cpu.seconds.get("inference", 0.0) < 0.05
-    note = cpu_note("a test", [({"prepare": 0.5, "inference": 0.25}, 100, 0.5)])
-    assert "a test: inference 2.50, prepare 5.00, capture 0.00, logs 0.00, other 0.00" in note
-    assert "7.50 in all" in note
+    taken = [
+        ({"capture": 0.1, "prepare": 2.0, "inference": 3.0, "logs": 0.2, "other": 0.7, "all": 6.0},
+         100, 0.5, 2),
+        ({"capture": 0.1, "prepare": 4.0, "inference": 3.0, "logs": 0.2, "other": 0.7, "all": 8.0},
+         300, 1.5, 2),
+    ]  # fmt: skip
+    note = cpu_note("a test", taken)
+    assert "a test: inference 3.00, prepare 3.50, capture 0.10, logs 0.20, other 0.70" in note
+    assert "7.50 in all, against 2 cores x 5.00 ms a frame = 10.00 (75 % busy" in note
+    assert "draw" not in note and "400 frames" in note
 
 
 # ---------------------------------------------------------------------------- student scenario

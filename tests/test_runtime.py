@@ -27,7 +27,7 @@ from fundus_edge.convert.calibration import synthetic_frames
 from fundus_edge.errors import UserError
 from fundus_edge.runtime import Predictor, RunConfig, open_source, run
 from fundus_edge.runtime.clip import expand_inputs
-from fundus_edge.runtime.pipeline import _Channel
+from fundus_edge.runtime.pipeline import RunSummary, _Channel
 from fundus_edge.runtime.render import render
 from fundus_edge.runtime.sources import (
     CameraSource,
@@ -542,6 +542,59 @@ def test_streams_keep_frame_order_smoothing_and_prepare_side_by_side(onnx_model,
     assert len(log.read_text().splitlines()) == 5
     res = runner.invoke(app, [*args, "--streams", "17"])
     assert res.exit_code == 2 and "--streams must be in 1..16" in res.output
+
+
+def _burn(seconds: float) -> None:
+    """This thread's CPU for ``seconds`` (its own clock), hashing with the GIL released."""
+    import hashlib
+
+    data, end = bytes(1 << 16), time.thread_time() + seconds
+    while time.thread_time() < end:
+        hashlib.sha256(data)
+
+
+class BusyBackend(FakeBackend):
+    """Each call costs the calling thread 4 ms of CPU."""
+
+    def _infer(self, batch):
+        _burn(0.004)
+        return super()._infer(batch)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_summary_reports_each_threads_cpu_per_frame(onnx_model, tmp_path, streams):
+    """Known CPU in the inference and prepare threads shows in their groups (each thread's own
+    clock); rendering counts only with a visual sink; the rest of the process is "other"."""
+    video = write_video(tmp_path / "v.avi", 12, size=(160, 120))
+    meta = Predictor(onnx_model).metadata
+
+    def summary(**sinks) -> RunSummary:
+        predictor = Predictor(BusyBackend(meta), gate=False)
+        plain = predictor.prepare
+
+        def prepare(image, circle):  # 2 ms of CPU more a frame in the prepare workers
+            _burn(0.002)
+            return plain(image, circle)
+
+        predictor.prepare = prepare
+        cfg = RunConfig(
+            model=onnx_model, source=str(video), headless=True, streams=streams, **sinks
+        )
+        return run(cfg, predictor=predictor, handle_signals=False)
+
+    s = summary(jsonl=tmp_path / f"r{streams}.jsonl")
+    cpu = s.cpu_ms
+    assert list(cpu) == ["capture", "prepare", "inference", "logs", "other", "all"]
+    assert s.frames_processed == 12 and s.cores >= 1
+    assert 4.0 <= cpu["inference"] < 40.0 and 2.0 <= cpu["prepare"] < 40.0
+    assert cpu["all"] >= sum(v for k, v in cpu.items() if k not in ("other", "all"))
+    assert all(v >= 0.0 for v in cpu.values())
+    line = next(x for x in s.lines() if x.startswith("CPU per frame: "))
+    assert f"inference {cpu['inference']:.2f}" in line and "ms in all" in line
+    assert s.to_dict()["cpu_ms"] == cpu
+
+    drawn = summary(save_dir=tmp_path / f"frames{streams}")
+    assert drawn.cpu_ms["draw"] > 0.0 and list(drawn.cpu_ms)[4:] == ["draw", "other", "all"]
 
 
 def test_missing_camera_is_one_line_fast():

@@ -45,12 +45,12 @@ their results wait in :meth:`_Run._emit` and leave in frame order, so smoothing,
 every sink see the frames as they came.
 
 On two cores with the model on the CPU, the frame's CPU (model + prepare + decode) bounds
-``run`` however well the stages overlap: 0.58-0.84 of the model alone for a live camera at
-1920x1080 and 0.38-0.52 for an mp4 file on the 2-core VMs
-(``bench/scenarios/pipelined-student.yaml``, 2026-12-02; the suite's CPU accounting: ~5 ms of
-model and ~3 ms of prepare a camera frame, where 0.9 of the model alone leaves ~6 ms on both
-cores). With the model on a (simulated)
-accelerator, two prepare workers give 1.3-1.4x one's rate there.
+``run`` however well the stages overlap: 0.46-0.84 of the model alone for a live camera at
+1920x1080 and 0.26-0.52 for an mp4 file on the 2-core VMs, lower the faster the model
+(``bench/scenarios/pipelined-student.yaml``, 2026-12-02; :attr:`RunSummary.cpu_ms` on a Zen 3
+VM: ~5 ms of model and ~3 ms of prepare a camera frame, where 0.9 of the model alone leaves
+~6 ms on both cores). With the model on a (simulated) accelerator, two prepare workers give
+1.15-1.4x one's rate there.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
@@ -96,6 +96,8 @@ log = get_logger("run")
 # Live video: each new frame counts 40 % (about 2 frames' memory); files are independent images.
 LIVE_SMOOTHING = 0.6
 STAGES = ("preprocess", "quality", "infer", "postprocess")
+#: ``run``'s own threads, as :attr:`RunSummary.cpu_ms` groups their CPU time.
+CPU_GROUPS = ("capture", "prepare", "inference", "logs", "draw")
 # run --streams: more than a few inference threads only contend for the same cores.
 MAX_STREAMS = 16
 
@@ -169,6 +171,12 @@ class RunSummary:
     skipped: list[Skipped] = field(default_factory=list)
     positives: dict[str, int] = field(default_factory=dict)
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean per processed frame
+    # CPU ms per processed frame: run's thread groups (CPU_GROUPS; "draw", the main thread
+    # rendering for the visual sinks, only with one), "other" (the rest of the process
+    # meanwhile: the runtime's and OpenCV's pools, FFmpeg's decoders, the caller's threads)
+    # and "all" (the process).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    cores: int = 0  # the CPUs this process may run on
     elapsed_s: float = 0.0
     stop_reason: str = ""
     interrupted: bool = False
@@ -202,6 +210,15 @@ class RunSummary:
             + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
             + " ms",
         ]
+        if self.cpu_ms and self.frames_processed:
+            wall = 1e3 * self.elapsed_s / self.frames_processed
+            busy = self.cpu_ms["all"] / max(self.cores * wall, 1e-9)
+            out.append(
+                "CPU per frame: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in self.cpu_ms.items() if k != "all")
+                + f" ms; {self.cpu_ms['all']:.2f} ms in all, {busy:.0%} of {self.cores} "
+                f"core{'s' if self.cores != 1 else ''}"
+            )
         found = ", ".join(f"{k} {v}" for k, v in self.positives.items() if v)
         out.append(f"positive frames: {found or 'none'}")
         if self.skipped:
@@ -346,6 +363,8 @@ class _Run:
             positives=dict.fromkeys(predictor.label_names, 0),
         )
         self._ms: dict[str, float] = dict.fromkeys((*STAGES, "render"), 0.0)
+        self._cpu: dict[str, float] = dict.fromkeys(CPU_GROUPS, 0.0)  # seconds
+        self._cpu_lock = threading.Lock()
         self._rendered = 0
         self._slots: dict[int, float] = {}  # paced sinks' next frame time (see _due)
         self.feed: Any = None  # the live view's feed (run --serve): its map choice, its status
@@ -578,25 +597,42 @@ class _Run:
         with _opencv_threads(1 if self.streams > 1 else None):
             return self._execute()
 
+    def _counted(self, body: Callable[[], None], group: str) -> Callable[[], None]:
+        """``body`` as a thread's target that adds the thread's CPU time to ``group`` as it
+        ends (``time.thread_time``: the kernel's per-thread clock, exact and portable)."""
+
+        def target() -> None:
+            try:
+                body()
+            finally:
+                used = time.thread_time()
+                with self._cpu_lock:
+                    self._cpu[group] += used
+
+        return target
+
     def _execute(self) -> RunSummary:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+
+        def thread(body: Callable[[], None], group: str, name: str) -> threading.Thread:
+            return threading.Thread(target=self._counted(body, group), name=name, daemon=True)
+
         threads = [
-            threading.Thread(target=self.capture, name="fe-capture", daemon=True),
-            *(
-                threading.Thread(target=self.prepare, name=f"fe-prepare-{i}", daemon=True)
-                for i in range(self.streams)
-            ),
-            *(
-                threading.Thread(target=self.infer, name=f"fe-infer-{i}", daemon=True)
-                for i in range(self.inferring)
-            ),
-            threading.Thread(target=self.write_logs, name="fe-log", daemon=True),
+            thread(self.capture, "capture", "fe-capture"),
+            *(thread(self.prepare, "prepare", f"fe-prepare-{i}") for i in range(self.streams)),
+            *(thread(self.infer, "inference", f"fe-infer-{i}") for i in range(self.inferring)),
+            thread(self.write_logs, "logs", "fe-log"),
         ]
         for t in threads:
             t.start()
         try:
             if self.visual:
-                self.draw()
+                c0 = time.thread_time()
+                try:
+                    self.draw()
+                finally:
+                    with self._cpu_lock:
+                        self._cpu["draw"] += time.thread_time() - c0
             for t in threads:
                 while t.is_alive():
                     t.join(0.1)  # timed: signals reach the main thread meanwhile
@@ -609,6 +645,7 @@ class _Run:
                     self.errors.append(exc)
         s = self.summary
         s.elapsed_s = time.perf_counter() - t0
+        s.cpu_ms, s.cores = self._cpu_report(time.process_time() - cpu0), _cores()
         s.interrupted = self.interrupted
         s.frames_dropped = self.inbox.dropped
         s.frames_not_drawn = self.drawings.dropped
@@ -627,6 +664,25 @@ class _Run:
         if self.errors:
             raise self.errors[0]
         return s
+
+    def _cpu_report(self, process_s: float) -> dict[str, float]:
+        """CPU ms per processed frame: each group of run's threads, the rest, the process."""
+        n = max(self.summary.frames_processed, 1)
+        with self._cpu_lock:
+            groups = {k: v for k, v in self._cpu.items() if k != "draw" or self.visual}
+        # Each thread's clock and the process's are read apart: the rest is never negative.
+        other = max(process_s - sum(groups.values()), 0.0)
+        seconds = {**groups, "other": other, "all": max(process_s, sum(groups.values()))}
+        return {k: round(1e3 * v / n, 3) for k, v in seconds.items()}
+
+
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _check_options(cfg: RunConfig) -> None:
