@@ -587,7 +587,6 @@ def test_summary_reports_each_threads_cpu_per_frame(onnx_model, tmp_path, stream
     assert list(cpu) == ["capture", "prepare", "inference", "logs", "other", "all"]
     assert s.frames_processed == 12 and s.cores >= 1
     assert 4.0 <= cpu["inference"] < 40.0 and 2.0 <= cpu["prepare"] < 40.0
-    assert cpu["all"] >= sum(v for k, v in cpu.items() if k not in ("other", "all"))
     assert all(v >= 0.0 for v in cpu.values())
     line = next(x for x in s.lines() if x.startswith("CPU per frame: "))
     assert f"inference {cpu['inference']:.2f}" in line and "ms in all" in line
