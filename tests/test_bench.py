@@ -397,9 +397,9 @@ def test_pipelined_camera_and_simulated_accelerator_rows(tmp_path):
         for r in result.ratios
     )
     assert any("accelerator rows are a simulation" in n for n in result.config["notes"])
-    if Path("/proc/self/task").is_dir():  # where the frames' CPU went, per camera variant
-        cpu = [n for n in result.config["notes"] if "CPU ms a frame by thread" in n]
-        assert len(cpu) == 4 and any(", 2 streams: inference" in n for n in cpu)
+    # Where the frames' CPU went, per camera variant (run's own thread clocks: every platform).
+    cpu = [n for n in result.config["notes"] if "CPU ms a frame by thread" in n]
+    assert len(cpu) == 4 and any(", 2 streams: inference" in n for n in cpu)
     # The backend itself: the real outputs for every frame, after the wait, the CPU idle.
     from test_backends import make_onnx_model
 

@@ -49,8 +49,8 @@ On two cores with the model on the CPU, the frame's CPU (model + prepare + decod
 1920x1080 and 0.26-0.52 for an mp4 file on the 2-core VMs, lower the faster the model
 (``bench/scenarios/pipelined-student.yaml``, 2026-12-02; the suite's CPU notes on a Zen 3 VM:
 ~5 ms of model and ~3 ms of prepare a camera frame, where 0.9 of the model alone leaves ~6 ms
-on both cores; :attr:`RunSummary.cpu_ms` reports the same split for any run). With the model on a (simulated) accelerator, two prepare workers give
-1.15-1.4x one's rate there.
+on both cores; :attr:`RunSummary.cpu_ms` reports the same split for any run). With the model
+on a (simulated) accelerator, two prepare workers give 1.15-1.4x one's rate there.
 
 A live source's inbox keeps only the newest frame (a camera must show *now*); a file's
 inbox blocks, so every frame is processed. The log gets every processed frame; visual
